@@ -1,0 +1,286 @@
+"""Three-way gradient checker: hand-written backward vs ``jax.vjp`` vs central finite differences.
+
+For a function ``f(*primals)`` and its hand-written ``backward(dy, *primals)``, :func:`gradcheck` draws
+a random cotangent ``dy`` and compares, for every array (pytree leaf) of every differentiated argument:
+
+* **manual vs autodiff**: ``backward(dy, ...)`` against ``jax.vjp(f, ...)(dy)``, in the primals' dtype.
+* **manual vs finite differences**, in float64: for directions ``v`` (every unit vector of a small
+  array, random ones for a large array), ``<manual, v>`` against the central difference
+  ``(L(p + h v) - L(p - h v)) / 2h`` of ``L(p) = <dy, f(p)>``.
+* **adjoint identity**: ``<backward(dy), v> = <dy, J v>`` with ``J v`` from forward-mode ``jax.jvp``,
+  a witness independent of both reverse-mode paths.
+
+Errors are relative to the reference's scale: ``max|manual - ref| / max|ref|`` for arrays and
+``|a - b| / max(|a|, |b|)`` for scalars. Finite differences are only meaningful where ``f`` is smooth:
+check activations and max pooling on inputs away from kinks and ties.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+
+class Tolerance(NamedTuple):
+    autodiff: float  # manual vs jax.vjp, in the primals' dtype
+    finite_difference: float  # manual vs central differences, in float64
+    adjoint: float  # <backward(dy), v> vs <dy, J v>, in the primals' dtype
+
+
+TOLERANCES = {
+    "float64": Tolerance(autodiff=1e-12, finite_difference=1e-6, adjoint=1e-12),
+    "float32": Tolerance(autodiff=1e-5, finite_difference=1e-6, adjoint=1e-5),
+}
+
+
+class GradCheckRow(NamedTuple):
+    name: str
+    shape: tuple
+    max_abs: float  # max |manual - autodiff|
+    vs_autodiff: float  # relative
+    vs_finite_difference: float  # relative, float64
+    autodiff_vs_finite_difference: float  # relative, float64 (sanity of the witness itself)
+    fd_directions: int  # directions compared with finite differences
+    fd_skipped: int  # directions skipped because a kink lay within the step (``skip_kinks``)
+
+
+class GradCheckResult(NamedTuple):
+    name: str
+    dtype: str
+    rows: tuple[GradCheckRow, ...]
+    adjoint: float
+    tolerance: Tolerance
+
+    @property
+    def failures(self) -> list[str]:
+        """Human-readable reasons this check fails; empty when it passes."""
+        tol, out = self.tolerance, []
+        for r in self.rows:
+            if not r.vs_autodiff <= tol.autodiff:
+                out.append(f"{r.name}: manual vs autodiff {r.vs_autodiff:.2e} > {tol.autodiff:.0e}")
+            if not r.vs_finite_difference <= tol.finite_difference:
+                out.append(f"{r.name}: manual vs finite differences {r.vs_finite_difference:.2e} > {tol.finite_difference:.0e}")
+        if not self.adjoint <= tol.adjoint:
+            out.append(f"adjoint identity {self.adjoint:.2e} > {tol.adjoint:.0e}")
+        return out
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    @property
+    def worst(self) -> Tolerance:
+        """The largest error of each kind over all rows (same fields as the tolerance)."""
+        return Tolerance(
+            max((r.vs_autodiff for r in self.rows), default=0.0),
+            max((r.vs_finite_difference for r in self.rows), default=0.0),
+            self.adjoint,
+        )
+
+    def table(self) -> str:
+        """A fixed-width table, one row per checked array, then the adjoint identity and the verdict."""
+        head = (f"{'array':<28} {'shape':<18} {'max abs':>9} {'vs autodiff':>12} {'vs FD (f64)':>12} "
+                f"{'AD vs FD':>9} {'FD dirs':>8}")
+        lines = [f"gradcheck {self.name} [{self.dtype}]", head, "-" * len(head)]
+        for r in self.rows:
+            lines.append(
+                f"{r.name:<28} {str(r.shape):<18} {r.max_abs:>9.1e} {r.vs_autodiff:>12.1e} "
+                f"{r.vs_finite_difference:>12.1e} {r.autodiff_vs_finite_difference:>9.1e} "
+                f"{r.fd_directions:>4}" + (f"-{r.fd_skipped}k" if r.fd_skipped else "")
+            )
+        t = self.tolerance
+        lines.append(f"adjoint identity <backward(dy), v> vs <dy, J v>: {self.adjoint:.1e}")
+        lines.append(
+            f"tolerances: autodiff {t.autodiff:.0e}, finite differences {t.finite_difference:.0e}, adjoint {t.adjoint:.0e}"
+        )
+        lines.append("OK" if self.ok else "FAILED: " + "; ".join(self.failures))
+        return "\n".join(lines)
+
+
+class GradCheckError(AssertionError):
+    """Raised by :func:`gradcheck` when a tolerance is exceeded; the message is the full table."""
+
+    def __init__(self, result: GradCheckResult):
+        super().__init__(result.table())
+        self.result = result
+
+
+def _rel(a, b) -> float:
+    """``max|a - b| / max|b|`` (0 when both vanish), computed in float64 NumPy."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = np.max(np.abs(b), initial=0.0)
+    err = np.max(np.abs(a - b), initial=0.0)
+    return float(err / scale) if scale > 0 else float(err)
+
+
+def _rel_scalar(a: float, b: float) -> float:
+    scale = max(abs(a), abs(b))
+    return abs(a - b) / scale if scale > 0 else 0.0
+
+
+def _vdot(a, b):
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def _random_like(key, tree):
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    return treedef.unflatten([jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)])
+
+
+def _leaf_names(tree, prefix: str) -> list[str]:
+    return [prefix + jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _directions(rng: np.random.Generator, size: int, max_coordinates: int, random_directions: int):
+    """Unit vectors for every coordinate of a small array; sampled coordinates plus random directions otherwise."""
+    if size <= max_coordinates:
+        return [np.eye(1, size, i)[0] for i in range(size)]
+    picks = rng.choice(size, max_coordinates // 2, replace=False)
+    return [np.eye(1, size, i)[0] for i in picks] + [rng.standard_normal(size) for _ in range(random_directions)]
+
+
+def gradcheck(
+    f: Callable,
+    backward: Callable,
+    primals: Sequence,
+    *,
+    argnums: Sequence[int] | None = None,
+    names: Sequence[str] | None = None,
+    name: str = "f",
+    seed: int = 0,
+    step: float = 1e-5,
+    max_coordinates: int = 24,
+    random_directions: int = 6,
+    tolerance: Tolerance | None = None,
+    skip_kinks: bool = False,
+    raise_on_failure: bool = True,
+) -> GradCheckResult:
+    """Checks a hand-written backward three ways and returns (or raises with) the table of errors.
+
+    Args:
+      f: ``f(*primals) -> y``, any pytree of float arrays.
+      backward: ``backward(dy, *primals) -> cotangents``, a tuple with one entry per differentiated
+        argument (``argnums``), each shaped like that argument (pytrees allowed).
+      primals: the arguments, all of one floating dtype (float32 or float64) for the differentiated ones.
+        Non-differentiated arguments (e.g. integer labels) are passed through unchanged.
+      argnums: which arguments ``backward`` differentiates; default all.
+      names: display names of the differentiated arguments; default ``arg0, arg1, ...``.
+      name: display name of the function in the table.
+      seed: seeds the cotangent, the adjoint direction and the finite-difference directions.
+      step: central-difference step ``h`` (float64).
+      max_coordinates: arrays up to this size are probed along every coordinate; larger ones along
+        ``max_coordinates // 2`` sampled coordinates plus ``random_directions`` random directions.
+      tolerance: overrides :data:`TOLERANCES` for the primals' dtype.
+      skip_kinks: for functions with kinks (ReLU, max pooling) at points where a step may cross one:
+        also take the central difference with step ``h / 4``; a direction whose two estimates differ
+        by more than the finite-difference tolerance is not smooth within the step and is skipped
+        (counted as ``k`` in the table's ``FD dirs``). An array whose every direction is skipped fails.
+      raise_on_failure: raise :class:`GradCheckError` (an ``AssertionError``) when a tolerance is exceeded.
+
+    Returns:
+      A :class:`GradCheckResult`; ``result.table()`` formats it.
+
+    The finite-difference error of a direction ``v`` is ``|<g, v> - fd| / max(|fd|, 1e-3 |g| |v|)``:
+    relative, with a floor at a thousandth of the array's gradient norm so that a component that is
+    zero up to rounding is not divided by zero.
+    """
+    primals = tuple(primals)
+    argnums = tuple(range(len(primals))) if argnums is None else tuple(argnums)
+    names = tuple(names) if names is not None else tuple(f"arg{i}" for i in argnums)
+    if len(names) != len(argnums):
+        raise ValueError(f"gradcheck: {len(names)} names for {len(argnums)} differentiated arguments")
+    dtypes = {jnp.result_type(leaf).name for i in argnums for leaf in jax.tree_util.tree_leaves(primals[i])}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in TOLERANCES:
+        raise TypeError(f"gradcheck {name}: differentiated arguments must all be float32 or all float64, got {sorted(dtypes)}")
+    dtype = dtypes.pop()
+    tol = tolerance or TOLERANCES[dtype]
+    key_dy, key_v = jax.random.split(jax.random.PRNGKey(seed))
+    rng = np.random.default_rng(seed)
+
+    def with_args(diff_args, base=primals):
+        args = list(base)
+        for i, a in zip(argnums, diff_args):
+            args[i] = a
+        return tuple(args)
+
+    def run_in_dtype(prims):
+        def g(*diff):
+            return f(*with_args(diff, prims))
+
+        diff = tuple(prims[i] for i in argnums)
+        y, vjp = jax.vjp(g, *diff)
+        dy = _random_like(key_dy, y)
+        manual = tuple(backward(dy, *prims))
+        if len(manual) != len(argnums):
+            raise ValueError(f"gradcheck {name}: backward returned {len(manual)} cotangents for {len(argnums)} arguments")
+        auto = vjp(dy)
+        v = _random_like(key_v, diff)
+        _, jv = jax.jvp(g, diff, v)
+        adjoint = _rel_scalar(float(_vdot(manual, v)), float(_vdot(dy, jv)))
+        return diff, dy, manual, auto, adjoint
+
+    with jax.enable_x64(dtype == "float64"):
+        diff, _, manual, auto, adjoint = run_in_dtype(primals)
+    with jax.enable_x64(True):
+        p64 = jax.tree_util.tree_map(
+            lambda a: a.astype(jnp.float64) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a, primals
+        )
+        diff64, dy64, manual64, auto64, _ = run_in_dtype(p64)
+        loss = jax.jit(lambda *d: _vdot(dy64, f(*with_args(d, p64))))
+        flat64, treedef = jax.tree_util.tree_flatten(diff64)
+        m_flat = [np.asarray(x) for x in jax.tree_util.tree_leaves(manual64)]
+        a_flat = [np.asarray(x) for x in jax.tree_util.tree_leaves(auto64)]
+        fd_stats = []
+        for k, leaf in enumerate(flat64):
+            worst_m = worst_a = 0.0
+            directions = _directions(rng, leaf.size, max_coordinates, random_directions)
+            skipped = 0
+            for d in directions:
+                v = jnp.asarray(d.reshape(leaf.shape))
+
+                def central(h):
+                    def shifted(sign):
+                        leaves = list(flat64)
+                        leaves[k] = leaf + sign * h * v
+                        return float(loss(*treedef.unflatten(leaves)))
+
+                    return (shifted(1.0) - shifted(-1.0)) / (2 * h)
+
+                fd = central(step)
+                scale = max(abs(fd), float(np.sqrt(np.sum(m_flat[k] ** 2) * np.sum(d**2))) * 1e-3, 1e-300)
+                if skip_kinks and abs(central(step / 4) - fd) / scale > tol.finite_difference:
+                    skipped += 1  # f is not smooth on [p - h v, p + h v]: a kink lies within the step
+                    continue
+                worst_m = max(worst_m, abs(float(np.vdot(m_flat[k], d)) - fd) / scale)
+                worst_a = max(worst_a, abs(float(np.vdot(a_flat[k], d)) - fd) / scale)
+            if skipped == len(directions):
+                worst_m = worst_a = math.inf  # nothing was checked: report it as a failure
+            fd_stats.append((worst_m, worst_a, len(directions) - skipped, skipped))
+
+    labels = [n for i, arg_name in zip(range(len(diff)), names) for n in _leaf_names(diff[i], arg_name)]
+    rows = tuple(
+        GradCheckRow(
+            label, tuple(np.shape(m)), float(np.max(np.abs(np.asarray(m, np.float64) - np.asarray(a, np.float64)), initial=0.0)),
+            _rel(m, a), *stats,
+        )
+        for label, m, a, stats in zip(labels, jax.tree_util.tree_leaves(manual), jax.tree_util.tree_leaves(auto), fd_stats)
+    )
+    result = GradCheckResult(name, dtype, rows, adjoint, tol)
+    if raise_on_failure and not result.ok:
+        raise GradCheckError(result)
+    return result
+
+
+def worst_errors(results: Sequence[GradCheckResult]) -> Tolerance:
+    """The largest error of each kind across several results."""
+    worst = [r.worst for r in results]
+    return Tolerance(*(max((w[i] for w in worst), default=0.0) for i in range(3))) if worst else Tolerance(0.0, 0.0, 0.0)
+
+
+__all__ = ["GradCheckError", "GradCheckResult", "GradCheckRow", "TOLERANCES", "Tolerance", "gradcheck", "worst_errors"]

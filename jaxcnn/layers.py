@@ -1,0 +1,422 @@
+"""Layers: small triples of pure functions whose backward pass is written by hand.
+
+A :class:`Layer` is ``(init, forward, backward)``:
+
+* ``init(key, in_shape) -> (params, state, out_shape)``. ``in_shape`` and ``out_shape`` include the
+  batch dimension (any value, usually 1). ``params`` are what the optimiser updates; ``state`` holds
+  what the layer updates itself (BatchNorm's running statistics) and is ``{}`` for most layers.
+* ``forward(params, state, x, *, train=False, key=None) -> (y, new_state, residuals)``. ``train``
+  selects training behaviour (batch statistics, dropout), ``key`` is the PRNG key of layers that draw
+  random numbers. ``residuals`` are what ``backward`` needs from the forward pass.
+* ``backward(params, residuals, dy) -> (dparams, dx)``: the vector-Jacobian product, written by hand
+  from the ops in :mod:`jaxcnn.ops`. ``dparams`` has the structure of ``params``.
+
+Everything is a pytree of arrays; hyperparameters are captured by the factory functions (``Conv2D(32,
+kernel=3)``) and never stored in params, so ``forward`` and ``backward`` can be jit-compiled with the
+layer closed over. :func:`serial` composes layers into a layer; :func:`Residual` adds a skip connection.
+Layouts: NHWC activations, HWIO kernels, ``(in, out)`` dense weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.nn import initializers
+
+from jaxcnn import ops
+from jaxcnn.shapes import pair, window_geometry
+
+Shape = tuple[int, ...]
+EMPTY: dict = {}
+
+
+class Layer(NamedTuple):
+    init: Callable[..., tuple[Any, Any, Shape]]
+    forward: Callable[..., tuple[jax.Array, Any, Any]]
+    backward: Callable[..., tuple[Any, jax.Array]]
+    name: str = "layer"
+
+
+def _check_in_shape(name: str, in_shape, rank: int, layout: str) -> Shape:
+    in_shape = tuple(int(d) for d in in_shape)
+    if len(in_shape) != rank:
+        raise ValueError(f"{name}: expects {layout} inputs (rank {rank}), got input shape {in_shape}")
+    return in_shape
+
+
+def _stateless(name: str, out_shape_fn: Callable[[Shape], Shape], fwd: Callable, bwd: Callable) -> Layer:
+    """A layer without params or state: ``fwd(x) -> (y, residuals)``, ``bwd(residuals, dy) -> dx``."""
+
+    def init(key, in_shape):
+        del key
+        return EMPTY, EMPTY, out_shape_fn(tuple(in_shape))
+
+    def forward(params, state, x, *, train=False, key=None):
+        del params, train, key
+        y, res = fwd(x)
+        return y, state, res
+
+    def backward(params, residuals, dy):
+        del params
+        return EMPTY, bwd(residuals, dy)
+
+    return Layer(init, forward, backward, name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parametric layers
+
+
+def Conv2D(
+    features: int,
+    kernel=3,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    use_bias: bool = True,
+    method: str = "conv",
+    kernel_init: Callable = initializers.he_normal(),
+    dtype=jnp.float32,
+) -> Layer:
+    """2-D convolution, NHWC -> NHWC, with kernel ``(kh, kw, C / groups, features)`` and bias ``(features,)``.
+
+    Params ``{"w", "b"}`` (no ``"b"`` when ``use_bias=False``). ``method`` picks the backward formulation
+    (``"conv"`` or ``"im2col"``, see :func:`jaxcnn.ops.conv2d_backward`). Default init: He normal
+    (fan-in ``kh * kw * C / groups``), zero bias.
+    """
+    name = f"Conv2D({features}, kernel={kernel})"
+    kh, kw = pair(kernel, fn="Conv2D", name="kernel")
+    if features < 1:
+        raise ValueError(f"Conv2D: features must be positive, got {features}")
+    hyper = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+    def init(key, in_shape):
+        n, h, w, c = _check_in_shape(name, in_shape, 4, "NHWC")
+        if c % groups:
+            raise ValueError(f"{name}: groups={groups} does not divide the {c} input channels of shape {tuple(in_shape)}")
+        geom = window_geometry(fn=name, in_hw=(h, w), window=(kh, kw), stride=stride, padding=padding, dilation=dilation)
+        params = {"w": kernel_init(key, (kh, kw, c // groups, features), dtype)}
+        if use_bias:
+            params["b"] = jnp.zeros((features,), dtype)
+        return params, EMPTY, (n, *geom.out_hw, features)
+
+    def forward(params, state, x, *, train=False, key=None):
+        del train, key
+        return ops.conv2d(x, params["w"], params.get("b"), method=method, **hyper), state, x
+
+    def backward(params, x, dy):
+        dx, dw, db = ops.conv2d_backward(dy, x, params["w"], method=method, **hyper)
+        return ({"w": dw, "b": db} if use_bias else {"w": dw}), dx
+
+    return Layer(init, forward, backward, name)
+
+
+def Dense(
+    features: int,
+    *,
+    use_bias: bool = True,
+    kernel_init: Callable = initializers.he_normal(),
+    dtype=jnp.float32,
+) -> Layer:
+    """Fully connected ``(N, in) -> (N, features)``; params ``{"w": (in, features), "b": (features,)}``."""
+    name = f"Dense({features})"
+    if features < 1:
+        raise ValueError(f"Dense: features must be positive, got {features}")
+
+    def init(key, in_shape):
+        n, d = _check_in_shape(name, in_shape, 2, "(N, features)")
+        params = {"w": kernel_init(key, (d, features), dtype)}
+        if use_bias:
+            params["b"] = jnp.zeros((features,), dtype)
+        return params, EMPTY, (n, features)
+
+    def forward(params, state, x, *, train=False, key=None):
+        del train, key
+        return ops.dense(x, params["w"], params.get("b")), state, x
+
+    def backward(params, x, dy):
+        dx, dw, db = ops.dense_backward(dy, x, params["w"])
+        return ({"w": dw, "b": db} if use_bias else {"w": dw}), dx
+
+    return Layer(init, forward, backward, name)
+
+
+def BatchNorm(*, momentum: float = 0.9, epsilon: float = 1e-5, dtype=jnp.float32) -> Layer:
+    """Batch normalisation over every axis but the last (NHWC: per channel; ``(N, F)``: per feature).
+
+    Training: ``x̂ = (x - μ_B) / sqrt(σ²_B + ε)``, ``y = γ x̂ + β`` with the biased batch variance, and the
+    running statistics move as ``r ← momentum · r + (1 - momentum) · batch`` (the running variance uses
+    the unbiased batch variance, as in PyTorch). Evaluation uses the running statistics.
+
+    Backward in training mode (``m`` elements per channel, sums over them)::
+
+        dγ = Σ dy · x̂,   dβ = Σ dy,   dx = γ / (m · sqrt(σ²_B + ε)) · (m · dy - dβ - x̂ · dγ)
+
+    and in evaluation mode, where ``y`` is affine in ``x``: ``dx = γ · dy / sqrt(r_var + ε)``.
+    """
+    name = "BatchNorm"
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"BatchNorm: momentum must be in [0, 1), got {momentum}")
+
+    def init(key, in_shape):
+        del key
+        in_shape = tuple(in_shape)
+        if len(in_shape) < 2:
+            raise ValueError(f"BatchNorm: expects inputs of rank >= 2, got input shape {in_shape}")
+        c = in_shape[-1]
+        params = {"scale": jnp.ones((c,), dtype), "bias": jnp.zeros((c,), dtype)}
+        state = {"mean": jnp.zeros((c,), dtype), "var": jnp.ones((c,), dtype)}
+        return params, state, in_shape
+
+    def forward(params, state, x, *, train=False, key=None):
+        del key
+        axes = tuple(range(x.ndim - 1))
+        if train:
+            mean = jnp.mean(x, axis=axes)
+            var = jnp.mean(jnp.square(x - mean), axis=axes)
+            m = math.prod(x.shape[:-1])
+            unbiased = var * (m / max(m - 1, 1))
+            new_state = {
+                "mean": momentum * state["mean"] + (1 - momentum) * mean.astype(state["mean"].dtype),
+                "var": momentum * state["var"] + (1 - momentum) * unbiased.astype(state["var"].dtype),
+            }
+        else:
+            mean, var, new_state = state["mean"].astype(x.dtype), state["var"].astype(x.dtype), state
+        inv_std = jax.lax.rsqrt(var + epsilon)  # (C,)
+        x_hat = (x - mean) * inv_std
+        y = x_hat * params["scale"] + params["bias"]
+        # The mode is recorded in the residuals' structure (a static dict key), not as a value.
+        return y, new_state, {"train" if train else "eval": (x_hat, inv_std)}
+
+    def backward(params, residuals, dy):
+        train = "train" in residuals
+        x_hat, inv_std = residuals["train" if train else "eval"]
+        axes = tuple(range(dy.ndim - 1))
+        d_bias = jnp.sum(dy, axis=axes)  # (C,)
+        d_scale = jnp.sum(dy * x_hat, axis=axes)  # (C,)
+        if train:
+            m = math.prod(dy.shape[:-1])
+            dx = (params["scale"] * inv_std / m) * (m * dy - d_bias - x_hat * d_scale)
+        else:
+            dx = dy * (params["scale"] * inv_std)
+        return {"scale": d_scale, "bias": d_bias}, dx
+
+    return Layer(init, forward, backward, name)
+
+
+def Dropout(rate: float) -> Layer:
+    """Inverted dropout: in training, ``y = x · mask / (1 - rate)`` with ``mask ~ Bernoulli(1 - rate)`` drawn
+    from ``key``; identity in evaluation. The backward reuses the mask: ``dx = dy · mask / (1 - rate)``."""
+    name = f"Dropout({rate})"
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"Dropout: rate must be in [0, 1), got {rate}")
+
+    def fwd_train(x, key):
+        if key is None:
+            raise ValueError(f"{name}: training mode needs a PRNG key (forward(..., train=True, key=key))")
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+        scale = jnp.asarray(1.0 / (1.0 - rate), x.dtype)
+        return jnp.where(keep, x * scale, jnp.zeros((), x.dtype)), keep
+
+    def init(key, in_shape):
+        del key
+        return EMPTY, EMPTY, tuple(in_shape)
+
+    def forward(params, state, x, *, train=False, key=None):
+        del params
+        if not train or rate == 0.0:
+            return x, state, None
+        y, keep = fwd_train(x, key)
+        return y, state, keep
+
+    def backward(params, keep, dy):
+        del params
+        if keep is None:
+            return EMPTY, dy
+        return EMPTY, jnp.where(keep, dy * jnp.asarray(1.0 / (1.0 - rate), dy.dtype), jnp.zeros((), dy.dtype))
+
+    return Layer(init, forward, backward, name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parameter-free layers
+
+
+def MaxPool2D(window=2, *, stride=None, padding=0) -> Layer:
+    """Max pooling, NHWC; ``stride`` defaults to ``window``. Tie policy: see :mod:`jaxcnn.ops.pool`."""
+    hyper = dict(window=window, stride=stride, padding=padding)
+
+    def out_shape(s):
+        n, h, w, c = _check_in_shape("MaxPool2D", s, 4, "NHWC")
+        geom = window_geometry(fn="MaxPool2D", in_hw=(h, w), window=window, stride=window if stride is None else stride,
+                               padding=padding, window_name="window")
+        return (n, *geom.out_hw, c)
+
+    def fwd(x):
+        y = ops.max_pool2d(x, **hyper)
+        return y, (x, y)
+
+    return _stateless(f"MaxPool2D({window})", out_shape, fwd,
+                      lambda res, dy: ops.max_pool2d_backward(dy, res[0], y=res[1], **hyper))
+
+
+def AvgPool2D(window=2, *, stride=None, padding=0, count_include_pad: bool = True) -> Layer:
+    """Average pooling, NHWC; ``stride`` defaults to ``window``."""
+    hyper = dict(window=window, stride=stride, padding=padding, count_include_pad=count_include_pad)
+
+    def out_shape(s):
+        n, h, w, c = _check_in_shape("AvgPool2D", s, 4, "NHWC")
+        geom = window_geometry(fn="AvgPool2D", in_hw=(h, w), window=window, stride=window if stride is None else stride,
+                               padding=padding, window_name="window")
+        return (n, *geom.out_hw, c)
+
+    return _stateless(f"AvgPool2D({window})", out_shape, lambda x: (ops.avg_pool2d(x, **hyper), x),
+                      lambda x, dy: ops.avg_pool2d_backward(dy, x, **hyper))
+
+
+def GlobalAvgPool() -> Layer:
+    """Mean over height and width: ``(N, H, W, C) -> (N, C)``; backward spreads ``dy / (H W)`` evenly."""
+
+    def out_shape(s):
+        n, _, _, c = _check_in_shape("GlobalAvgPool", s, 4, "NHWC")
+        return (n, c)
+
+    def bwd(x, dy):  # only x's shape is used; under jit the array itself is never kept
+        _, h, w, _ = x.shape
+        return jnp.broadcast_to((dy / (h * w))[:, None, None, :], x.shape)
+
+    return _stateless("GlobalAvgPool", out_shape, lambda x: (jnp.mean(x, axis=(1, 2)), x), bwd)
+
+
+def Flatten() -> Layer:
+    """``(N, ...) -> (N, prod(...))``, row-major; the backward reshapes ``dy`` back."""
+    return _stateless(
+        "Flatten",
+        lambda s: (s[0], math.prod(s[1:])),
+        lambda x: (x.reshape(x.shape[0], -1), x),  # x's shape is what the backward needs
+        lambda x, dy: dy.reshape(x.shape),
+    )
+
+
+def _elementwise(name: str, f: Callable, f_backward: Callable, from_output: bool) -> Layer:
+    """An activation whose backward reads the output (``from_output``) or the input."""
+
+    def fwd(x):
+        y = f(x)
+        return y, (y if from_output else x)
+
+    return _stateless(name, lambda s: s, fwd, lambda res, dy: f_backward(dy, res))
+
+
+def Relu() -> Layer:
+    """``max(x, 0)``; gradient 0 at 0."""
+    return _elementwise("Relu", ops.relu, ops.relu_backward, from_output=False)
+
+
+def LeakyRelu(negative_slope: float = 0.01) -> Layer:
+    """``x`` for ``x >= 0``, ``negative_slope * x`` otherwise."""
+    return _elementwise(
+        f"LeakyRelu({negative_slope})",
+        lambda x: ops.leaky_relu(x, negative_slope),
+        lambda dy, x: ops.leaky_relu_backward(dy, x, negative_slope),
+        from_output=False,
+    )
+
+
+def Sigmoid() -> Layer:
+    """Logistic sigmoid; backward from the output, ``y (1 - y)``."""
+    return _elementwise("Sigmoid", ops.sigmoid, ops.sigmoid_backward, from_output=True)
+
+
+def Tanh() -> Layer:
+    """``tanh``; backward from the output, ``1 - y²``."""
+    return _elementwise("Tanh", ops.tanh, ops.tanh_backward, from_output=True)
+
+
+def Softmax() -> Layer:
+    """Softmax over the last axis; backward from the output."""
+    return _elementwise("Softmax", ops.softmax, ops.softmax_backward, from_output=True)
+
+
+def LogSoftmax() -> Layer:
+    """Log-softmax over the last axis; backward from the output."""
+    return _elementwise("LogSoftmax", ops.log_softmax, ops.log_softmax_backward, from_output=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Combinators
+
+
+def _layer_keys(key, n: int):
+    return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+def serial(*layers: Layer, name: str = "serial") -> Layer:
+    """Composes layers left to right; the result is a layer.
+
+    ``params`` and ``state`` are tuples with one entry per layer. The forward pass stacks each layer's
+    residuals; the backward pass walks them in reverse, feeding each layer's ``dx`` to the layer before.
+    """
+    if not layers:
+        raise ValueError("serial: needs at least one layer")
+
+    def init(key, in_shape):
+        params, state, shape = [], [], tuple(in_shape)
+        for layer, k in zip(layers, jax.random.split(key, len(layers))):
+            p, s, shape = layer.init(k, shape)
+            params.append(p)
+            state.append(s)
+        return tuple(params), tuple(state), shape
+
+    def forward(params, state, x, *, train=False, key=None):
+        new_state, residuals = [], []
+        for layer, p, s, k in zip(layers, params, state, _layer_keys(key, len(layers))):
+            x, s, r = layer.forward(p, s, x, train=train, key=k)
+            new_state.append(s)
+            residuals.append(r)
+        return x, tuple(new_state), tuple(residuals)
+
+    def backward(params, residuals, dy):
+        grads = [None] * len(layers)
+        for i in reversed(range(len(layers))):
+            grads[i], dy = layers[i].backward(params[i], residuals[i], dy)
+        return tuple(grads), dy
+
+    return Layer(init, forward, backward, name)
+
+
+def Residual(block: Layer, shortcut: Layer | None = None, *, name: str = "Residual") -> Layer:
+    """``y = block(x) + shortcut(x)``, the shortcut being the identity by default (ResNet).
+
+    Backward: the cotangent ``dy`` flows into both branches and their input gradients add,
+    ``dx = block.backward(dy) + shortcut.backward(dy)``. Params ``{"block", "shortcut"}``.
+    """
+    skip = shortcut if shortcut is not None else _stateless("Identity", lambda s: s, lambda x: (x, None), lambda r, dy: dy)
+
+    def init(key, in_shape):
+        kb, ks = jax.random.split(key)
+        pb, sb, out_b = block.init(kb, in_shape)
+        ps, ss, out_s = skip.init(ks, in_shape)
+        if tuple(out_b) != tuple(out_s):
+            raise ValueError(f"{name}: block output {tuple(out_b)} and shortcut output {tuple(out_s)} differ; "
+                             "give a projection shortcut (e.g. a 1x1 Conv2D with the block's stride)")
+        return {"block": pb, "shortcut": ps}, {"block": sb, "shortcut": ss}, out_b
+
+    def forward(params, state, x, *, train=False, key=None):
+        kb, ks = _layer_keys(key, 2)
+        yb, sb, rb = block.forward(params["block"], state["block"], x, train=train, key=kb)
+        ys, ss, rs = skip.forward(params["shortcut"], state["shortcut"], x, train=train, key=ks)
+        return yb + ys, {"block": sb, "shortcut": ss}, (rb, rs)
+
+    def backward(params, residuals, dy):
+        rb, rs = residuals
+        gb, dxb = block.backward(params["block"], rb, dy)
+        gs, dxs = skip.backward(params["shortcut"], rs, dy)
+        return {"block": gb, "shortcut": gs}, dxb + dxs
+
+    return Layer(init, forward, backward, name)

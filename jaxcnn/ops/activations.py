@@ -1,0 +1,86 @@
+"""Elementwise activations and softmax, each with its hand-written backward pass.
+
+Backward functions take the output cotangent ``dy`` first, then what the derivative is cheapest to
+compute from: the output ``y`` where the derivative is a function of it (sigmoid, tanh, softmax,
+log-softmax, as the tutorials do with ``O(1 - O)``), otherwise the input ``x``. Shapes are preserved.
+
+Kinks, decided like ``jax.grad``: ``relu'(0) = 0``; ``leaky_relu'(0) = 1`` (``jax.nn.leaky_relu``
+selects ``x`` for ``x >= 0``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxcnn.ops._checks import check_cotangent
+
+
+def _like(fn: str, dy, ref) -> None:
+    check_cotangent(fn, dy, jnp.shape(ref))
+
+
+def sigmoid(x):
+    """``y = 1 / (1 + exp(-x))``, computed without overflow for large ``|x|``."""
+    return jax.nn.sigmoid(x)
+
+
+def sigmoid_backward(dy, y):
+    """``dx = dy * y * (1 - y)``, from the forward output ``y``."""
+    _like("sigmoid_backward", dy, y)
+    return dy * y * (1 - y)
+
+
+def tanh(x):
+    """``y = tanh(x)``."""
+    return jnp.tanh(x)
+
+
+def tanh_backward(dy, y):
+    """``dx = dy * (1 - y**2)``, from the forward output ``y``."""
+    _like("tanh_backward", dy, y)
+    return dy * (1 - y * y)
+
+
+def relu(x):
+    """``y = max(x, 0)``."""
+    return jnp.maximum(x, 0)
+
+
+def relu_backward(dy, x):
+    """``dx = dy * [x > 0]`` (zero at ``x = 0``)."""
+    _like("relu_backward", dy, x)
+    return jnp.where(x > 0, dy, jnp.zeros((), dy.dtype))
+
+
+def leaky_relu(x, negative_slope=0.01):
+    """``y = x`` for ``x >= 0``, ``negative_slope * x`` otherwise."""
+    return jnp.where(x >= 0, x, negative_slope * x)
+
+
+def leaky_relu_backward(dy, x, negative_slope=0.01):
+    """``dx = dy`` for ``x >= 0``, ``negative_slope * dy`` otherwise."""
+    _like("leaky_relu_backward", dy, x)
+    return jnp.where(x >= 0, dy, negative_slope * dy)
+
+
+def softmax(x, axis=-1):
+    """``y = exp(x - max) / sum(exp(x - max))`` along ``axis``."""
+    return jax.nn.softmax(x, axis=axis)
+
+
+def softmax_backward(dy, y, axis=-1):
+    """``dx = y * (dy - sum(dy * y))`` along ``axis``: the Jacobian ``diag(y) - y yᵀ`` applied to ``dy``."""
+    _like("softmax_backward", dy, y)
+    return y * (dy - jnp.sum(dy * y, axis=axis, keepdims=True))
+
+
+def log_softmax(x, axis=-1):
+    """``y = x - logsumexp(x)`` along ``axis`` (stable for large logits)."""
+    return jax.nn.log_softmax(x, axis=axis)
+
+
+def log_softmax_backward(dy, y, axis=-1):
+    """``dx = dy - exp(y) * sum(dy)`` along ``axis``, from the output ``y = log_softmax(x)``."""
+    _like("log_softmax_backward", dy, y)
+    return dy - jnp.exp(y) * jnp.sum(dy, axis=axis, keepdims=True)

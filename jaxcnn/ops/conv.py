@@ -1,0 +1,209 @@
+"""2-D convolution (cross-correlation, as in ``lax`` and PyTorch) and its hand-written backward pass.
+
+Layouts: ``x`` is NHWC ``(N, H, W, C)``, ``w`` is HWIO ``(kh, kw, C / groups, O)``, ``y`` is
+``(N, oh, ow, O)``. With ``xp`` the zero-padded input, ``Cg = C / groups`` and ``g(o)`` the group
+of output channel ``o``::
+
+    y[n, i, j, o] = b[o] + sum_{a, b, c} xp[n, i*sh + a*dh, j*sw + b*dw, g(o)*Cg + c] * w[a, b, c, o]
+
+Backward (derived in ``docs/math.md``; seeds 002 and 004 do the stride-1, unpadded case):
+
+* ``db[o] = sum_{n, i, j} dy[n, i, j, o]``
+* ``dw = correlation(x, dy)``: the input correlated with ``dy`` used as a kernel, contracting the batch,
+  with ``dy``'s taps spaced by the stride and the output positions by the dilation.
+* ``dx = full_correlation(dilate(dy, stride), rot180(w) with in/out channels swapped)``: ``dy`` with
+  ``stride - 1`` zeros between entries, padded so that every input position gets one output, correlated
+  with the kernel flipped in both spatial dims; the kernel's taps stay ``dilation`` apart.
+
+Two formulations are provided, selected by ``method``:
+
+* ``"conv"`` (default): each of the three as one ``lax.conv_general_dilated``, the same primitives that
+  XLA's own transpose rules produce.
+* ``"im2col"``: the matrix form of seeds 000/004. ``patches = im2col(x)`` has one row per output
+  position and one column per ``(a, b, c)``; ``y = patches @ W``, ``dw = patchesᵀ @ dy`` and
+  ``dx = col2im(dy @ Wᵀ)``, where ``col2im`` (the adjoint of ``im2col``) adds overlapping contributions.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import jax.numpy as jnp
+from jax import lax
+
+from jaxcnn.ops._checks import check_array, check_cotangent
+from jaxcnn.ops._windows import pad_input, place_tap, read_tap, taps, transpose_padding
+from jaxcnn.shapes import Geometry, window_geometry
+
+_NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
+METHODS = ("conv", "im2col")
+
+
+def conv2d_geometry(fn: str, x_shape, w_shape, *, stride, padding, dilation, groups) -> Geometry:
+    """Validates conv arguments against the shapes of ``x`` (NHWC) and ``w`` (HWIO); returns the geometry."""
+    try:
+        groups = operator.index(groups)
+    except TypeError:
+        raise TypeError(f"{fn}: groups must be an int, got {groups!r}") from None
+    if groups < 1:
+        raise ValueError(f"{fn}: groups must be positive, got {groups}")
+    kh, kw, cg, cout = w_shape
+    cin = x_shape[3]
+    if cin % groups:
+        raise ValueError(f"{fn}: groups={groups} does not divide the {cin} input channels of x {tuple(x_shape)}")
+    if cout % groups:
+        raise ValueError(f"{fn}: groups={groups} does not divide the {cout} output channels of w {tuple(w_shape)}")
+    if cg * groups != cin:
+        raise ValueError(
+            f"{fn}: channel mismatch: x {tuple(x_shape)} has {cin} channels but w {tuple(w_shape)} (HWIO) "
+            f"expects {cg} x groups={groups} = {cg * groups}"
+        )
+    return window_geometry(fn=fn, in_hw=x_shape[1:3], window=(kh, kw), stride=stride, padding=padding, dilation=dilation)
+
+
+def _check_inputs(fn: str, x, w) -> None:
+    check_array(fn, "x", x, rank=4, layout="NHWC")
+    check_array(fn, "w", w, rank=4, layout="HWIO")
+    if jnp.result_type(x) != jnp.result_type(w):
+        raise TypeError(f"{fn}: x has dtype {jnp.result_type(x)} but w has dtype {jnp.result_type(w)}; cast one of them")
+
+
+def _check_method(fn: str, method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"{fn}: method must be one of {METHODS}, got {method!r}")
+
+
+def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, method="conv"):
+    """2-D cross-correlation with optional bias.
+
+    Args:
+      x: input, ``(N, H, W, C)``.
+      w: kernel, ``(kh, kw, C / groups, O)``.
+      b: optional bias, ``(O,)``.
+      stride: int or ``(sh, sw)``.
+      padding: int, ``(ph, pw)``, ``((top, bottom), (left, right))``, ``"VALID"`` or ``"SAME"``.
+      dilation: kernel dilation, int or ``(dh, dw)``.
+      groups: split channels into this many independent groups (``groups == C``: depthwise).
+      method: ``"conv"`` (``lax.conv_general_dilated``) or ``"im2col"`` (patches @ kernel).
+
+    Returns:
+      ``y``: ``(N, oh, ow, O)`` with ``oh = floor((H + top + bottom - (kh - 1) * dh - 1) / sh) + 1``
+      (see :mod:`jaxcnn.shapes`), likewise ``ow``.
+    """
+    fn = "conv2d"
+    _check_inputs(fn, x, w)
+    _check_method(fn, method)
+    geom = conv2d_geometry(fn, x.shape, w.shape, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    if b is not None and tuple(jnp.shape(b)) != (w.shape[3],):
+        raise ValueError(f"conv2d: b must have shape ({w.shape[3]},) to match w {tuple(w.shape)}, got {tuple(jnp.shape(b))}")
+    if method == "conv":
+        y = lax.conv_general_dilated(
+            x, w, geom.stride, geom.padding, rhs_dilation=geom.dilation,
+            dimension_numbers=_NHWC_HWIO, feature_group_count=groups,
+        )
+    else:
+        y = _im2col_forward(x, w, geom, groups)
+    return y if b is None else y + b
+
+
+def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1, groups=1, method="conv"):
+    """Hand-written vector-Jacobian product of :func:`conv2d`.
+
+    Args:
+      dy: cotangent of the output, ``(N, oh, ow, O)``.
+      x, w, stride, padding, dilation, groups, method: as passed to :func:`conv2d`.
+
+    Returns:
+      ``(dx, dw, db)`` with the shapes of ``x`` ``(N, H, W, C)``, ``w`` ``(kh, kw, C / groups, O)`` and
+      the bias ``(O,)``. Input rows and columns that no window reads get zero gradient.
+    """
+    fn = "conv2d_backward"
+    _check_inputs(fn, x, w)
+    _check_method(fn, method)
+    geom = conv2d_geometry(fn, x.shape, w.shape, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    check_cotangent(fn, dy, (x.shape[0], *geom.out_hw, w.shape[3]))
+    db = jnp.sum(dy, axis=(0, 1, 2))  # (O,)
+    if method == "conv":
+        return conv2d_input_grad(dy, w, geom, groups), conv2d_kernel_grad(dy, x, geom, groups, w.shape), db
+    dx, dw = _im2col_backward(dy, x, w, geom, groups)
+    return dx, dw, db
+
+
+def conv2d_input_grad(dy, w, geom: Geometry, groups: int = 1):
+    """``dx = full_correlation(dilate(dy, stride), rot180(w)ᵀ)``: ``(N, oh, ow, O) -> (N, H, W, C)``.
+
+    The kernel is flipped in both spatial dims and, within each group, its in/out channels are swapped:
+    ``(kh, kw, Cg, G*Og) -> (kh, kw, Og, G*Cg)``. ``lhs_dilation`` inserts the ``stride - 1`` zeros
+    between the entries of ``dy``; :func:`transpose_padding` makes the output exactly ``H x W``.
+    """
+    kh, kw, cg, cout = w.shape
+    og = cout // groups
+    w_t = jnp.flip(w, (0, 1)).reshape(kh, kw, cg, groups, og)  # (kh, kw, Cg, G, Og)
+    w_t = w_t.transpose(0, 1, 4, 3, 2).reshape(kh, kw, og, groups * cg)  # (kh, kw, Og, G*Cg)
+    return lax.conv_general_dilated(
+        dy, w_t, (1, 1), transpose_padding(geom), lhs_dilation=geom.stride, rhs_dilation=geom.dilation,
+        dimension_numbers=_NHWC_HWIO, feature_group_count=groups,
+    )
+
+
+def conv2d_kernel_grad(dy, x, geom: Geometry, groups: int, kernel_shape):
+    """``dw[a, b, c, o] = sum_{n, i, j} xp[n, i*sh + a*dh, j*sw + b*dw, c] dy[n, i, j, o]``.
+
+    One correlation with the roles renamed: the input's channels act as the batch, its batch as the
+    feature dim that is contracted, and ``dy`` is the kernel (its taps ``stride`` apart, hence
+    ``rhs_dilation=stride``); output positions are the kernel taps, ``dilation`` apart (``window_strides``).
+    The bottom/right padding is trimmed so that there are exactly ``kh x kw`` outputs.
+    ``batch_group_count`` pairs input-channel group ``g`` with output-channel group ``g``.
+    """
+    kh, kw = kernel_shape[:2]
+    pads = []
+    for n, k, d, s, (lo, _), o in zip(geom.in_hw, (kh, kw), geom.dilation, geom.stride, geom.padding, geom.out_hw):
+        pads.append((lo, (k - 1) * d + (o - 1) * s + 1 - n - lo))
+    return lax.conv_general_dilated(
+        x, dy, geom.dilation, pads, rhs_dilation=geom.stride,
+        dimension_numbers=("CHWN", "IHWO", "HWNC"), batch_group_count=groups,
+    )  # (kh, kw, Cg, O)
+
+
+def im2col(x, geom: Geometry):
+    """Patch matrix of seed 004: ``(N, H, W, C) -> (N, oh, ow, kh * kw, C)``.
+
+    Entry ``[n, i, j, a * kw + b, c] = xp[n, i*sh + a*dh, j*sw + b*dw, c]``: one row of taps per output
+    position (flatten the last two axes for the ``(N*oh*ow, kh*kw*C)`` matrix of the tutorials).
+    """
+    xpad = pad_input(x, geom)
+    return jnp.stack([read_tap(xpad, geom, a, b) for a, b in taps(geom)], axis=3)
+
+
+def col2im(patches, geom: Geometry):
+    """Adjoint of :func:`im2col`: ``(N, oh, ow, kh * kw, C) -> (N, H, W, C)``.
+
+    Every patch entry is added back to the input position it was read from; overlapping windows
+    (stride < kernel span) add up and entries read from the padding are dropped.
+    """
+    return sum(place_tap(patches[:, :, :, t], geom, a, b) for t, (a, b) in enumerate(taps(geom)))
+
+
+def _grouped(patches, groups):
+    n, oh, ow, k, c = patches.shape
+    return patches.reshape(n, oh, ow, k, groups, c // groups)  # (N, oh, ow, kh*kw, G, Cg)
+
+
+def _grouped_kernel(w, groups):
+    kh, kw, cg, cout = w.shape
+    return w.reshape(kh * kw, cg, groups, cout // groups)  # (kh*kw, Cg, G, Og)
+
+
+def _im2col_forward(x, w, geom, groups):
+    p = _grouped(im2col(x, geom), groups)
+    y = jnp.einsum("nijtgc,tcgo->nijgo", p, _grouped_kernel(w, groups))  # (N, oh, ow, G, Og)
+    return y.reshape(*y.shape[:3], -1)
+
+
+def _im2col_backward(dy, x, w, geom, groups):
+    p = _grouped(im2col(x, geom), groups)  # (N, oh, ow, kh*kw, G, Cg)
+    dy_g = dy.reshape(*dy.shape[:3], groups, -1)  # (N, oh, ow, G, Og)
+    dw = jnp.einsum("nijtgc,nijgo->tcgo", p, dy_g).reshape(w.shape)  # patchesᵀ @ dy
+    dp = jnp.einsum("nijgo,tcgo->nijtgc", dy_g, _grouped_kernel(w, groups))  # dy @ Wᵀ
+    dx = col2im(dp.reshape(*dp.shape[:4], -1), geom)
+    return dx, dw

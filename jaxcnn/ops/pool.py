@@ -1,0 +1,117 @@
+"""Max and average pooling over NHWC inputs, with hand-written backward passes.
+
+Pooling windows are ``window = (kh, kw)`` taps, ``stride`` apart (default: the window, so windows tile
+the input), over an input padded by ``padding`` (same forms as :func:`jaxcnn.ops.conv2d`). Output size
+follows :mod:`jaxcnn.shapes`; every pad must be smaller than the window so that each window holds at least
+one real element.
+
+Gradient routing (seed 001, with its slip mended: the local gradient of max is 1, not the winning value):
+
+* max: ``dx`` receives ``dy`` at the position of each window's maximum and 0 elsewhere. **Tie policy**:
+  when several elements share the maximum, the first in row-major window order (rows, then columns) gets
+  the whole gradient, as in PyTorch; padding (``-inf``) never wins. Overlapping windows add up.
+* average: each element of a window receives ``dy / count``, where ``count`` is ``kh * kw``
+  (``count_include_pad=True``) or the number of real elements in the window. Overlapping windows add up.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import jax.numpy as jnp
+from jax import lax
+
+from jaxcnn.ops._checks import check_array, check_cotangent
+from jaxcnn.ops._windows import pad_input, place_tap, read_tap, taps, transpose_padding
+from jaxcnn.shapes import Geometry, window_geometry
+
+
+def pool_geometry(fn: str, x, *, window, stride, padding) -> Geometry:
+    """Validates pooling arguments against ``x`` (NHWC); ``stride=None`` means ``stride = window``."""
+    check_array(fn, "x", x, rank=4, layout="NHWC")
+    geom = window_geometry(
+        fn=fn, in_hw=x.shape[1:3], window=window, stride=window if stride is None else stride,
+        padding=padding, window_name="window",
+    )
+    for dim, k, (lo, hi) in zip(("height", "width"), geom.window, geom.padding):
+        if max(lo, hi) >= k:
+            raise ValueError(
+                f"{fn}: padding ({lo}, {hi}) along the {dim} must be smaller than the window {dim} {k}, "
+                "or some windows would hold only padding"
+            )
+    return geom
+
+
+def _window_op(x, geom: Geometry, init, op):
+    (top, bottom), (left, right) = geom.padding
+    # A Python-scalar init lets lax recognise the max/add monoid and use its differentiable primitives.
+    return lax.reduce_window(
+        x, init, op, (1, *geom.window, 1), (1, *geom.stride, 1),
+        ((0, 0), (top, bottom), (left, right), (0, 0)),
+    )
+
+
+def max_pool2d(x, *, window=2, stride=None, padding=0):
+    """Maximum over each window: ``(N, H, W, C) -> (N, oh, ow, C)``. Padding is ``-inf`` and never wins."""
+    geom = pool_geometry("max_pool2d", x, window=window, stride=stride, padding=padding)
+    return _window_op(x, geom, -jnp.inf, lax.max)
+
+
+def max_pool2d_backward(dy, x, *, window=2, stride=None, padding=0, y=None):
+    """Routes ``dy`` to the first maximal element of each window: ``(N, oh, ow, C) -> (N, H, W, C)``.
+
+    ``dx[n, r, s, c] = sum over windows (i, j) whose winner is (r, s) of dy[n, i, j, c]``. The winner of a
+    window is the first tap ``(a, b)``, in row-major order, whose value equals the window's maximum; a
+    running ``taken`` mask makes later equal taps lose. Pass the forward output as ``y`` to reuse it.
+    """
+    fn = "max_pool2d_backward"
+    geom = pool_geometry(fn, x, window=window, stride=stride, padding=padding)
+    check_cotangent(fn, dy, (x.shape[0], *geom.out_hw, x.shape[3]))
+    if y is None:
+        y = _window_op(x, geom, -jnp.inf, lax.max)
+    xpad = pad_input(x, geom, -jnp.inf)
+    taken = jnp.zeros(y.shape, bool)
+    zero = jnp.zeros((), dy.dtype)
+    dx = jnp.zeros(x.shape, dy.dtype)
+    for a, b in taps(geom):
+        wins = (read_tap(xpad, geom, a, b) == y) & ~taken  # (N, oh, ow, C)
+        taken = taken | wins
+        dx = dx + place_tap(jnp.where(wins, dy, zero), geom, a, b)
+    return dx
+
+
+def _avg_divisor(geom: Geometry, count_include_pad: bool, dtype):
+    if count_include_pad:
+        return jnp.array(geom.window[0] * geom.window[1], dtype)
+    # Real elements per window: a static (oh, ow) table, computed once at trace time.
+    counts = []
+    for n, k, s, (lo, _), o in zip(geom.in_hw, geom.window, geom.stride, geom.padding, geom.out_hw):
+        start = np.arange(o) * s - lo
+        counts.append(np.minimum(start + k, n) - np.maximum(start, 0))
+    return jnp.asarray(np.outer(*counts)[None, :, :, None], dtype)
+
+
+def avg_pool2d(x, *, window=2, stride=None, padding=0, count_include_pad=True):
+    """Mean over each window: ``(N, H, W, C) -> (N, oh, ow, C)``.
+
+    Padding counts as zeros in the mean when ``count_include_pad`` is true; otherwise the mean is over
+    the real elements of the window only.
+    """
+    geom = pool_geometry("avg_pool2d", x, window=window, stride=stride, padding=padding)
+    return _window_op(x, geom, 0.0, lax.add) / _avg_divisor(geom, count_include_pad, x.dtype)
+
+
+def avg_pool2d_backward(dy, x, *, window=2, stride=None, padding=0, count_include_pad=True):
+    """``dx[r] = sum over windows (i, j) containing r of dy[i, j] / count[i, j]``: ``(N, oh, ow, C) -> (N, H, W, C)``.
+
+    The full correlation of the stride-dilated ``dy / count`` with a window of ones (the conv input
+    gradient with an all-ones kernel), computed as one ``reduce_window`` sum.
+    """
+    fn = "avg_pool2d_backward"
+    geom = pool_geometry(fn, x, window=window, stride=stride, padding=padding)
+    check_cotangent(fn, dy, (x.shape[0], *geom.out_hw, x.shape[3]))
+    g = dy / _avg_divisor(geom, count_include_pad, dy.dtype)  # (N, oh, ow, C)
+    (ph, pw), (sh, sw) = transpose_padding(geom), geom.stride
+    # Dilate by the stride and pad (negative pads crop rows no window reads) in one lax.pad.
+    g = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (*ph, sh - 1), (*pw, sw - 1), (0, 0, 0)))
+    return lax.reduce_window(g, jnp.zeros((), g.dtype), lax.add, (1, *geom.window, 1), (1, 1, 1, 1), "VALID")
