@@ -38,6 +38,7 @@ class Layer(NamedTuple):
     forward: Callable[..., tuple[jax.Array, Any, Any]]
     backward: Callable[..., tuple[Any, jax.Array]]
     name: str = "layer"
+    children: tuple = ()  # the layers a combinator is made of, for inspection (e.g. ``jaxcnn gradcheck``)
 
 
 def _check_in_shape(name: str, in_shape, rank: int, layout: str) -> Shape:
@@ -79,15 +80,22 @@ def Conv2D(
     dilation=1,
     groups: int = 1,
     use_bias: bool = True,
-    method: str = "conv",
+    forward_method: str = "conv",
+    backward_method: str = "im2col",
     kernel_init: Callable = initializers.he_normal(),
     dtype=jnp.float32,
 ) -> Layer:
     """2-D convolution, NHWC -> NHWC, with kernel ``(kh, kw, C / groups, features)`` and bias ``(features,)``.
 
-    Params ``{"w", "b"}`` (no ``"b"`` when ``use_bias=False``). ``method`` picks the backward formulation
-    (``"conv"`` or ``"im2col"``, see :func:`jaxcnn.ops.conv2d_backward`). Default init: He normal
-    (fan-in ``kh * kw * C / groups``), zero bias.
+    Params ``{"w", "b"}`` (no ``"b"`` when ``use_bias=False``). Default init: He normal (fan-in
+    ``kh * kw * C / groups``), zero bias.
+
+    ``forward_method`` and ``backward_method`` pick the formulations of :func:`jaxcnn.ops.conv2d` and
+    :func:`jaxcnn.ops.conv2d_backward` (``"conv"`` or ``"im2col"``); both give the same numbers. The
+    defaults were chosen by measurement (``jaxcnn bench``, ``docs/benchmarks.md``): ``lax``'s convolution
+    is the fastest forward, while the backward's kernel gradient written as a correlation compiles on
+    XLA:CPU to a filter-gradient convolution that runs tens of times slower inside ``lax.scan`` (the
+    training loop) than the matrix form ``patchesᵀ @ dy``.
     """
     name = f"Conv2D({features}, kernel={kernel})"
     kh, kw = pair(kernel, fn="Conv2D", name="kernel")
@@ -107,10 +115,10 @@ def Conv2D(
 
     def forward(params, state, x, *, train=False, key=None):
         del train, key
-        return ops.conv2d(x, params["w"], params.get("b"), method=method, **hyper), state, x
+        return ops.conv2d(x, params["w"], params.get("b"), method=forward_method, **hyper), state, x
 
     def backward(params, x, dy):
-        dx, dw, db = ops.conv2d_backward(dy, x, params["w"], method=method, **hyper)
+        dx, dw, db = ops.conv2d_backward(dy, x, params["w"], method=backward_method, **hyper)
         return ({"w": dw, "b": db} if use_bias else {"w": dw}), dx
 
     return Layer(init, forward, backward, name)
@@ -387,7 +395,7 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
             grads[i], dy = layers[i].backward(params[i], residuals[i], dy)
         return tuple(grads), dy
 
-    return Layer(init, forward, backward, name)
+    return Layer(init, forward, backward, name, tuple(layers))
 
 
 def Residual(block: Layer, shortcut: Layer | None = None, *, name: str = "Residual") -> Layer:
@@ -419,4 +427,4 @@ def Residual(block: Layer, shortcut: Layer | None = None, *, name: str = "Residu
         gs, dxs = skip.backward(params["shortcut"], rs, dy)
         return {"block": gb, "shortcut": gs}, dxb + dxs
 
-    return Layer(init, forward, backward, name)
+    return Layer(init, forward, backward, name, (block, skip))

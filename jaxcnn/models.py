@@ -1,6 +1,7 @@
 """The model zoo: classic MNIST-sized networks built from :mod:`jaxcnn.layers`, selectable by name.
 
-Every model takes ``(N, 28, 28, 1)`` images. ``seed_net`` answers the tutorials' binary question
+Every model takes ``(N, 28, 28, 1)`` images. ``method`` selects the convolution backward formulation
+of every ``Conv2D`` (``"im2col"`` by default, ``"conv"``; see :func:`jaxcnn.layers.Conv2D`). ``seed_net`` answers the tutorials' binary question
 (digit > 4) with one sigmoid output trained on MSE; the others output 10 logits for softmax
 cross-entropy.
 """
@@ -54,56 +55,56 @@ class ModelSpec(NamedTuple):
         return jnp.argmax(outputs, axis=-1).astype(jnp.int32)
 
 
-def seed_net(*, method: str = "conv") -> Layer:
+def seed_net(*, method: str = "im2col") -> Layer:
     """The tutorial CNN (seed 003): conv 3 filters 5x5 VALID, sigmoid, flatten, dense 1, sigmoid."""
     glorot = initializers.glorot_normal()
     return serial(
-        Conv2D(3, 5, padding="VALID", method=method, kernel_init=glorot), Sigmoid(),
+        Conv2D(3, 5, padding="VALID", backward_method=method, kernel_init=glorot), Sigmoid(),
         Flatten(), Dense(1, kernel_init=glorot), Sigmoid(),
         name="seed_net",
     )
 
 
-def lenet5(*, method: str = "conv") -> Layer:
+def lenet5(*, method: str = "im2col") -> Layer:
     """LeNet-5 with ReLU and max pooling: conv 6 5x5 SAME, pool, conv 16 5x5, pool, dense 120, 84, 10."""
     return serial(
-        Conv2D(6, 5, padding="SAME", method=method), Relu(), MaxPool2D(2),
-        Conv2D(16, 5, method=method), Relu(), MaxPool2D(2),
+        Conv2D(6, 5, padding="SAME", backward_method=method), Relu(), MaxPool2D(2),
+        Conv2D(16, 5, backward_method=method), Relu(), MaxPool2D(2),
         Flatten(), Dense(120), Relu(), Dense(84), Relu(), Dense(10, kernel_init=initializers.glorot_normal()),
         name="lenet5",
     )
 
 
-def small_cnn(*, method: str = "conv") -> Layer:
+def small_cnn(*, method: str = "im2col") -> Layer:
     """conv 32 3x3 SAME, relu, avgpool 2, conv 64 3x3 SAME, relu, avgpool 2, dense 256, relu, dense 10."""
     return serial(
-        Conv2D(32, 3, padding="SAME", method=method), Relu(), AvgPool2D(2),
-        Conv2D(64, 3, padding="SAME", method=method), Relu(), AvgPool2D(2),
+        Conv2D(32, 3, padding="SAME", backward_method=method), Relu(), AvgPool2D(2),
+        Conv2D(64, 3, padding="SAME", backward_method=method), Relu(), AvgPool2D(2),
         Flatten(), Dense(256), Relu(), Dense(10, kernel_init=initializers.glorot_normal()),
         name="small_cnn",
     )
 
 
 def _conv_bn(features: int, *, stride: int = 1, method: str) -> list[Layer]:
-    return [Conv2D(features, 3, stride=stride, padding="SAME", use_bias=False, method=method), BatchNorm()]
+    return [Conv2D(features, 3, stride=stride, padding="SAME", use_bias=False, backward_method=method), BatchNorm()]
 
 
 def _block(features: int, *, stride: int, project: bool, method: str) -> list[Layer]:
-    body = serial(*_conv_bn(features, stride=stride, method=method), Relu(), *_conv_bn(features, method=method))
-    shortcut = serial(Conv2D(features, 1, stride=stride, use_bias=False, method=method), BatchNorm()) if project else None
+    body = serial(*_conv_bn(features, stride=stride, backward_method=method), Relu(), *_conv_bn(features, backward_method=method))
+    shortcut = serial(Conv2D(features, 1, stride=stride, use_bias=False, backward_method=method), BatchNorm()) if project else None
     return [Residual(body, shortcut), Relu()]
 
 
-def resnet_small(*, method: str = "conv") -> Layer:
+def resnet_small(*, method: str = "im2col") -> Layer:
     """A small ResNet: stem conv 32, two residual blocks at 32 channels (28x28), two at 64 (14x14, the
     first with a strided 1x1 projection shortcut), global average pooling, dense 10. BatchNorm after
     every convolution."""
     return serial(
-        *_conv_bn(32, method=method), Relu(),
-        *_block(32, stride=1, project=False, method=method),
-        *_block(32, stride=1, project=False, method=method),
-        *_block(64, stride=2, project=True, method=method),
-        *_block(64, stride=1, project=False, method=method),
+        *_conv_bn(32, backward_method=method), Relu(),
+        *_block(32, stride=1, project=False, backward_method=method),
+        *_block(32, stride=1, project=False, backward_method=method),
+        *_block(64, stride=2, project=True, backward_method=method),
+        *_block(64, stride=1, project=False, backward_method=method),
         GlobalAvgPool(), Dense(10, kernel_init=initializers.glorot_normal()),
         name="resnet_small",
     )

@@ -1,0 +1,34 @@
+"""Datasets for jaxcnn: IDX files, MNIST and Fashion-MNIST with verified downloads, a bundled offline subset.
+
+* :func:`read_idx` / :func:`write_idx`: the IDX format, plain or gzip-compressed.
+* :func:`load_dataset`: ``"mnist"``, ``"fashion-mnist"``, ``"mnist-offline"`` (:data:`OFFLINE_NAME`,
+  5,000 real MNIST training images shipped in the package) or a directory of IDX files, as uint8
+  arrays in a :class:`Dataset`. Files are looked up locally, downloaded from public mirrors when
+  missing, and verified against published checksums.
+* :func:`preprocess` and :func:`epoch_permutation`: network inputs and the seeded shuffle.
+* :func:`seed_task`: the tutorial's 200-image binary task (digit > 4).
+
+Every problem a user can fix raises :class:`DataError`, whose message says which file, what was
+expected, what was found and what to do. See ``docs/data.md``.
+"""
+
+from .datasets import Dataset, check_split, load_dataset, load_directory, seed_task
+from .errors import DataError
+from .idx import read_idx, write_idx
+from .offline import OFFLINE_NAME
+from .preprocessing import epoch_permutation, pixel_statistics, preprocess
+
+__all__ = [
+    "DataError",
+    "Dataset",
+    "OFFLINE_NAME",
+    "check_split",
+    "epoch_permutation",
+    "load_dataset",
+    "load_directory",
+    "pixel_statistics",
+    "preprocess",
+    "read_idx",
+    "seed_task",
+    "write_idx",
+]
