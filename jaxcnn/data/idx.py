@@ -203,7 +203,13 @@ def _read_elements(
         extra += len(chunk)
     if extra:
         raise length_error(f"{declared + extra:,} {unit} (trailing bytes)")
-    return header, data.view(dtype).reshape(shape)
+    try:
+        return header, data.view(dtype).reshape(shape)
+    except ValueError:  # e.g. a zero dimension beside dimensions whose product overflows NumPy's limit
+        raise file_error(
+            name, "invalid IDX dimensions", expected="dimensions NumPy can represent", found=f"shape {shape}",
+            remedy=_REMEDY,
+        ) from None
 
 
 def _read_exactly(stream: BinaryIO, count: int, name: str, *, offset: int, what: str) -> bytes:
