@@ -47,6 +47,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                    help="compute dtype; bfloat16 keeps float32 parameters, loss and updates")
     p.add_argument("--normalize", action="store_true", help="standardise pixels by the training set's mean and std")
+    p.add_argument("--augment", type=int, default=d.augment, metavar="PIXELS",
+                   help="shift each training image by a random offset of up to this many pixels (0: off)")
     p.add_argument("--offline", action="store_true", help="never download (also: JAXCNN_OFFLINE=1)")
     p.add_argument("--out", default=None, help="directory for config.json, metrics.jsonl and checkpoint.npz")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -65,7 +67,8 @@ def _run_train(args) -> int:
         model=args.model, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
         schedule=args.schedule, seed=args.seed, grad=args.grad, check_every=args.check_every,
-        train_limit=args.train_limit, precision=args.precision, normalize=args.normalize, download=not args.offline,
+        train_limit=args.train_limit, precision=args.precision, normalize=args.normalize, augment=args.augment,
+        download=not args.offline,
     )
     progress = {"auto": None, "on": True, "off": False}[args.progress]
     try:

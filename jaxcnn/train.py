@@ -8,8 +8,8 @@ aligned to the epoch start, which makes an interrupted-and-resumed run compute e
 uninterrupted one computes.
 
 Determinism: parameters are initialised from ``fold_in(PRNGKey(seed), 0)``, the batch order of epoch
-``e`` is :func:`jaxcnn.data.epoch_permutation` ``(seed, e, n)`` and the dropout key of global step ``t``
-is ``fold_in(fold_in(PRNGKey(seed), 1), t)``. The last partial batch of an epoch is dropped.
+``e`` is :func:`jaxcnn.data.epoch_permutation` ``(seed, e, n)``, the dropout key of global step ``t``
+is ``fold_in(fold_in(PRNGKey(seed), 1), t)`` and its augmentation key ``fold_in(fold_in(PRNGKey(seed), 2), t)``. The last partial batch of an epoch is dropped.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import optax
 
 from jaxcnn import data as jdata
 from jaxcnn.gradients import value_and_grad
-from jaxcnn.layers import Layer, serial
+from jaxcnn.layers import Layer
 from jaxcnn.models import ModelSpec, get_model
 
 OPTIMIZERS = ("sgd", "nesterov", "adam")
@@ -50,7 +50,7 @@ class TrainConfig:
     model: str = "small_cnn"
     dataset: str = "mnist"
     data_dir: str | None = None
-    epochs: int = 5
+    epochs: int = 10
     batch_size: int = 128
     lr: float = 0.05
     optimizer: str = "sgd"
@@ -63,6 +63,7 @@ class TrainConfig:
     train_limit: int | None = None
     precision: str = "float32"
     normalize: bool = False
+    augment: int = 2
     download: bool = True
     chunk_steps: int = 50
     eval_batch_size: int = 1000
@@ -84,6 +85,7 @@ class TrainConfig:
             (self.train_limit is None or self.train_limit >= 1, f"--train-limit must be >= 1, got {self.train_limit}"),
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.augment <= 8, f"--augment must be between 0 and 8 pixels, got {self.augment}"),
             (self.chunk_steps >= 1 and self.eval_batch_size >= 1, "chunk_steps and eval_batch_size must be >= 1"),
         ]
         for ok, message in checks:
@@ -144,13 +146,44 @@ def compute_model(spec: ModelSpec, precision: str) -> Layer:
     """The network that a step runs: in bfloat16, activations and weights are bfloat16 and the outputs
     are cast back to float32 before the loss, so the loss and the parameter updates stay float32."""
     model = spec.build()
-    return model if precision == "float32" else serial(model, Cast(jnp.float32), name=model.name)
+    if precision == "float32":
+        return model
+    cast = Cast(jnp.float32)
+
+    # Not ``serial(model, cast)``: that would nest the params one level deeper (and split the init key),
+    # so the compute model must keep the structure of ``spec.build()``'s params, state and checkpoints.
+    def forward(params, state, x, *, train=False, key=None):
+        y, new_state, residuals = model.forward(params, state, x, train=train, key=key)
+        y, _, marker = cast.forward({}, {}, y)
+        return y, new_state, (residuals, marker)
+
+    def backward(params, residuals, dy):
+        residuals, marker = residuals
+        _, dy = cast.backward({}, marker, dy)
+        return model.backward(params, residuals, dy)
+
+    return Layer(model.init, forward, backward, model.name, model.children)
 
 
 def _to_inputs(images_u8, mean: float, std: float, dtype):
     """uint8 ``(B, 28, 28)`` -> ``(B, 28, 28, 1)`` scaled to [0, 1] then standardised by ``mean``/``std``."""
     x = images_u8.astype(jnp.float32)[..., None] / 255.0
     return ((x - mean) / std).astype(dtype)
+
+
+def random_shift(key, x, max_shift: int):
+    """Translates each image of ``x (B, H, W, C)`` by its own random offset in ``[-max_shift, max_shift]``
+    pixels along each axis, filling with zeros (the background of MNIST-style digits)."""
+    if max_shift == 0:
+        return x
+    b, h, w, _ = x.shape
+    padded = jnp.pad(x, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
+    offsets = jax.random.randint(key, (b, 2), 0, 2 * max_shift + 1)
+
+    def crop(image, offset):
+        return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, image.shape[-1]))
+
+    return jax.vmap(crop)(padded, offsets)
 
 
 def _max_relative_errors(a, b):
@@ -204,6 +237,7 @@ class Trainer:
         grad_fn = value_and_grad(self.model, spec.loss, cfg.grad)
         check_fn = value_and_grad(self.model, spec.loss, "autodiff") if cfg.check_every else None
         dropout_root = jax.random.fold_in(self.root_key, 1)
+        augment_root = jax.random.fold_in(self.root_key, 2)
 
         def cast(tree):
             return jax.tree_util.tree_map(lambda a: a.astype(dtype), tree)
@@ -214,6 +248,7 @@ class Trainer:
             x = _to_inputs(images[idx], self.mean, self.std, dtype)
             target = targets[idx]
             key = jax.random.fold_in(dropout_root, t)
+            x = random_shift(jax.random.fold_in(augment_root, t), x, cfg.augment)
             params_c = cast(ts.params)
             (loss, (pred, model_state)), grads = grad_fn(params_c, ts.model_state, x, target, train=True, key=key)
             grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, ts.params)
@@ -263,7 +298,9 @@ class Trainer:
                 per_example = -jnp.take_along_axis(jax.nn.log_softmax(pred), targets[:, None], axis=-1)[:, 0]
                 labels_used = targets
             hits = spec.predictions(pred) == labels_used
-            return (totals[0] + jnp.sum(jnp.where(m, per_example, 0.0)), totals[1] + jnp.sum(hits & m)), None
+            # Explicit dtypes: with jax_enable_x64 the sums would be int64/float64 and break the scan's carry.
+            return (totals[0] + jnp.sum(jnp.where(m, per_example, 0.0), dtype=jnp.float32),
+                    totals[1] + jnp.sum(hits & m, dtype=jnp.int32)), None
 
         (loss_sum, correct), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), (images, labels, mask))
         return loss_sum / n, correct / n
