@@ -1,4 +1,4 @@
-"""The ``jaxcnn`` command: ``train`` and ``gradcheck``.
+"""The ``jaxcnn`` command: ``train``, ``gradcheck`` and ``bench``.
 
 Problems a user can fix (missing data, a bad flag value, an existing checkpoint) print one line to
 stderr and exit with status 2; a stopped run (non-finite loss, failed gradient check) exits with 1;
@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+from jaxcnn.bench import BenchError
+from jaxcnn.bench import add_parser as add_bench_parser
+from jaxcnn.bench import run as run_bench
 
 
 def _train_parser(sub) -> None:
@@ -50,10 +55,41 @@ def _train_parser(sub) -> None:
     p.add_argument("--augment", type=int, default=d.augment, metavar="PIXELS",
                    help="shift each training image by a random offset of up to this many pixels (0: off)")
     p.add_argument("--offline", action="store_true", help="never download (also: JAXCNN_OFFLINE=1)")
+    p.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="data-parallel over the first N devices (default: all; 1: a single device); "
+                        "the batch size must be a multiple of N")
+    p.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"), metavar="HOST:PORT",
+                   help="multi-process run: address of process 0's coordinator (env JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"), metavar="N",
+                   help="multi-process run: number of processes (env JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"), metavar="I",
+                   help="multi-process run: this process's index, 0..N-1 (env JAX_PROCESS_ID); only process 0 writes")
     p.add_argument("--out", default=None, help="directory for config.json, metrics.jsonl and checkpoint.npz")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--progress", default="auto", choices=("auto", "on", "off"),
                    help="progress bar (auto: only when stderr is a terminal)")
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
+
+
+def _init_distributed(args) -> None:
+    """Joins a multi-process run (``jax.distributed.initialize``) when a coordinator is given."""
+    from jaxcnn.train import ConfigError
+
+    if args.coordinator is None:
+        if args.num_processes not in (None, 1) or args.process_id not in (None, 0):
+            raise ConfigError("--num-processes/--process-id need --coordinator HOST:PORT (or JAX_COORDINATOR_ADDRESS)")
+        return
+    if args.num_processes is None or args.process_id is None:
+        raise ConfigError("--coordinator needs --num-processes and --process-id (or JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
+    if not 0 <= args.process_id < args.num_processes:
+        raise ConfigError(f"--process-id must be in 0..{args.num_processes - 1}, got {args.process_id}")
+    import jax
+
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
 
 def _run_train(args) -> int:
@@ -61,6 +97,7 @@ def _run_train(args) -> int:
 
     from jaxcnn.train import ConfigError, Interrupted, TrainConfig, TrainingStopped, train_and_evaluate
 
+    _init_distributed(args)
     if args.resume and not args.out:
         raise ConfigError("--resume needs --out DIR (the directory holding the checkpoint)")
     config = TrainConfig(
@@ -68,7 +105,7 @@ def _run_train(args) -> int:
         lr=args.lr, optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
         schedule=args.schedule, seed=args.seed, grad=args.grad, check_every=args.check_every,
         train_limit=args.train_limit, precision=args.precision, normalize=args.normalize, augment=args.augment,
-        download=not args.offline,
+        devices=args.devices, download=not args.offline,
     )
     progress = {"auto": None, "on": True, "off": False}[args.progress]
     try:
@@ -80,8 +117,10 @@ def _run_train(args) -> int:
     except TrainingStopped as e:
         print(f"jaxcnn train: {e}", file=sys.stderr)
         return 1
+    import jax
+
     final = history[-1] if history else None
-    if final:
+    if final and jax.process_index() == 0:
         print(f"final test accuracy {final['test_accuracy']:.4f} after {final['epoch']} epochs ({final['wall_s']:.1f} s)")
     return 0
 
@@ -124,6 +163,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _gradcheck_parser(sub)
+    add_bench_parser(sub)
     args = parser.parse_args(argv)
 
     from jaxcnn.data import DataError
@@ -132,8 +172,10 @@ def main(argv=None) -> int:
     try:
         if args.command == "train":
             return _run_train(args)
+        if args.command == "bench":
+            return run_bench(args)
         return _run_gradcheck(args)
-    except (DataError, ConfigError) as e:
+    except (DataError, ConfigError, BenchError) as e:
         print(f"jaxcnn {args.command}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -30,6 +30,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxcnn import data as jdata
 from jaxcnn.gradients import value_and_grad
@@ -64,6 +65,7 @@ class TrainConfig:
     precision: str = "float32"
     normalize: bool = False
     augment: int = 2
+    devices: int | None = None
     download: bool = True
     chunk_steps: int = 50
     eval_batch_size: int = 1000
@@ -85,6 +87,7 @@ class TrainConfig:
             (self.train_limit is None or self.train_limit >= 1, f"--train-limit must be >= 1, got {self.train_limit}"),
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (self.devices is None or self.devices >= 1, f"--devices must be >= 1, got {self.devices}"),
             (0 <= self.augment <= 8, f"--augment must be between 0 and 8 pixels, got {self.augment}"),
             (self.chunk_steps >= 1 and self.eval_batch_size >= 1, "chunk_steps and eval_batch_size must be >= 1"),
         ]
@@ -191,8 +194,32 @@ def _max_relative_errors(a, b):
                       for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))])
 
 
+def _host(x) -> np.ndarray:
+    """The value of a replicated (or single-device) array as NumPy, also when other processes hold copies."""
+    return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def data_mesh(devices: int | None) -> Mesh:
+    """A 1-D mesh with axis ``"data"`` over the first ``devices`` devices (all of them by default;
+    across processes after :func:`jax.distributed.initialize`)."""
+    available = jax.devices()
+    count = len(available) if devices is None else devices
+    if count > len(available):
+        raise ConfigError(f"--devices {count} but only {len(available)} device(s) are available ({available[0].platform})")
+    return Mesh(np.array(available[:count]), ("data",))
+
+
 class Trainer:
-    """Compiled functions and device data of one run; used by :func:`train_and_evaluate` and the benchmark."""
+    """Compiled functions and device data of one run; used by :func:`train_and_evaluate` and the benchmark.
+
+    Data parallelism: on a mesh of ``D`` devices, every batch is split along its examples over the mesh
+    axis ``"data"`` while parameters, optimiser state and the (small) datasets are replicated. The step
+    is the single-device program with sharding annotations: XLA partitions it and adds the all-reduces
+    that the batch contractions need (in ``dw = patchesᵀ @ dy``, the loss mean, BatchNorm's batch
+    statistics), so a step on ``D`` devices computes the same numbers as on one, up to the order of
+    floating-point additions. This was chosen over ``shard_map`` with an explicit ``lax.pmean`` of the
+    gradients because it keeps the hand-written backward unchanged and BatchNorm's statistics global.
+    """
 
     def __init__(self, config: TrainConfig, dataset: jdata.Dataset):
         self.config = config.validate()
@@ -200,6 +227,13 @@ class Trainer:
         self.dataset = dataset
         self.dtype = jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
         self.model = compute_model(self.spec, config.precision)
+        self.mesh = data_mesh(config.devices)
+        self.num_devices = self.mesh.size
+        if config.batch_size % self.num_devices:
+            raise ConfigError(f"--batch-size {config.batch_size} does not divide evenly over {self.num_devices} devices; "
+                              f"use a multiple of {self.num_devices} or pass --devices")
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharded = NamedSharding(self.mesh, P(None, "data"))
         n = len(dataset.train_labels)
         if n < config.batch_size:
             raise ConfigError(f"--batch-size {config.batch_size} exceeds the {n} training examples; lower it")
@@ -210,20 +244,36 @@ class Trainer:
             self.mean, self.std = float(pixels.mean()), float(pixels.std())
         else:
             self.mean, self.std = 0.0, 1.0
-        self.train_images = jnp.asarray(dataset.train_images)
-        self.train_targets = self.spec.targets(dataset.train_labels)
-        self.test_images = jnp.asarray(dataset.test_images)
-        self.test_labels = jnp.asarray(dataset.test_labels.astype(np.int32))
+        self.train_images = self.place(dataset.train_images)
+        self.train_targets = self.place(np.asarray(self.spec.targets(dataset.train_labels)))
+        self.test_images = self.place(dataset.test_images)
+        self.test_labels = self.place(dataset.test_labels.astype(np.int32))
         self.root_key = jax.random.PRNGKey(config.seed)
-        self.run_steps = jax.jit(self._run_steps, donate_argnums=(0,))
-        self.evaluate_fn = jax.jit(self._evaluate)
+        rep = self.replicated
+        self.run_steps = jax.jit(self._run_steps, donate_argnums=(0,), in_shardings=(rep, rep, rep, self.batch_sharded, rep),
+                                 out_shardings=rep)
+        self.evaluate_fn = jax.jit(self._evaluate, in_shardings=rep, out_shardings=rep)
+
+    def place(self, tree, sharding=None):
+        """Puts host values (the same on every process) on the mesh, replicated unless ``sharding`` says otherwise."""
+        sharding = sharding or self.replicated
+
+        def put(a):
+            a = _host(a)
+            return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+        return jax.tree_util.tree_map(put, tree)
+
+    def batch_indices(self, indices: np.ndarray):
+        """``(steps, B)`` example indices, each process placing only its devices' slices of every batch."""
+        return self.place(np.asarray(indices, np.int32), self.batch_sharded)
 
     # -- state ---------------------------------------------------------------------------------------
 
     def init_state(self) -> TrainState:
         spec = self.spec
         params, model_state, _ = spec.build().init(jax.random.fold_in(self.root_key, 0), (1, 28, 28, 1))
-        return TrainState(params, model_state, self.tx.init(params))
+        return self.place(TrainState(params, model_state, self.tx.init(params)))
 
     # -- one chunk of training steps -----------------------------------------------------------------
 
@@ -284,6 +334,8 @@ class Trainer:
         images = jnp.pad(images, ((0, pad), (0, 0), (0, 0))).reshape(batches, bs, *images.shape[1:])
         labels = jnp.pad(labels, (0, pad)).reshape(batches, bs)
         mask = (jnp.arange(batches * bs) < n).reshape(batches, bs)
+        if bs % self.num_devices == 0:  # evaluate each batch data-parallel too
+            images, labels, mask = (jax.lax.with_sharding_constraint(a, self.batch_sharded) for a in (images, labels, mask))
         params_c = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
 
         def body(totals, batch):
@@ -307,7 +359,7 @@ class Trainer:
 
     def evaluate(self, ts: TrainState) -> tuple[float, float]:
         loss, acc = self.evaluate_fn(ts.params, ts.model_state, self.test_images, self.test_labels)
-        return float(loss), float(acc)
+        return float(_host(loss)), float(_host(acc))
 
     # -- schedule of one epoch -----------------------------------------------------------------------
 
@@ -348,7 +400,7 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
 def save_checkpoint(workdir: Path, ts: TrainState, *, epoch: int, step: int, config: TrainConfig) -> Path:
     """Saves every array of ``ts`` plus the position ``(epoch, step)`` (the next step to run)."""
     leaves = jax.tree_util.tree_leaves(ts)
-    arrays = {f"leaf_{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}
+    arrays = {f"leaf_{i:05d}": _host(x) for i, x in enumerate(leaves)}
     meta = {"epoch": epoch, "step": step, "config": dataclasses.asdict(config), "leaves": len(leaves)}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     path = workdir / CHECKPOINT
@@ -370,10 +422,10 @@ def load_checkpoint(workdir: Path, template: TrainState) -> tuple[TrainState, di
         restored = []
         for i, ref in enumerate(leaves):
             arr = z[f"leaf_{i:05d}"]
-            if arr.shape != np.shape(ref) or arr.dtype != np.asarray(ref).dtype:
+            if arr.shape != np.shape(ref) or arr.dtype != ref.dtype:
                 raise ConfigError(f"--resume: array {i} in {path} is {arr.dtype}{list(arr.shape)} but the model expects "
-                                 f"{np.asarray(ref).dtype}{list(np.shape(ref))}")
-            restored.append(jnp.asarray(arr))
+                                  f"{ref.dtype}{list(np.shape(ref))}")
+            restored.append(arr)
     return treedef.unflatten(restored), meta
 
 
@@ -445,6 +497,10 @@ def train_and_evaluate(
                                    train_labels=dataset.train_labels[: config.train_limit])
     trainer = Trainer(config, dataset)
     workdir = Path(workdir) if workdir is not None else None
+    # With several processes (multi-host), process 0 alone logs and writes; every process reads --resume.
+    writer = jax.process_index() == 0
+    if not writer:
+        log = lambda message: None  # noqa: E731
     progress = sys.stderr.isatty() if progress is None else progress
     ts = trainer.init_state()
     start_epoch, start_step, history = 0, 0, []
@@ -452,13 +508,15 @@ def train_and_evaluate(
         workdir.mkdir(parents=True, exist_ok=True)
         if resume:
             ts, meta = load_checkpoint(workdir, ts)
+            ts = trainer.place(ts)
             start_epoch, start_step = meta["epoch"], meta["step"]
             history = _read_metrics(workdir / "metrics.jsonl", upto_epoch=start_epoch)
             log(f"resuming from {workdir / CHECKPOINT} at epoch {start_epoch + 1}, step {start_step}")
         elif (workdir / CHECKPOINT).exists():
             raise ConfigError(f"{workdir} already holds a checkpoint; pass --resume to continue it or choose another --out")
-        _atomic_write(workdir / "config.json", lambda f: f.write(json.dumps(dataclasses.asdict(config), indent=2).encode()))
-        _atomic_write(workdir / "metrics.jsonl", lambda f: f.write("".join(json.dumps(h) + "\n" for h in history).encode()))
+        if writer:
+            _atomic_write(workdir / "config.json", lambda f: f.write(json.dumps(dataclasses.asdict(config), indent=2).encode()))
+            _atomic_write(workdir / "metrics.jsonl", lambda f: f.write("".join(json.dumps(h) + "\n" for h in history).encode()))
 
     spe, chunk = trainer.steps_per_epoch, config.chunk_steps
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(ts.params))
@@ -480,8 +538,8 @@ def train_and_evaluate(
                 global_step = epoch * spe + begin
                 ts, chunk_losses, chunk_correct, errors = trainer.run_steps(
                     ts, trainer.train_images, trainer.train_targets,
-                    jnp.asarray(batches[begin: begin + chunk]), jnp.asarray(global_step, jnp.int32))
-                chunk_losses = np.asarray(chunk_losses)
+                    trainer.batch_indices(batches[begin: begin + chunk]), trainer.place(np.int32(global_step)))
+                chunk_losses = _host(chunk_losses)
                 train_time += time.perf_counter() - t0
                 bad = np.flatnonzero(~np.isfinite(chunk_losses))
                 if bad.size:
@@ -489,9 +547,9 @@ def train_and_evaluate(
                     kept = f"; the last good checkpoint is {workdir / CHECKPOINT}" if workdir and (workdir / CHECKPOINT).exists() else ""
                     raise TrainingStopped(f"loss became {chunk_losses[bad[0]]} at step {where} of epoch {epoch + 1} "
                                           f"(global step {epoch * spe + where}); try a lower --lr{kept}")
-                _check_gradient_errors(np.asarray(errors), leaf_names, config, epoch, begin)
+                _check_gradient_errors(_host(errors), leaf_names, config, epoch, begin)
                 losses.append(chunk_losses)
-                correct += int(chunk_correct.sum())
+                correct += int(_host(chunk_correct).sum())
                 seen += chunk_losses.size * config.batch_size
                 if bar is not None:
                     bar.update(chunk_losses.size)
@@ -516,7 +574,7 @@ def train_and_evaluate(
             log(f"epoch {record['epoch']:>3}/{config.epochs}  train loss {record['train_loss']:.4f}  "
                 f"acc {record['train_accuracy']:.4f}  |  test loss {test_loss:.4f}  acc {test_acc:.4f}  |  "
                 f"{record['images_per_s']:,.0f} images/s  {record['wall_s']:.1f} s")
-            if workdir is not None:
+            if workdir is not None and writer:
                 save_checkpoint(workdir, ts, epoch=epoch + 1, step=0, config=config)
                 with open(workdir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -527,8 +585,9 @@ def train_and_evaluate(
 
 def _save_interrupted(signum, workdir, ts, epoch, step, config):
     name = signal.Signals(signum).name
-    if workdir is None:
-        raise Interrupted(signum, f"{name}: training stopped at epoch {epoch + 1}, step {step} (no --out, nothing saved)")
+    if workdir is None or jax.process_index() != 0:
+        reason = "no --out" if workdir is None else f"process {jax.process_index()} does not write"
+        raise Interrupted(signum, f"{name}: training stopped at epoch {epoch + 1}, step {step} ({reason}, nothing saved)")
     path = save_checkpoint(workdir, ts, epoch=epoch, step=step, config=config)
     raise Interrupted(signum, f"{name}: checkpoint saved to {path} at epoch {epoch + 1}, step {step}; "
                               "continue with the same command plus --resume")
