@@ -85,13 +85,16 @@ def small_cnn(*, method: str = "im2col") -> Layer:
     )
 
 
-def _conv_bn(features: int, *, stride: int = 1, method: str) -> list[Layer]:
-    return [Conv2D(features, 3, stride=stride, padding="SAME", use_bias=False, backward_method=method), BatchNorm()]
+def _conv_bn(features: int, *, stride: int = 1, backward_method: str) -> list[Layer]:
+    return [Conv2D(features, 3, stride=stride, padding="SAME", use_bias=False, backward_method=backward_method), BatchNorm()]
 
 
-def _block(features: int, *, stride: int, project: bool, method: str) -> list[Layer]:
-    body = serial(*_conv_bn(features, stride=stride, backward_method=method), Relu(), *_conv_bn(features, backward_method=method))
-    shortcut = serial(Conv2D(features, 1, stride=stride, use_bias=False, backward_method=method), BatchNorm()) if project else None
+def _block(features: int, *, stride: int, project: bool, backward_method: str) -> list[Layer]:
+    body = serial(*_conv_bn(features, stride=stride, backward_method=backward_method), Relu(),
+                  *_conv_bn(features, backward_method=backward_method))
+    shortcut = None
+    if project:
+        shortcut = serial(Conv2D(features, 1, stride=stride, use_bias=False, backward_method=backward_method), BatchNorm())
     return [Residual(body, shortcut), Relu()]
 
 
