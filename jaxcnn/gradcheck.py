@@ -105,8 +105,8 @@ class GradCheckResult(NamedTuple):
 class GradCheckError(AssertionError):
     """Raised by :func:`gradcheck` when a tolerance is exceeded; the message is the full table."""
 
-    def __init__(self, result: GradCheckResult):
-        super().__init__(result.table())
+    def __init__(self, result: GradCheckResult, detail: str = ""):
+        super().__init__(result.table() + (f"\n{detail}" if detail else ""))
         self.result = result
 
 
@@ -127,10 +127,11 @@ def _vdot(a, b):
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
-def _random_like(key, tree):
+def _random_like(seed: int, tree):
+    """Standard normal arrays shaped like ``tree``'s leaves, drawn with NumPy (no compilation per shape)."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(key, max(len(leaves), 1))
-    return treedef.unflatten([jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)])
+    rng = np.random.default_rng(seed)
+    return treedef.unflatten([jnp.asarray(rng.standard_normal(jnp.shape(x)), jnp.result_type(x)) for x in leaves])
 
 
 def _leaf_names(tree, prefix: str) -> list[str]:
@@ -200,7 +201,7 @@ def gradcheck(
         raise TypeError(f"gradcheck {name}: differentiated arguments must all be float32 or all float64, got {sorted(dtypes)}")
     dtype = dtypes.pop()
     tol = tolerance or TOLERANCES[dtype]
-    key_dy, key_v = jax.random.split(jax.random.PRNGKey(seed))
+    seed_dy, seed_v = (seed, 0), (seed, 1)
     rng = np.random.default_rng(seed)
 
     def with_args(diff_args, base=primals):
@@ -208,6 +209,20 @@ def gradcheck(
         for i, a in zip(argnums, diff_args):
             args[i] = a
         return tuple(args)
+
+    def check_shapes(diff, manual, auto):
+        """A cotangent not shaped like its argument fails the check (instead of broadcasting or crashing later)."""
+        labels = [n for d, arg_name in zip(diff, names) for n in _leaf_names(d, arg_name)]
+        m_leaves, a_leaves = jax.tree_util.tree_leaves(manual), jax.tree_util.tree_leaves(auto)
+        wrong = [(label, tuple(np.shape(m)), tuple(np.shape(a)))
+                 for label, m, a in zip(labels, m_leaves, a_leaves) if np.shape(m) != np.shape(a)]
+        if not wrong and len(m_leaves) == len(a_leaves):
+            return
+        rows = tuple(GradCheckRow(label, m_shape, *(math.inf,) * 4, 0, 0) for label, m_shape, _ in wrong)
+        detail = "; ".join(f"{label}: backward returned shape {m} but the argument has shape {a}" for label, m, a in wrong)
+        if len(m_leaves) != len(a_leaves):
+            detail = f"backward returned {len(m_leaves)} arrays for {len(a_leaves)} differentiated arrays. " + detail
+        raise GradCheckError(GradCheckResult(name, dtype, rows, math.inf, tol), detail)
 
     def run_in_dtype(prims):
         # Op by op rather than one jit: eager primitives are compiled once per shape and reused by every
@@ -217,12 +232,13 @@ def gradcheck(
 
         diff = tuple(prims[i] for i in argnums)
         y, vjp = jax.vjp(g, *diff)
-        dy = _random_like(key_dy, y)
+        dy = _random_like(seed_dy, y)
         manual = tuple(backward(dy, *prims))
         if len(manual) != len(argnums):
             raise ValueError(f"gradcheck {name}: backward returned {len(manual)} cotangents for {len(argnums)} arguments")
         auto = vjp(dy)
-        v = _random_like(key_v, diff)
+        check_shapes(diff, manual, auto)
+        v = _random_like(seed_v, diff)
         _, jv = jax.jvp(g, diff, v)
         adjoint = _rel_scalar(float(_vdot(manual, v)), float(_vdot(dy, jv)))
         return diff, dy, manual, auto, adjoint

@@ -80,8 +80,8 @@ def Conv2D(
     dilation=1,
     groups: int = 1,
     use_bias: bool = True,
-    forward_method: str = "conv",
-    backward_method: str = "im2col",
+    forward_method: str = "auto",
+    backward_method: str = "auto",
     kernel_init: Callable = initializers.he_normal(),
     dtype=jnp.float32,
 ) -> Layer:
@@ -91,11 +91,12 @@ def Conv2D(
     ``kh * kw * C / groups``), zero bias.
 
     ``forward_method`` and ``backward_method`` pick the formulations of :func:`jaxcnn.ops.conv2d` and
-    :func:`jaxcnn.ops.conv2d_backward` (``"conv"`` or ``"im2col"``); both give the same numbers. The
-    defaults were chosen by measurement (``jaxcnn bench``, ``docs/benchmarks.md``): ``lax``'s convolution
-    is the fastest forward, while the backward's kernel gradient written as a correlation compiles on
-    XLA:CPU to a filter-gradient convolution that runs tens of times slower inside ``lax.scan`` (the
-    training loop) than the matrix form ``patchesᵀ @ dy``.
+    :func:`jaxcnn.ops.conv2d_backward` (``"conv"``, ``"im2col"``, ``"taps"`` or ``"auto"``); all give the
+    same numbers. The default ``"auto"`` chooses per gradient and kernel shape
+    (:func:`jaxcnn.ops.conv.resolve_method`) by measurement (``jaxcnn bench``, ``docs/benchmarks.md``):
+    per-tap multiply-adds for a handful of channels (a layer reading a 1-channel image), otherwise
+    ``lax``'s convolution, with the kernel gradient in the layout that keeps its speed inside
+    ``lax.scan`` (the training loop).
     """
     name = f"Conv2D({features}, kernel={kernel})"
     kh, kw = pair(kernel, fn="Conv2D", name="kernel")
@@ -107,6 +108,8 @@ def Conv2D(
         n, h, w, c = _check_in_shape(name, in_shape, 4, "NHWC")
         if c % groups:
             raise ValueError(f"{name}: groups={groups} does not divide the {c} input channels of shape {tuple(in_shape)}")
+        if features % groups:
+            raise ValueError(f"{name}: groups={groups} does not divide the {features} output features")
         geom = window_geometry(fn=name, in_hw=(h, w), window=(kh, kw), stride=stride, padding=padding, dilation=dilation)
         params = {"w": kernel_init(key, (kh, kw, c // groups, features), dtype)}
         if use_bias:

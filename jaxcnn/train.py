@@ -15,6 +15,7 @@ is ``fold_in(fold_in(PRNGKey(seed), 1), t)`` and its augmentation key ``fold_in(
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -209,6 +210,24 @@ def data_mesh(devices: int | None) -> Mesh:
     return Mesh(np.array(available[:count]), ("data",))
 
 
+# XLA:CPU options for the training step, chosen by measurement (``jaxcnn bench``, docs/benchmarks.md):
+# the experimental YNNPACK fusions slowed every zoo model's step, so they are switched off when this
+# jaxlib knows the option (an unknown option name is an error, so it is checked first).
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.lru_cache(maxsize=None)
+def default_compiler_options() -> dict:
+    """:data:`CPU_COMPILER_OPTIONS` when the default backend is the CPU and this jaxlib accepts them, else ``{}``."""
+    if jax.default_backend() != "cpu":
+        return {}
+    try:
+        jax.jit(lambda a: a + 1).lower(jnp.zeros((2,), jnp.float32)).compile(compiler_options=CPU_COMPILER_OPTIONS)
+    except Exception:  # noqa: BLE001 - an option this XLA does not have: keep its defaults
+        return {}
+    return dict(CPU_COMPILER_OPTIONS)
+
+
 class Trainer:
     """Compiled functions and device data of one run; used by :func:`train_and_evaluate` and the benchmark.
 
@@ -221,8 +240,9 @@ class Trainer:
     gradients because it keeps the hand-written backward unchanged and BatchNorm's statistics global.
     """
 
-    def __init__(self, config: TrainConfig, dataset: jdata.Dataset):
+    def __init__(self, config: TrainConfig, dataset: jdata.Dataset, *, compiler_options: dict | None = None):
         self.config = config.validate()
+        self.compiler_options = dict(default_compiler_options() if compiler_options is None else compiler_options)
         self.spec = get_model(config.model)
         self.dataset = dataset
         self.dtype = jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
@@ -251,7 +271,7 @@ class Trainer:
         self.root_key = jax.random.PRNGKey(config.seed)
         rep = self.replicated
         self.run_steps = jax.jit(self._run_steps, donate_argnums=(0,), in_shardings=(rep, rep, rep, self.batch_sharded, rep),
-                                 out_shardings=rep)
+                                 out_shardings=rep, compiler_options=self.compiler_options)
         self.evaluate_fn = jax.jit(self._evaluate, in_shardings=rep, out_shardings=rep)
 
     def place(self, tree, sharding=None):
@@ -397,24 +417,40 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
         os.close(dir_fd)
 
 
-def save_checkpoint(workdir: Path, ts: TrainState, *, epoch: int, step: int, config: TrainConfig) -> Path:
-    """Saves every array of ``ts`` plus the position ``(epoch, step)`` (the next step to run)."""
+def save_checkpoint(workdir: Path, ts: TrainState, *, epoch: int, step: int, config: TrainConfig,
+                    partial_epoch: dict | None = None) -> Path:
+    """Saves every array of ``ts`` plus the position ``(epoch, step)`` (the next step to run) and, mid-epoch,
+    ``partial_epoch``: the epoch's statistics so far, so that a resumed run reports the same epoch metrics."""
     leaves = jax.tree_util.tree_leaves(ts)
     arrays = {f"leaf_{i:05d}": _host(x) for i, x in enumerate(leaves)}
     meta = {"epoch": epoch, "step": step, "config": dataclasses.asdict(config), "leaves": len(leaves)}
+    if partial_epoch is not None:
+        meta["partial_epoch"] = partial_epoch
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     path = workdir / CHECKPOINT
     _atomic_write(path, lambda f: np.savez(f, **arrays))
     return path
 
 
-def load_checkpoint(workdir: Path, template: TrainState) -> tuple[TrainState, dict]:
-    """Restores a checkpoint into the structure of ``template``; :class:`ConfigError` if it does not fit."""
+# Settings that determine the trajectory: resuming under different ones would silently train something else.
+RESUME_SETTINGS = ("model", "dataset", "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule",
+                   "seed", "train_limit", "precision", "normalize", "augment")
+
+
+def load_checkpoint(workdir: Path, template: TrainState, config: TrainConfig | None = None) -> tuple[TrainState, dict]:
+    """Restores a checkpoint into the structure of ``template``; :class:`ConfigError` if it does not fit, or if
+    ``config`` differs from the checkpoint's in a setting of :data:`RESUME_SETTINGS`."""
     path = workdir / CHECKPOINT
     if not path.exists():
         raise ConfigError(f"--resume: no checkpoint at {path}; start without --resume")
     with np.load(path) as z:
         meta = json.loads(bytes(z["meta"]).decode())
+        if config is not None:
+            saved, now = meta["config"], dataclasses.asdict(config)
+            changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in RESUME_SETTINGS if k in saved and saved[k] != now[k]]
+            if changed:
+                raise ConfigError(f"--resume: {path} was written with other settings ({', '.join(changed)}); "
+                                  "resume with the same settings, or choose another --out")
         leaves, treedef = jax.tree_util.tree_flatten(template)
         if meta["leaves"] != len(leaves):
             raise ConfigError(f"--resume: {path} holds {meta['leaves']} arrays but this model and optimiser have {len(leaves)}; "
@@ -503,13 +539,13 @@ def train_and_evaluate(
         log = lambda message: None  # noqa: E731
     progress = sys.stderr.isatty() if progress is None else progress
     ts = trainer.init_state()
-    start_epoch, start_step, history = 0, 0, []
+    start_epoch, start_step, history, partial = 0, 0, [], None
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
         if resume:
-            ts, meta = load_checkpoint(workdir, ts)
+            ts, meta = load_checkpoint(workdir, ts, config)
             ts = trainer.place(ts)
-            start_epoch, start_step = meta["epoch"], meta["step"]
+            start_epoch, start_step, partial = meta["epoch"], meta["step"], meta.get("partial_epoch")
             history = _read_metrics(workdir / "metrics.jsonl", upto_epoch=start_epoch)
             log(f"resuming from {workdir / CHECKPOINT} at epoch {start_epoch + 1}, step {start_step}")
         elif (workdir / CHECKPOINT).exists():
@@ -522,7 +558,7 @@ def train_and_evaluate(
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(ts.params))
     log(f"{config.model} ({n_params:,} parameters, {config.grad} gradients, {config.precision}) on {dataset.source}: "
         f"{len(dataset.train_labels):,} train / {len(dataset.test_labels):,} test images, {spe} steps of {config.batch_size} per epoch")
-    wall_start = time.perf_counter() - (history[-1]["wall_s"] if history else 0.0)
+    wall_start = time.perf_counter() - (partial["wall_s"] if partial else history[-1]["wall_s"] if history else 0.0)
     leaf_names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(ts.params)[0]]
 
     with _Interrupt() as interrupt:
@@ -530,10 +566,14 @@ def train_and_evaluate(
             batches = trainer.epoch_batches(epoch)
             first = start_step if epoch == start_epoch else 0
             losses, correct, seen, train_time, checked = [], 0, 0, 0.0, []
+            if first and partial:  # resuming mid-epoch: the statistics of the steps before ``first``
+                losses = [np.asarray(partial["losses"], np.float32)]
+                correct, seen, train_time = partial["correct"], partial["seen"], partial["train_time"]
+                checked = [np.asarray(partial["checked"], np.float32).reshape(-1, len(leaf_names))]
             bar = _progress(spe, f"epoch {epoch + 1}/{config.epochs}", progress)
             if bar is not None:
                 bar.update(first)
-            for begin in range((first // chunk) * chunk, spe, chunk):
+            for begin in range(first, spe, chunk):  # ``first`` is chunk-aligned unless chunk_steps changed
                 t0 = time.perf_counter()
                 global_step = epoch * spe + begin
                 ts, chunk_losses, chunk_correct, errors = trainer.run_steps(
@@ -557,7 +597,10 @@ def train_and_evaluate(
                 if interrupt.signal is not None and begin + chunk < spe:
                     if bar is not None:
                         bar.close()
-                    _save_interrupted(interrupt.signal, workdir, ts, epoch, begin + chunk, config)
+                    _save_interrupted(interrupt.signal, workdir, ts, epoch, begin + chunk, config, partial_epoch={
+                        "losses": np.concatenate(losses).tolist(), "correct": correct, "seen": seen,
+                        "train_time": train_time, "checked": np.concatenate(checked).tolist(),
+                        "wall_s": time.perf_counter() - wall_start})
             if bar is not None:
                 bar.close()
             test_loss, test_acc = trainer.evaluate(ts)
@@ -591,19 +634,21 @@ def train_and_evaluate(
     return history
 
 
-def _save_interrupted(signum, workdir, ts, epoch, step, config):
+def _save_interrupted(signum, workdir, ts, epoch, step, config, partial_epoch=None):
     name = signal.Signals(signum).name
     if workdir is None or jax.process_index() != 0:
         reason = "no --out" if workdir is None else f"process {jax.process_index()} does not write"
         raise Interrupted(signum, f"{name}: training stopped at epoch {epoch + 1}, step {step} ({reason}, nothing saved)")
-    path = save_checkpoint(workdir, ts, epoch=epoch, step=step, config=config)
+    path = save_checkpoint(workdir, ts, epoch=epoch, step=step, config=config, partial_epoch=partial_epoch)
     raise Interrupted(signum, f"{name}: checkpoint saved to {path} at epoch {epoch + 1}, step {step}; "
                               "continue with the same command plus --resume")
 
 
 def _check_gradient_errors(errors: np.ndarray, leaf_names: list[str], config: TrainConfig, epoch: int, begin: int) -> np.ndarray:
     """Raises :class:`TrainingStopped` if a checked step exceeds the tolerance; returns the checked rows."""
-    checked = errors[errors[:, 0] >= 0] if errors.size else errors.reshape(0, len(leaf_names))
+    if errors.size == 0:  # no --check-every: the scan stacked (steps, 0) empty rows
+        return errors.reshape(0, len(leaf_names))
+    checked = errors[errors[:, 0] >= 0]
     tol = CHECK_TOLERANCE[config.precision]
     for row, errs in enumerate(errors):
         if errs[0] < 0:  # this step was not checked

@@ -43,8 +43,12 @@ def tanh_backward(dy, y):
 
 
 def relu(x):
-    """``y = max(x, 0)``."""
-    return jnp.maximum(x, 0)
+    """``y = max(x, 0)``; its autodiff derivative at ``0`` is ``0`` like :func:`relu_backward`'s.
+
+    ``jnp.maximum(x, 0)`` would differentiate to ``0.5`` at ``0`` (``lax.max`` splits ties evenly);
+    ``jax.nn.relu`` defines the derivative at the kink as ``0``.
+    """
+    return jax.nn.relu(x)
 
 
 def relu_backward(dy, x):

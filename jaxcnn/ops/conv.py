@@ -18,14 +18,22 @@ Backward (derived in ``docs/math.md``; seeds 002 and 004 do the stride-1, unpadd
 Two formulations are provided, selected by ``method``:
 
 * ``"conv"`` (default): each of the three as one ``lax.conv_general_dilated``, the same primitives that
-  XLA's own transpose rules produce.
+  XLA's own transpose rules produce, with the operands transposed to the ordinary NHWC x HWIO layout.
 * ``"im2col"``: the matrix form of seeds 000/004. ``patches = im2col(x)`` has one row per output
   position and one column per ``(a, b, c)``; ``y = patches @ W``, ``dw = patchesᵀ @ dy`` and
   ``dx = col2im(dy @ Wᵀ)``, where ``col2im`` (the adjoint of ``im2col``) adds overlapping contributions.
+* ``"taps"``: the same sums taken one kernel tap ``(a, b)`` at a time, without the patch matrix:
+  ``y = Σ_ab tap_ab(x) @ w[a, b]``, ``dw[a, b] = tap_ab(x)ᵀ @ dy`` and ``dx = Σ_ab place_ab(dy @ w[a, b]ᵀ)``.
+  When the contracted channel count is tiny (at most :data:`TAPS_ELEMENTWISE_MAX`, e.g. a 1-channel
+  image), each product is written as broadcast multiply-adds instead of a matrix product, which XLA
+  fuses into one pass over the data.
+* ``"auto"``: per gradient, the formulation that measured fastest for the shape (see :func:`resolve_method`
+  and ``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import jax.numpy as jnp
@@ -36,7 +44,9 @@ from jaxcnn.ops._windows import pad_input, place_tap, read_tap, taps, transpose_
 from jaxcnn.shapes import Geometry, window_geometry
 
 _NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
-METHODS = ("conv", "im2col")
+METHODS = ("conv", "im2col", "taps", "auto")
+# "taps" writes a product over at most this many channels as broadcast multiply-adds (no dot).
+TAPS_ELEMENTWISE_MAX = 4
 
 
 def conv2d_geometry(fn: str, x_shape, w_shape, *, stride, padding, dilation, groups) -> Geometry:
@@ -84,7 +94,8 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, method="c
       padding: int, ``(ph, pw)``, ``((top, bottom), (left, right))``, ``"VALID"`` or ``"SAME"``.
       dilation: kernel dilation, int or ``(dh, dw)``.
       groups: split channels into this many independent groups (``groups == C``: depthwise).
-      method: ``"conv"`` (``lax.conv_general_dilated``) or ``"im2col"`` (patches @ kernel).
+      method: ``"conv"`` (``lax.conv_general_dilated``), ``"im2col"`` (patches @ kernel), ``"taps"`` (one
+        product per kernel tap) or ``"auto"`` (:func:`resolve_method`); all give the same numbers.
 
     Returns:
       ``y``: ``(N, oh, ow, O)`` with ``oh = floor((H + top + bottom - (kh - 1) * dh - 1) / sh) + 1``
@@ -96,11 +107,15 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, method="c
     geom = conv2d_geometry(fn, x.shape, w.shape, stride=stride, padding=padding, dilation=dilation, groups=groups)
     if b is not None and tuple(jnp.shape(b)) != (w.shape[3],):
         raise ValueError(f"conv2d: b must have shape ({w.shape[3]},) to match w {tuple(w.shape)}, got {tuple(jnp.shape(b))}")
+    if method == "auto":
+        method = resolve_method("forward", w.shape, groups)
     if method == "conv":
         y = lax.conv_general_dilated(
             x, w, geom.stride, geom.padding, rhs_dilation=geom.dilation,
             dimension_numbers=_NHWC_HWIO, feature_group_count=groups,
         )
+    elif method == "taps":
+        y = _taps_forward(x, w, geom, groups)
     else:
         y = _im2col_forward(x, w, geom, groups)
     return y if b is None else y + b
@@ -123,10 +138,46 @@ def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1, groups=1, meth
     geom = conv2d_geometry(fn, x.shape, w.shape, stride=stride, padding=padding, dilation=dilation, groups=groups)
     check_cotangent(fn, dy, (x.shape[0], *geom.out_hw, w.shape[3]))
     db = jnp.sum(dy, axis=(0, 1, 2))  # (O,)
-    if method == "conv":
-        return conv2d_input_grad(dy, w, geom, groups), conv2d_kernel_grad(dy, x, geom, groups, w.shape), db
-    dx, dw = _im2col_backward(dy, x, w, geom, groups)
+    dx_method = resolve_method("input_grad", w.shape, groups) if method == "auto" else method
+    dw_method = resolve_method("kernel_grad", w.shape, groups) if method == "auto" else method
+    # Under jit, a dx that nobody uses (the first layer's) is dead code and is never computed.
+    if dx_method == "conv":
+        dx = conv2d_input_grad(dy, w, geom, groups)
+    elif dx_method == "taps":
+        dx = _taps_input_grad(dy, w, geom, groups)
+    else:
+        dx = _im2col_input_grad(dy, w, geom, groups)
+    if dw_method == "conv":
+        dw = conv2d_kernel_grad(dy, x, geom, groups, w.shape)
+    elif dw_method == "taps":
+        dw = _taps_kernel_grad(dy, x, w, geom, groups)
+    else:
+        dw = _im2col_kernel_grad(dy, x, w, geom, groups)
     return dx, dw, db
+
+
+def resolve_method(grad: str, w_shape, groups: int = 1) -> str:
+    """The formulation ``method="auto"`` uses for ``grad`` (``"forward"``, ``"input_grad"`` or
+    ``"kernel_grad"``) of a kernel of shape ``w_shape`` (HWIO) with ``groups`` groups.
+
+    The rule follows the measurements of ``jaxcnn bench`` on XLA:CPU (``docs/benchmarks.md``):
+
+    * a product over a handful of channels (at most :data:`TAPS_ELEMENTWISE_MAX`: the forward pass of a
+      layer reading a 1-channel image, and by the same shape argument the input gradient of a layer
+      with a few outputs) is ``"taps"``: ``kh * kw`` broadcast multiply-adds in one pass, many times
+      faster there than XLA's convolution, whose matrix kernels are built for many channels;
+    * otherwise ``"conv"``: ``lax``'s convolution, and for the kernel gradient the same convolution in
+      the NHWC x HWIO layout, which unlike ``jax.vjp``'s layout keeps its speed inside ``lax.scan``.
+      ``"im2col"`` lost everywhere: stacking the patch matrix costs more than the product.
+    """
+    cg, og = w_shape[2], w_shape[3] // groups
+    if grad == "forward":
+        return "taps" if cg <= TAPS_ELEMENTWISE_MAX else "conv"
+    if grad == "kernel_grad":
+        return "conv"
+    if grad == "input_grad":
+        return "taps" if og <= TAPS_ELEMENTWISE_MAX else "conv"
+    raise ValueError(f"resolve_method: grad must be forward, input_grad or kernel_grad, got {grad!r}")
 
 
 def conv2d_input_grad(dy, w, geom: Geometry, groups: int = 1):
@@ -154,15 +205,21 @@ def conv2d_kernel_grad(dy, x, geom: Geometry, groups: int, kernel_shape):
     ``rhs_dilation=stride``); output positions are the kernel taps, ``dilation`` apart (``window_strides``).
     The bottom/right padding is trimmed so that there are exactly ``kh x kw`` outputs.
     ``batch_group_count`` pairs input-channel group ``g`` with output-channel group ``g``.
+
+    The operands are transposed explicitly so that this is an ordinary NHWC x HWIO convolution
+    (``x -> (C, H, W, N)``, ``dy -> (oh, ow, N, O)``, output ``(Cg, kh, kw, O)``). The same convolution
+    written with dimension numbers ``("CHWN", "IHWO", "HWNC")`` instead (what ``jax.vjp`` emits) gives the
+    same numbers, but XLA:CPU runs it tens of times slower inside ``lax.scan``, the training loop.
     """
     kh, kw = kernel_shape[:2]
     pads = []
     for n, k, d, s, (lo, _), o in zip(geom.in_hw, (kh, kw), geom.dilation, geom.stride, geom.padding, geom.out_hw):
         pads.append((lo, (k - 1) * d + (o - 1) * s + 1 - n - lo))
-    return lax.conv_general_dilated(
-        x, dy, geom.dilation, pads, rhs_dilation=geom.stride,
-        dimension_numbers=("CHWN", "IHWO", "HWNC"), batch_group_count=groups,
-    )  # (kh, kw, Cg, O)
+    dw = lax.conv_general_dilated(
+        x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), geom.dilation, pads, rhs_dilation=geom.stride,
+        dimension_numbers=_NHWC_HWIO, batch_group_count=groups,
+    )  # (Cg, kh, kw, O)
+    return dw.transpose(1, 2, 0, 3)
 
 
 def im2col(x, geom: Geometry):
@@ -200,10 +257,84 @@ def _im2col_forward(x, w, geom, groups):
     return y.reshape(*y.shape[:3], -1)
 
 
-def _im2col_backward(dy, x, w, geom, groups):
+def _im2col_kernel_grad(dy, x, w, geom, groups):
     p = _grouped(im2col(x, geom), groups)  # (N, oh, ow, kh*kw, G, Cg)
     dy_g = dy.reshape(*dy.shape[:3], groups, -1)  # (N, oh, ow, G, Og)
-    dw = jnp.einsum("nijtgc,nijgo->tcgo", p, dy_g).reshape(w.shape)  # patchesᵀ @ dy
+    return jnp.einsum("nijtgc,nijgo->tcgo", p, dy_g).reshape(w.shape)  # patchesᵀ @ dy
+
+
+def _im2col_input_grad(dy, w, geom, groups):
+    dy_g = dy.reshape(*dy.shape[:3], groups, -1)  # (N, oh, ow, G, Og)
     dp = jnp.einsum("nijgo,tcgo->nijtgc", dy_g, _grouped_kernel(w, groups))  # dy @ Wᵀ
-    dx = col2im(dp.reshape(*dp.shape[:4], -1), geom)
-    return dx, dw
+    return col2im(dp.reshape(*dp.shape[:4], -1), geom)
+
+
+# "taps": one (N, oh, ow, G, Cg) x (Cg, G, Og) product per kernel tap. ``_tap_product`` contracts the
+# channel axis of ``a`` (N, oh, ow, G, K) with ``m`` (K, G, J) -> (N, oh, ow, G, J); for K up to
+# TAPS_ELEMENTWISE_MAX as K broadcast multiply-adds.
+
+
+def _tap_product(a, m):
+    if a.shape[-1] > TAPS_ELEMENTWISE_MAX:
+        return jnp.einsum("nijgk,kgo->nijgo", a, m)
+    out = a[..., 0:1] * m[0]
+    for k in range(1, a.shape[-1]):
+        out = out + a[..., k:k + 1] * m[k]
+    return out
+
+
+def _taps_forward(x, w, geom, groups):
+    return _computed_once(functools.partial(_taps_forward_sum, geom=geom, groups=groups), x, w)
+
+
+def _taps_forward_sum(x, w, geom, groups):
+    xpad = pad_input(x, geom)
+    n, (oh, ow), cout = x.shape[0], geom.out_hw, w.shape[3]
+    wg = w.reshape(*w.shape[:3], groups, cout // groups)  # (kh, kw, Cg, G, Og)
+    y = None
+    for a, b in taps(geom):
+        tap = read_tap(xpad, geom, a, b).reshape(n, oh, ow, groups, -1)  # (N, oh, ow, G, Cg)
+        term = _tap_product(tap, wg[a, b])
+        y = term if y is None else y + term
+    return y.reshape(n, oh, ow, cout)
+
+
+def _taps_kernel_grad(dy, x, w, geom, groups):
+    xpad = pad_input(x, geom)
+    n, (oh, ow), cg = x.shape[0], geom.out_hw, w.shape[2]
+    dy_g = dy.reshape(n, oh, ow, groups, -1)  # (N, oh, ow, G, Og)
+    rows = []
+    for a, b in taps(geom):
+        tap = read_tap(xpad, geom, a, b).reshape(n, oh, ow, groups, cg)  # (N, oh, ow, G, Cg)
+        rows.append(jnp.einsum("nijgc,nijgo->cgo", tap, dy_g))  # tapᵀ @ dy, contracting N * oh * ow
+    return jnp.stack(rows).reshape(w.shape)  # (kh*kw, Cg, G, Og) -> (kh, kw, Cg, O)
+
+
+def _taps_input_grad(dy, w, geom, groups):
+    return _computed_once(functools.partial(_taps_input_grad_sum, geom=geom, groups=groups), dy, w)
+
+
+def _taps_input_grad_sum(dy, w, geom, groups):
+    n, (oh, ow), (kh, kw, cg, cout) = dy.shape[0], geom.out_hw, w.shape
+    dy_g = dy.reshape(n, oh, ow, groups, -1)  # (N, oh, ow, G, Og)
+    w_t = w.reshape(kh, kw, cg, groups, cout // groups).transpose(0, 1, 4, 3, 2)  # (kh, kw, Og, G, Cg)
+    dx = None
+    for a, b in taps(geom):
+        term = place_tap(_tap_product(dy_g, w_t[a, b]).reshape(n, oh, ow, -1), geom, a, b)
+        dx = term if dx is None else dx + term
+    return dx
+
+
+def _computed_once(f, *args):
+    """``f(*args)``, written to memory once instead of fused into, and recomputed by, each of its consumers.
+
+    XLA:CPU fuses cheap elementwise producers into every consumer. For a sum of ``kh * kw`` taps read
+    by the forward and backward passes of the next layers (a pooling layer reads each element once per
+    window tap and once more for the activation's gradient) that recomputation costs several times the
+    sum itself. The result of a conditional is always materialised, so ``f`` runs as both branches of a
+    ``lax.cond`` on a predicate that XLA cannot fold (whether the first element of the first argument
+    equals itself, false only for NaN); both branches compute the same thing. (``lax.optimization_barrier``
+    would say this directly, but XLA:CPU removes it before fusion.)
+    """
+    first = args[0].reshape(-1)[0]
+    return lax.cond(first == first, f, f, *args)

@@ -1,0 +1,281 @@
+"""The ``jaxcnn`` command: ``train --help``, a small training run, one-line errors with exit status 2,
+signals (130/143) and stopped runs (1), and ``gradcheck`` tables and exit status."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jax
+
+from jaxcnn import cli, gradients, models
+from jaxcnn import train as jtrain
+from jaxcnn.layers import AvgPool2D, Conv2D, Dense, Flatten, Relu, Sigmoid, serial
+from jaxcnn.train import CHECKPOINT, TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_RUN = ["--model", "seed_net", "--dataset", "mnist-offline", "--train-limit", "256", "--batch-size", "32",
+             "--epochs", "1", "--progress", "off"]
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxcnn")
+    sub = parser.add_subparsers(dest="command")
+    cli._train_parser(sub)
+    return sub.choices["train"]
+
+
+def option_blocks(help_text: str) -> dict[str, str]:
+    """``{"--flag": "its help text"}`` from argparse's help output (one block per option)."""
+    blocks, current = {}, None
+    for line in help_text.splitlines():
+        m = re.match(r"^  (-{1,2}[\w-]+)", line)
+        if m:
+            current = m.group(1)
+            blocks[current] = line
+        elif current and line.startswith("    "):
+            blocks[current] += " " + line.strip()
+        else:
+            current = None
+    return {k: re.sub(r"\s+", " ", v) for k, v in blocks.items()}
+
+
+def python_cli(*args, timeout=120, **kwargs):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "jaxcnn.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+
+
+def one_line_error(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# train --help
+
+
+def test_train_help_documents_every_flag_with_its_default():
+    parser = train_parser()
+    blocks = option_blocks(parser.format_help())
+    defaults = TrainConfig()
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) >= 20
+    for action in flags:
+        flag = action.option_strings[-1]
+        assert flag in blocks, flag
+        assert action.help, f"{flag} has no help"
+        assert f"(default: {action.default})" in blocks[flag], blocks[flag]
+        # The command line's defaults are TrainConfig's.
+        if action.dest in {f.name for f in dataclasses.fields(TrainConfig)}:
+            assert action.default == getattr(defaults, action.dest), flag
+    assert {"--check-every", "--out", "--resume", "--precision", "--grad", "--train-limit"} <= set(blocks)
+    args = parser.parse_args([])
+    assert args.offline is False and defaults.download is True
+
+
+def test_train_help_runs_as_a_module():
+    result = python_cli("train", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--check-every N" in result.stdout and "(default: small_cnn)" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# A small run, its files, and what a second invocation says
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli-run")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        status = cli.main(["train", *SMALL_RUN, "--out", str(out)])
+    return status, out, stdout.getvalue().splitlines()
+
+
+def test_small_training_run(small_run):
+    status, out, stdout = small_run
+    assert status == 0
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "config.json", "metrics.jsonl"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["epoch"] == 1
+    assert {"epoch", "train_loss", "test_loss", "test_accuracy", "images_per_s", "wall_s"} <= set(records[0])
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model"] == "seed_net" and saved["train_limit"] == 256 and saved["epochs"] == 1
+    assert any("8 steps of 32 per epoch" in line for line in stdout), stdout
+    assert re.fullmatch(r"final test accuracy 0\.\d{4} after 1 epochs \(\d+\.\d s\)", stdout[-1]), stdout
+
+
+def test_second_invocation_needs_resume_and_the_same_settings(small_run, capsys):
+    _, out, _ = small_run
+    assert cli.main(["train", *SMALL_RUN, "--out", str(out)]) == 2
+    assert "already holds a checkpoint; pass --resume" in one_line_error(capsys.readouterr().err)
+    assert cli.main(["train", *SMALL_RUN, "--out", str(out), "--resume", "--lr", "0.1"]) == 2
+    assert "other settings (lr 0.05 -> 0.1)" in one_line_error(capsys.readouterr().err)
+    # Resuming a finished run trains nothing and reports the recorded result.
+    assert cli.main(["train", *SMALL_RUN, "--out", str(out), "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert "resuming from" in captured.out and "final test accuracy" in captured.out
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# User errors: one line on stderr, exit status 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "jaxcnn train: --epochs must be >= 1, got 0"),
+    (["--lr", "-1"], "jaxcnn train: --lr must be a positive number, got -1.0"),
+    (["--resume"], "jaxcnn train: --resume needs --out DIR"),
+    (["--augment", "9"], "jaxcnn train: --augment must be between 0 and 8 pixels, got 9"),
+    (["--dataset", "mnist-offline", "--batch-size", "9000"], "jaxcnn train: --batch-size 9000 exceeds the 4000 training examples"),
+])
+def test_bad_values_exit_2_with_one_line(argv, message, capsys, tmp_path):
+    assert cli.main(["train", *argv]) == 2
+    assert one_line_error(capsys.readouterr().err).startswith(message)
+
+
+def test_missing_dataset_directory_exits_2_without_traceback(tmp_path):
+    missing = tmp_path / "no-such-dir"
+    result = python_cli("train", "--dataset", str(missing), "--epochs", "1")
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result.stderr)
+    assert line.startswith("jaxcnn train: ") and str(missing) in line and "unknown dataset" in line
+    # An existing directory without the IDX files: says which files are missing.
+    missing.mkdir()
+    result = python_cli("train", "--dataset", str(missing), "--epochs", "1")
+    assert result.returncode == 2
+    assert "not a dataset directory" in one_line_error(result.stderr)
+
+
+def test_unparsable_flag_value_exits_2_with_a_usage_message(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--epochs", "abc"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "jaxcnn train: error: argument --epochs: invalid int value: 'abc'" in err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--model", "vgg16"])
+    assert "argument --model: invalid choice: 'vgg16'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Signals and stopped runs
+
+
+def test_sigint_saves_and_exits_130(tmp_path, monkeypatch, capsys):
+    original = jtrain.Trainer
+
+    class Interrupting(original):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            real = self.run_steps
+
+            def run_steps(*a):
+                out = real(*a)
+                os.kill(os.getpid(), signal.SIGINT)
+                return out
+
+            self.run_steps = run_steps
+
+    monkeypatch.setattr(jtrain, "Trainer", Interrupting)
+    # 16 steps per epoch, all in the first chunk: the signal stops the run at the end of epoch 1 of 2.
+    argv = ["--model", "seed_net", "--dataset", "mnist-offline", "--train-limit", "256", "--batch-size", "16",
+            "--epochs", "2", "--progress", "off", "--out", str(tmp_path)]
+    assert cli.main(["train", *argv]) == 130
+    err = capsys.readouterr().err
+    assert re.search(r"SIGINT: checkpoint saved to .*checkpoint\.npz at epoch 2, step 0; "
+                     r"continue with the same command plus --resume", err), err
+    assert (tmp_path / CHECKPOINT).exists()
+
+
+def test_non_finite_loss_exits_1(tmp_path, monkeypatch, capsys):
+    net = lambda **_: serial(Conv2D(4, 3, stride=2), Relu(), Flatten(), Dense(10), name="tiny_nobn")  # noqa: E731
+    monkeypatch.setitem(models.MODELS, "tiny_nobn",
+                        models.ModelSpec("tiny_nobn", net, gradients.softmax_cross_entropy, False, "test model"))
+    argv = ["--model", "tiny_nobn", "--dataset", "mnist-offline", "--train-limit", "64", "--batch-size", "16",
+            "--epochs", "1", "--lr", "1e30", "--progress", "off"]
+    assert cli.main(["train", *argv]) == 1
+    line = one_line_error(capsys.readouterr().err)
+    assert re.match(r"jaxcnn train: loss became (nan|inf) at step \d+ of epoch 1 \(global step \d+\); try a lower --lr$", line)
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_running_jaxcnn_train_saves_a_checkpoint_and_exits_143(tmp_path):
+    """A real process: SIGTERM once training has started; the checkpoint is written and the exit status is 143."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    args = [sys.executable, "-m", "jaxcnn.cli", "train", "--model", "seed_net", "--dataset", "mnist-offline",
+            "--batch-size", "32", "--epochs", "40", "--progress", "off", "--out", str(tmp_path)]
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # the line logged just before the training loop starts
+            if "steps of 32 per epoch" in line:
+                break
+        time.sleep(2.0)
+        assert proc.poll() is None, "training finished before it could be interrupted"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "SIGTERM: checkpoint saved to" in err and "Traceback" not in err
+    with np.load(tmp_path / CHECKPOINT) as z:
+        meta = json.loads(bytes(z["meta"]).decode())
+    assert (meta["epoch"], meta["step"]) != (0, 0)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary file left behind
+
+
+# ---------------------------------------------------------------------------------------------------
+# gradcheck
+
+
+def test_gradcheck_seed_net_prints_the_tables_and_exits_0(tmp_path, capsys):
+    report = tmp_path / "gradcheck.json"
+    assert cli.main(["gradcheck", "--model", "seed_net", "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    names = ["seed_net[0] Conv2D(3, kernel=5)", "seed_net[1] Sigmoid", "seed_net[2] Flatten", "seed_net[3] Dense(1)",
+             "seed_net[4] Sigmoid", "seed_net + mse"]
+    for name in names:
+        assert f"gradcheck {name} [float64]" in out
+    assert out.count("\nOK\n") == len(names)
+    assert "vs autodiff" in out and "vs FD (f64)" in out and "adjoint identity" in out
+    assert out.rstrip().endswith("6 passed, 0 failed")
+    results = json.loads(report.read_text())
+    assert [r["name"] for r in results] == names and all(r["ok"] for r in results)
+    assert all(row["vs_autodiff"] <= 1e-12 for r in results for row in r["rows"])
+
+
+def _bad_zoo_model(**_):
+    """A cheap stand-in for a zoo model whose Dense backward is off by 0.1%."""
+    dense = Dense(1)
+
+    def backward(params, residuals, dy):
+        dparams, dx = dense.backward(params, residuals, dy)
+        return jax.tree_util.tree_map(lambda g: 1.001 * g, dparams), dx
+
+    return serial(AvgPool2D(4), Flatten(), dense._replace(backward=backward), Sigmoid(), name="bad")
+
+
+def test_gradcheck_exits_1_on_a_disagreement(monkeypatch, capsys):
+    monkeypatch.setitem(models.MODELS, "seed_net", models.get_model("seed_net")._replace(build=_bad_zoo_model))
+    assert cli.main(["gradcheck", "--model", "seed_net", "--batch", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: params['b']: manual vs autodiff" in out
+    assert out.rstrip().endswith("3 passed, 2 failed")  # the dense layer alone and the whole model
