@@ -11,7 +11,8 @@ a random cotangent ``dy`` and compares, for every array (pytree leaf) of every d
   a witness independent of both reverse-mode paths.
 
 Errors are relative to the reference's scale: ``max|manual - ref| / max|ref|`` for arrays and
-``|a - b| / max(|a|, |b|)`` for scalars. Finite differences are only meaningful where ``f`` is smooth:
+``|<g, v> - <dy, J v>| / max(|g| |v|, |dy| |J v|)`` for the adjoint identity (the Cauchy-Schwarz bound
+of its terms, so that cancellation in the sums does not inflate it). Finite differences are only meaningful where ``f`` is smooth:
 check activations and max pooling on inputs away from kinks and ties.
 """
 
@@ -118,13 +119,22 @@ def _rel(a, b) -> float:
     return float(err / scale) if scale > 0 else float(err)
 
 
-def _rel_scalar(a: float, b: float) -> float:
-    scale = max(abs(a), abs(b))
-    return abs(a - b) / scale if scale > 0 else 0.0
-
-
 def _vdot(a, b):
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def _adjoint_error(manual, v, dy, jv) -> float:
+    """``|<manual, v> - <dy, J v>|`` relative to the Cauchy-Schwarz bound ``max(|manual||v|, |dy||J v|)``.
+
+    Both inner products are sums of many terms that may cancel; dividing by the size of the terms, not
+    by the (possibly tiny) sums, measures the disagreement on the scale rounding acts on. Summed in float64.
+    """
+    def flat(tree):
+        return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(tree)])
+
+    m, v, dy, jv = flat(manual), flat(v), flat(dy), flat(jv)
+    scale = max(np.linalg.norm(m) * np.linalg.norm(v), np.linalg.norm(dy) * np.linalg.norm(jv))
+    return float(abs(m @ v - dy @ jv) / scale) if scale > 0 else 0.0
 
 
 def _random_like(seed: int, tree):
@@ -240,7 +250,7 @@ def gradcheck(
         check_shapes(diff, manual, auto)
         v = _random_like(seed_v, diff)
         _, jv = jax.jvp(g, diff, v)
-        adjoint = _rel_scalar(float(_vdot(manual, v)), float(_vdot(dy, jv)))
+        adjoint = _adjoint_error(manual, v, dy, jv)
         return diff, dy, manual, auto, adjoint
 
     with jax.enable_x64(dtype == "float64"):

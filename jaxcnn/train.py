@@ -626,9 +626,13 @@ def train_and_evaluate(
                    f"{max(record['grad_check']['max_relative_error'].values(), default=0.0):.1e}"
                    if config.check_every else ""))
             if workdir is not None and writer:
-                save_checkpoint(workdir, ts, epoch=epoch + 1, step=0, config=config)
+                # The epoch's record first, then its checkpoint: a crash in between leaves an extra record that
+                # --resume drops (it keeps records up to the checkpoint's epoch), never a checkpoint without one.
                 with open(workdir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                save_checkpoint(workdir, ts, epoch=epoch + 1, step=0, config=config)
             if interrupt.signal is not None and epoch + 1 < config.epochs:
                 _save_interrupted(interrupt.signal, workdir, ts, epoch + 1, 0, config)
     return history
