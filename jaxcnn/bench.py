@@ -7,8 +7,9 @@ a single timing, and a ratio is the median over rounds of the per-round ratio.
 
 Sections (``--sections``):
 
-* ``peak``: a large float32 matmul under each compile-option set; its best GFLOP/s is the machine peak
-  that the train steps are compared with.
+* ``peak``: a large float32 matmul under each compile-option set on its own. The same matmul also runs
+  in every round of the ``steps`` benchmarks, and a step's fraction of peak is taken against it round by
+  round, so that machine load cancels out.
 * ``ops``: each op of the zoo models at its real shape: conv forward, conv ``dx`` and ``dw`` in every
   formulation of :mod:`jaxcnn.ops.conv` against ``jax.vjp``, pooling and dense backward against
   ``jax.vjp``; standalone and inside ``lax.scan`` (where XLA:CPU compiles some convolutions differently).
@@ -19,6 +20,8 @@ Sections (``--sections``):
   and XLA's compiled memory analysis of the program.
 * ``epoch``: images/s of the real training loop, :class:`jaxcnn.train.Trainer` ``run_steps``: one
   ``lax.scan`` over the epoch against a Python loop calling the same jitted function once per step.
+* ``scaling``: images/s of that scanned epoch with the batch sharded over meshes of 1, 2, 4 and 8
+  devices (simulated CPU devices in a child process on the CPU; the real devices on a GPU machine).
 
 ``--json FILE`` writes every figure: ``results`` (one record per benchmark and contender, with
 ``benchmark``, ``contender``, ``family``, ``median_ms``...), ``ratios`` (benchmark -> ``{"manual/autodiff":
@@ -45,7 +48,8 @@ import numpy as np
 SCHEMA_VERSION = 1
 MODELS = ("seed_net", "lenet5", "small_cnn")
 BATCH = {"seed_net": 200, "lenet5": 128, "small_cnn": 128}  # the batch sizes of the issue's measurements
-SECTIONS = ("peak", "ops", "steps", "epoch")
+SECTIONS = ("peak", "ops", "steps", "epoch", "scaling")
+SCALING_DEVICES = (1, 2, 4, 8)  # data-parallel mesh sizes of the scaling section
 PEERS = ("torch", "torch.compile", "flax")
 FAMILIES = ("manual", "autodiff", "torch", "torch.compile", "flax")
 LR = 0.05  # SGD with momentum 0.9, the training default; the same for every contender and peer
@@ -287,27 +291,56 @@ def model_flops(model, in_shape=(1, 28, 28, 1)) -> int:
 # Section: peak
 
 
-def bench_peak(cfg: BenchConfig, opts: dict, log) -> tuple[list[dict], float]:
-    """float32 ``n x n @ n x n`` under each option set; returns the records and the best GFLOP/s."""
+def peak_size(cfg: BenchConfig) -> int:
+    return 512 if cfg.quick else 2048
+
+
+def matmul_contenders(cfg: BenchConfig, opts: dict) -> list[Contender]:
+    """float32 ``n x n @ n x n`` under each option set (family ``"peak"``)."""
     import jax
     import jax.numpy as jnp
 
-    n = 512 if cfg.quick else 2048
+    n = peak_size(cfg)
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-    contenders = []
+    out = []
     for oname, o in opts.items():
         f = compile_with(lambda a, b: a @ b, (a, b), o)
-        contenders.append(Contender(f"matmul[{oname}]", "peak", lambda f=f: f(a, b).block_until_ready(),
-                                    info={"options": oname, "n": n}))
-    recs = measure(f"peak/matmul{n}", contenders, cfg, log)
+        out.append(Contender(f"matmul{n}[{oname}]", "peak", lambda f=f: f(a, b).block_until_ready(),
+                             info={"options": oname, "n": n, "flops": 2 * n ** 3}))
+    return out
+
+
+def bench_peak(cfg: BenchConfig, opts: dict, log) -> tuple[list[dict], float]:
+    """The matmul under each option set on its own; returns the records and the best median GFLOP/s."""
+    recs = measure(f"peak/matmul{peak_size(cfg)}", matmul_contenders(cfg, opts), cfg, log)
     for r in recs:
         if r["status"] == "ok":
-            r["gflops"] = 2 * n ** 3 / (r["median_ms"] * 1e-3) / 1e9
-            r["gflops_best_round"] = 2 * n ** 3 / (r["min_ms"] * 1e-3) / 1e9
-    # The median, like every other figure, so that the fraction of peak compares like with like under load.
+            r["gflops"] = r["flops"] / (r["median_ms"] * 1e-3) / 1e9
+            r["gflops_best_round"] = r["flops"] / (r["min_ms"] * 1e-3) / 1e9
     peak = max((r["gflops"] for r in recs if "gflops" in r), default=float("nan"))
     return recs, peak
+
+
+def add_peak_fractions(recs: list[dict], flops: float) -> float | None:
+    """Sets ``gflops`` and ``peak_fraction`` of every timed record of one step benchmark whose contenders
+    included the matmul (family ``"peak"``): the fraction is the median over rounds of the step's GFLOP/s
+    over the best matmul GFLOP/s of the same round, so that load on the machine cancels out. Returns the
+    median matmul GFLOP/s of those rounds."""
+    peaks = [r for r in recs if r["family"] == "peak" and r["status"] == "ok"]
+    per_round = [max(p["flops"] / (p["samples_ms"][k] * 1e-3) for p in peaks) for k in range(len(peaks[0]["samples_ms"]))] if peaks else []
+    for r in recs:
+        if r["family"] == "peak":
+            if r["status"] == "ok":
+                r["gflops"] = r["flops"] / (r["median_ms"] * 1e-3) / 1e9
+            continue
+        if r.get("median_ms"):
+            r["gflops"] = flops / (r["median_ms"] * 1e-3) / 1e9
+            r["images_per_s"] = r["batch"] / (r["median_ms"] * 1e-3)
+        if r["status"] == "ok" and per_round:
+            r["peak_fraction"] = float(statistics.median(
+                flops / (t * 1e-3) / pk for t, pk in zip(r["samples_ms"], per_round)))
+    return statistics.median(per_round) / 1e9 if per_round else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -566,7 +599,7 @@ def step_setup(model_name: str, batch: int, method: str = "manual", conv_method:
     return step, (params, model_state, tx.init(params)), (x, spec.targets(labels)), spec
 
 
-def bench_steps(cfg: BenchConfig, opts: dict, peak: float, log, notes: list) -> tuple[list[dict], dict, dict]:
+def bench_steps(cfg: BenchConfig, opts: dict, log, notes: list) -> tuple[list[dict], dict, dict]:
     from jaxcnn.models import get_model
 
     records, ratios, flops = [], {}, {}
@@ -588,27 +621,31 @@ def bench_steps(cfg: BenchConfig, opts: dict, peak: float, log, notes: list) -> 
             contenders += flax_peer(model_name, batch, K, opts)
         if torch_peer is not None:
             contenders += torch_peer(model_name, batch, K)
+        # The matmul runs in the same rounds, so that the fraction of peak compares like with like.
+        contenders += matmul_contenders(cfg, opts)
         recs = measure(f"step/{model_name}", contenders, cfg, log)
-        for r in recs:
-            if r.get("median_ms"):
-                r["gflops"] = flops[model_name] * batch / (r["median_ms"] * 1e-3) / 1e9
-                r["peak_fraction"] = r["gflops"] / peak if peak == peak else None
-                r["images_per_s"] = batch / (r["median_ms"] * 1e-3)
+        peak_here = add_peak_fractions(recs, flops[model_name] * batch)
         records.extend(recs)
         ratios[f"step/{model_name}"] = family_ratios(recs)
+        if peak_here:
+            ratios[f"step/{model_name}"]["matmul GFLOP/s in these rounds"] = peak_here
         ratios[f"step/{model_name}"].update(_memory_ratio(recs))
     return records, ratios, flops
 
 
 def _memory_ratio(recs) -> dict:
-    """Compiled memory of the manual vs the autodiff one-step program under the same options."""
+    """Compiled memory of the manual vs the autodiff program under the same options: the one-step
+    (``loop``) programs when both were compiled, otherwise whichever structures were."""
     out = {}
-    for r in recs:
-        if r["family"] == "manual" and r.get("structure") == "loop" and r.get("memory_bytes"):
-            twin = next((s for s in recs if s["family"] == "autodiff" and s.get("structure") == "loop"
-                         and s.get("options") == r["options"] and s.get("memory_bytes")), None)
-            if twin:
-                out[f"memory manual/autodiff [{r['options']}]"] = r["memory_bytes"] / twin["memory_bytes"]
+    for options in sorted({r.get("options") for r in recs if r["family"] == "manual" and r.get("memory_bytes")}):
+        def pick(family):
+            rs = [r for r in recs if r["family"] == family and r.get("options") == options and r.get("memory_bytes")]
+            return next((r for r in rs if r.get("structure") == "loop"), rs[0] if rs else None)
+
+        m, a = pick("manual"), pick("autodiff")
+        if m and a:
+            where = options if m["structure"] == a["structure"] == "loop" else f"{options}, {m['structure']} vs {a['structure']}"
+            out[f"memory manual/autodiff [{where}]"] = m["memory_bytes"] / a["memory_bytes"]
     return out
 
 
@@ -734,51 +771,71 @@ def _flax_step(model_name: str, batch: int):
 # Section: epoch
 
 
+def _epoch_runners(trainer) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``(scan_epoch, loop_epoch)``: one epoch of ``trainer.run_steps`` as one ``lax.scan`` over the epoch,
+    and as a Python loop calling the same jitted function once per step. Each keeps its own training state
+    and blocks on it. Both place their batch indices on the device inside the timed region, as
+    ``train_and_evaluate`` does (once per call), so the loop pays what a per-step loop pays."""
+    import jax
+
+    spe = trainer.steps_per_epoch
+    batches = trainer.epoch_batches(0)
+
+    def scan_epoch(tr=trainer, h=[trainer.init_state()]):  # noqa: B006 (the holder is the point)
+        ts, _, _, _ = tr.run_steps(h[0], tr.train_images, tr.train_targets, tr.batch_indices(batches),
+                                   tr.place(np.int32(0)))
+        h[0] = jax.block_until_ready(ts)
+
+    def loop_epoch(tr=trainer, h=[trainer.init_state()]):  # noqa: B006
+        ts = h[0]
+        for i in range(spe):
+            ts, _, _, _ = tr.run_steps(ts, tr.train_images, tr.train_targets, tr.batch_indices(batches[i:i + 1]),
+                                       tr.place(np.int32(i)))
+        h[0] = jax.block_until_ready(ts)
+
+    return scan_epoch, loop_epoch
+
+
+def _epoch_trainer(cfg: BenchConfig, model_name: str, dataset, options: dict | None, devices: int | None = 1):
+    """A manual-gradient :class:`~jaxcnn.train.Trainer` of the benchmark's batch and learning rate;
+    ``options=None`` takes the training loop's own compile options."""
+    from jaxcnn import data as jdata
+    from jaxcnn.models import get_model
+    from jaxcnn.train import TrainConfig, Trainer
+
+    tcfg = TrainConfig(model=model_name, dataset=jdata.OFFLINE_NAME, batch_size=cfg.batch_of(model_name), lr=LR,
+                       schedule="constant", chunk_steps=10 ** 6, grad="manual", devices=devices)
+    trainer = Trainer(tcfg, dataset, compiler_options=options)
+    # The zoo model with the conv formulations the step benchmark times (traced at the first call).
+    trainer.model = get_model(model_name).build(method=MANUAL_CONV_METHOD)
+    return trainer
+
+
+def _add_images_per_s(recs: list[dict]) -> list[dict]:
+    for r in recs:
+        if r.get("median_ms"):
+            r["images_per_s"] = r["images"] / (r["median_ms"] * 1e-3)
+    return recs
+
+
 def bench_epoch(cfg: BenchConfig, opts: dict, log) -> tuple[list[dict], dict]:
     """Images/s of ``Trainer.run_steps`` over one epoch of the bundled MNIST subset: one ``lax.scan`` over the
-    epoch against a Python loop calling the same jitted function once per step, under each option set.
-
-    Both place their batch indices on the device inside the timed region, as ``train_and_evaluate`` does
-    (once per call), so the loop pays what a per-step loop pays.
-    """
-    import jax
-    import numpy as np
-
+    epoch against a Python loop calling the same jitted function once per step, under each option set."""
     from jaxcnn import data as jdata
-    from jaxcnn.train import TrainConfig, Trainer
 
     dataset = jdata.load_dataset(jdata.OFFLINE_NAME, train_limit=cfg.epoch_examples, log=lambda s: None)
     records, ratios = [], {}
     models = cfg.models[:1] if cfg.quick else cfg.models
     for model_name in models:
-        batch = cfg.batch_of(model_name)
-        tcfg = TrainConfig(model=model_name, dataset=jdata.OFFLINE_NAME, batch_size=batch, lr=LR, schedule="constant",
-                           chunk_steps=10 ** 6, grad="manual")
         contenders = []
         for oname, o in opts.items():
-            trainer = Trainer(tcfg, dataset, compiler_options=o)
-            spe = trainer.steps_per_epoch
-            batches = trainer.epoch_batches(0)
-
-            def scan_epoch(tr=trainer, h=[trainer.init_state()]):  # noqa: B006 (the holder is the point)
-                ts, _, _, _ = tr.run_steps(h[0], tr.train_images, tr.train_targets, tr.batch_indices(batches),
-                                           tr.place(np.int32(0)))
-                h[0] = jax.block_until_ready(ts)
-
-            def loop_epoch(tr=trainer, h=[trainer.init_state()]):  # noqa: B006
-                ts = h[0]
-                for i in range(spe):
-                    ts, _, _, _ = tr.run_steps(ts, tr.train_images, tr.train_targets, tr.batch_indices(batches[i:i + 1]),
-                                               tr.place(np.int32(i)))
-                h[0] = jax.block_until_ready(ts)
-
-            info = {"batch": batch, "steps": spe, "images": spe * batch, "options": oname}
+            trainer = _epoch_trainer(cfg, model_name, dataset, o)
+            scan_epoch, loop_epoch = _epoch_runners(trainer)
+            spe, batch = trainer.steps_per_epoch, trainer.config.batch_size
+            info = {"batch": batch, "steps": spe, "images": spe * batch, "options": oname, "conv_method": MANUAL_CONV_METHOD}
             contenders += [Contender(f"manual[scan,{oname}]", "manual", scan_epoch, 1, {**info, "structure": "scan"}),
                            Contender(f"manual[loop,{oname}]", "manual-loop", loop_epoch, 1, {**info, "structure": "loop"})]
-        recs = measure(f"epoch/{model_name}", contenders, cfg, log)
-        for r in recs:
-            if r.get("median_ms"):
-                r["images_per_s"] = r["images"] / (r["median_ms"] * 1e-3)
+        recs = _add_images_per_s(measure(f"epoch/{model_name}", contenders, cfg, log))
         records.extend(recs)
         scan, loop = best_of(recs, "manual"), best_of(recs, "manual-loop")
         if scan and loop:
@@ -786,6 +843,83 @@ def bench_epoch(cfg: BenchConfig, opts: dict, log) -> tuple[list[dict], dict]:
             ratios[f"epoch/{model_name}"] = {"scan/loop time": ratio, "scan/loop images_per_s": 1 / ratio,
                                              "scan/loop contenders": f"{scan['contender']} / {loop['contender']}"}
     return records, ratios
+
+
+# ---------------------------------------------------------------------------------------------------
+# Section: scaling
+
+
+def scaling_model(cfg: BenchConfig) -> str:
+    """The model the scaling section trains: ``small_cnn`` when it is benchmarked (the heaviest), else the first."""
+    return "small_cnn" if "small_cnn" in cfg.models else cfg.models[0]
+
+
+def scaling_records(cfg: BenchConfig, counts, log) -> list[dict]:
+    """Images/s of one scanned training epoch (``Trainer.run_steps``, manual gradients) on meshes of each
+    device count in ``counts``, alternated round by round in this process. Every count gets its own family
+    so that none is pruned for being slow."""
+    from jaxcnn import data as jdata
+
+    model_name = scaling_model(cfg)
+    dataset = jdata.load_dataset(jdata.OFFLINE_NAME, train_limit=cfg.epoch_examples, log=lambda s: None)
+    contenders = []
+    for n in counts:
+        trainer = _epoch_trainer(cfg, model_name, dataset, None, devices=n)  # the training loop's compile options
+        scan_epoch, _ = _epoch_runners(trainer)
+        spe, batch = trainer.steps_per_epoch, trainer.config.batch_size
+        contenders.append(Contender(f"{n} device{'s' if n > 1 else ''}", f"devices={n}", scan_epoch, 1,
+                                    {"devices": n, "batch": batch, "per_device_batch": batch // n, "steps": spe,
+                                     "images": spe * batch, "structure": "scan", "options": "jaxcnn train's",
+                                     "platform": trainer.mesh.devices.flat[0].platform}))
+    return _add_images_per_s(measure(f"scaling/{model_name}", contenders, cfg, log))
+
+
+def bench_scaling(cfg: BenchConfig, log) -> tuple[list[dict], dict, list[str]]:
+    """Data-parallel throughput on 1, 2, 4 and 8 devices (those that exist).
+
+    On the CPU the devices are simulated (``--xla_force_host_platform_device_count``), which must be set
+    before JAX starts, so the measurement runs in a child process; the simulated devices share this
+    machine's cores, so the table shows the cost of sharding and collectives, not a speed-up. On a GPU
+    machine it runs here, over the real devices. Returns records, ratios against 1 device, and notes.
+    """
+    import subprocess
+
+    import jax
+
+    notes = []
+    if cfg.device == "cpu":
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={max(SCALING_DEVICES)}").strip()
+        child = subprocess.run([sys.executable, "-m", "jaxcnn.bench", "--scaling-worker",
+                                json.dumps(_plain(dataclasses.asdict(cfg)))],
+                               env=env, stdout=subprocess.PIPE, stderr=None, text=True, check=False)
+        if child.returncode != 0:
+            raise BenchError(f"scaling: the child process failed with exit status {child.returncode}")
+        records = json.loads(child.stdout)
+        notes.append(f"scaling: {max(SCALING_DEVICES)} simulated CPU devices sharing {os.cpu_count()} cores "
+                     "(XLA_FLAGS=--xla_force_host_platform_device_count): no device adds hardware, so a ratio "
+                     "above 1 means that per-device programs kept the cores busier than one program did")
+    else:
+        available = len(jax.devices(cfg.device))
+        counts = [n for n in SCALING_DEVICES if n <= available]
+        records = scaling_records(cfg, counts, log)
+        if available < max(SCALING_DEVICES):
+            notes.append(f"scaling: {available} {cfg.device} device(s) here; larger meshes not measured")
+    ratios = {}
+    one = next((r for r in records if r.get("devices") == 1 and r["status"] == "ok"), None)
+    if one:
+        ratios[records[0]["benchmark"]] = {f"images_per_s {r['devices']}/1 devices": 1 / round_ratio(r, one)
+                                           for r in records if r["status"] == "ok" and r["devices"] != 1}
+    return records, ratios, notes
+
+
+def _scaling_worker(cfg_json: str) -> int:
+    """The child process of :func:`bench_scaling`: records as JSON on stdout, progress on stderr."""
+    fields = json.loads(cfg_json)
+    cfg = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    records = scaling_records(cfg, SCALING_DEVICES, lambda s: print(s, file=sys.stderr, flush=True))
+    print(to_json(records))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -900,7 +1034,7 @@ def run_benchmarks(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict
         opts = option_sets(cfg, lambda s: notes.append(s) or log(s))
         report["option_sets"] = {k: v for k, v in opts.items()}
         peak = float("nan")
-        if "peak" in cfg.sections or "steps" in cfg.sections:
+        if "peak" in cfg.sections:
             log("peak: float32 matmul")
             recs, peak = bench_peak(cfg, opts, log)
             report["results"] += recs
@@ -912,7 +1046,7 @@ def run_benchmarks(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict
             report["ratios"].update(ratios)
         if "steps" in cfg.sections:
             log("steps: whole train step, manual vs autodiff vs peers")
-            recs, ratios, flops = bench_steps(cfg, opts, peak, log, notes)
+            recs, ratios, flops = bench_steps(cfg, opts, log, notes)
             report["results"] += recs
             report["ratios"].update(ratios)
             report["flops_per_image"] = flops
@@ -921,6 +1055,14 @@ def run_benchmarks(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict
             recs, ratios = bench_epoch(cfg, opts, log)
             report["results"] += recs
             report["ratios"].update(ratios)
+        if "scaling" in cfg.sections:
+            log(f"scaling: one training epoch on {', '.join(map(str, SCALING_DEVICES))} devices")
+            recs, ratios, more = bench_scaling(cfg, log)
+            report["results"] += recs
+            report["ratios"].update(ratios)
+            for n in more:
+                notes.append(n)
+                log(n)
     report["targets"] = evaluate_targets(report)
     report["load_average"] = {"start": load_start, "end": _load()}
     report["wall_s"] = time.perf_counter() - started
@@ -929,6 +1071,33 @@ def run_benchmarks(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict
 
 def _fmt(v, spec=".2f"):
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def op_pivot(records: list[dict]) -> list[str]:
+    """Per-op medians (ms) as one row per op and one column per contender, each cell the best over the
+    compile-option sets (which one in brackets), the fastest in bold; pruned contenders show ``>`` their
+    warm-up time."""
+    def base(name):
+        return name.split("[")[0]
+
+    columns = sorted(dict.fromkeys(base(r["contender"]) for r in records), key=lambda c: (not c.startswith("autodiff"), c))
+    lines = ["| op | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for bench in dict.fromkeys(r["benchmark"] for r in records):
+        rows = [r for r in records if r["benchmark"] == bench]
+        cells, best_ms = {}, min((r["median_ms"] for r in rows if r["status"] == "ok"), default=None)
+        for col in columns:
+            mine = [r for r in rows if base(r["contender"]) == col and r.get("median_ms") is not None]
+            ok = [r for r in mine if r["status"] == "ok"]
+            if ok:
+                r = min(ok, key=lambda r: r["median_ms"])
+                text = f"{r['median_ms']:.3f} [{r.get('options', '')}]"
+                cells[col] = f"**{text}**" if r["median_ms"] == best_ms else text
+            elif mine:
+                cells[col] = f">{min(r['median_ms'] for r in mine):.1f} (pruned)"
+            else:
+                cells[col] = ""
+        lines.append(f"| {bench} | " + " | ".join(cells[c] for c in columns) + " |")
+    return lines
 
 
 def format_markdown(report: dict) -> str:
@@ -944,7 +1113,7 @@ def format_markdown(report: dict) -> str:
     lines.append(f"Measured matmul peak: {_fmt(report.get('peak_gflops'), '.1f')} GFLOP/s.")
     lines.append("")
     recs = report["results"]
-    steps = [r for r in recs if r["benchmark"].startswith(("step/", "epoch/", "peak/"))]
+    steps = [r for r in recs if r["benchmark"].startswith(("step/", "epoch/", "peak/", "scaling/"))]
     if steps:
         lines += ["| benchmark | contender | median ms | p25-p75 ms | GFLOP/s | % peak | images/s | memory MB | note |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -971,11 +1140,7 @@ def format_markdown(report: dict) -> str:
         lines.append("")
     opsr = [r for r in recs if r["benchmark"].startswith("op/")]
     if opsr:
-        lines += ["| op | contender | median ms | p25-p75 ms | GFLOP/s | note |", "|---|---|---:|---:|---:|---|"]
-        for r in opsr:
-            lines.append(f"| {r['benchmark']} | {r['contender']} | {_fmt(r.get('median_ms'), '.3f')} | "
-                         f"{_fmt(r.get('p25_ms'), '.3f')}-{_fmt(r.get('p75_ms'), '.3f')} | {_fmt(r.get('gflops'), '.1f')} | "
-                         f"{r.get('note', '') if r['status'] != 'ok' else ''} |")
+        lines += op_pivot(opsr)
         lines.append("")
     for n in report.get("notes", []):
         lines.append(f"- {n}")
@@ -1046,3 +1211,9 @@ def _plain(o):
 def to_json(report: dict) -> str:
     """The report as strict JSON (no NaN)."""
     return json.dumps(_plain(report), indent=1, allow_nan=False)
+
+
+if __name__ == "__main__":  # only as the scaling section's child process; users run ``jaxcnn bench``
+    if sys.argv[1:2] != ["--scaling-worker"] or len(sys.argv) != 3:
+        sys.exit("python -m jaxcnn.bench is internal; run `jaxcnn bench --help`")
+    sys.exit(_scaling_worker(sys.argv[2]))

@@ -20,7 +20,7 @@ from jaxcnn.bench import run as run_bench
 
 def _train_parser(sub) -> None:
     from jaxcnn.models import MODELS
-    from jaxcnn.train import OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
+    from jaxcnn.train import CHECK_TOLERANCE, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser(
@@ -46,8 +46,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--grad", default=d.grad, choices=("manual", "autodiff"),
                    help="hand-written backward passes or jax.grad of the same forward pass")
     p.add_argument("--check-every", type=int, default=d.check_every, metavar="N",
-                   help="every N steps compare the manual gradient with jax.grad on the current batch and stop "
-                        "if they differ beyond the dtype's tolerance (0: never)")
+                   help="every N steps compare the hand-written gradient with jax.grad on the current "
+                        "batch, both in float32 (also with --precision bfloat16), and stop if they differ by more than "
+                        f"{CHECK_TOLERANCE:g} (max relative, per parameter array; 0: never)")
     p.add_argument("--train-limit", type=int, default=d.train_limit, metavar="N", help="use only the first N training examples")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                    help="compute dtype; bfloat16 keeps float32 parameters, loss and updates")

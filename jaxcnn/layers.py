@@ -157,6 +157,10 @@ def Dense(
     return Layer(init, forward, backward, name)
 
 
+def _at_least_float32(dtype):
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def BatchNorm(*, momentum: float = 0.9, epsilon: float = 1e-5, dtype=jnp.float32) -> Layer:
     """Batch normalisation over every axis but the last (NHWC: per channel; ``(N, F)``: per feature).
 
@@ -169,6 +173,10 @@ def BatchNorm(*, momentum: float = 0.9, epsilon: float = 1e-5, dtype=jnp.float32
         dγ = Σ dy · x̂,   dβ = Σ dy,   dx = γ / (m · sqrt(σ²_B + ε)) · (m · dy - dβ - x̂ · dγ)
 
     and in evaluation mode, where ``y`` is affine in ``x``: ``dx = γ · dy / sqrt(r_var + ε)``.
+
+    Inputs narrower than float32 (bfloat16 compute) are normalised and differentiated in float32, as
+    mixed-precision training does: the batch statistics and the sums of the backward pass cancel, which
+    bfloat16's 8-bit significand cannot carry. ``y`` and ``dx`` come back in the input's dtype.
     """
     name = "BatchNorm"
     if not 0.0 <= momentum < 1.0:
@@ -187,6 +195,8 @@ def BatchNorm(*, momentum: float = 0.9, epsilon: float = 1e-5, dtype=jnp.float32
     def forward(params, state, x, *, train=False, key=None):
         del key
         axes = tuple(range(x.ndim - 1))
+        out_dtype = x.dtype
+        x = x.astype(_at_least_float32(x.dtype))
         if train:
             mean = jnp.mean(x, axis=axes)
             var = jnp.mean(jnp.square(x - mean), axis=axes)
@@ -200,13 +210,15 @@ def BatchNorm(*, momentum: float = 0.9, epsilon: float = 1e-5, dtype=jnp.float32
             mean, var, new_state = state["mean"].astype(x.dtype), state["var"].astype(x.dtype), state
         inv_std = jax.lax.rsqrt(var + epsilon)  # (C,)
         x_hat = (x - mean) * inv_std
-        y = x_hat * params["scale"] + params["bias"]
+        y = (x_hat * params["scale"] + params["bias"]).astype(out_dtype)
         # The mode is recorded in the residuals' structure (a static dict key), not as a value.
         return y, new_state, {"train" if train else "eval": (x_hat, inv_std)}
 
     def backward(params, residuals, dy):
         train = "train" in residuals
         x_hat, inv_std = residuals["train" if train else "eval"]
+        out_dtype = dy.dtype
+        dy = dy.astype(x_hat.dtype)
         axes = tuple(range(dy.ndim - 1))
         d_bias = jnp.sum(dy, axis=axes)  # (C,)
         d_scale = jnp.sum(dy * x_hat, axis=axes)  # (C,)
@@ -215,7 +227,8 @@ def BatchNorm(*, momentum: float = 0.9, epsilon: float = 1e-5, dtype=jnp.float32
             dx = (params["scale"] * inv_std / m) * (m * dy - d_bias - x_hat * d_scale)
         else:
             dx = dy * (params["scale"] * inv_std)
-        return {"scale": d_scale, "bias": d_bias}, dx
+        pdt = params["scale"].dtype
+        return {"scale": d_scale.astype(pdt), "bias": d_bias.astype(pdt)}, dx.astype(out_dtype)
 
     return Layer(init, forward, backward, name)
 

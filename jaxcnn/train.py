@@ -42,7 +42,13 @@ OPTIMIZERS = ("sgd", "nesterov", "adam")
 SCHEDULES = ("constant", "cosine", "step")
 PRECISIONS = ("float32", "bfloat16")
 # Largest relative difference between manual and autodiff gradients accepted by --check-every.
-CHECK_TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
+# --check-every: largest max-relative difference per parameter array between the hand-written and the
+# jax.grad gradient, both computed in float32 (also in a bfloat16 run, see Trainer._run_steps). Measured
+# along training (every 10 of 60 steps, batch 64): lenet5 <= 5e-7 and small_cnn <= 7e-7, but resnet_small
+# up to 8.1e-4, because there jax.grad's float32 gradient of a convolution feeding BatchNorm is itself
+# that far from the float64 one (the hand-written gradient stays within 3e-6 of it: BatchNorm's backward
+# as a closed formula cancels less). 2e-3 stays above that and still stops a backward that is 1% off.
+CHECK_TOLERANCE = 2e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,7 +311,17 @@ class Trainer:
         """
         cfg, spec, dtype = self.config, self.spec, self.dtype
         grad_fn = value_and_grad(self.model, spec.loss, cfg.grad)
-        check_fn = value_and_grad(self.model, spec.loss, "autodiff") if cfg.check_every else None
+        # --check-every compares this step's gradient with jax.grad of the same network, both in float32 at
+        # the step's (float32) parameters and inputs. In a bfloat16 run the step's own gradient cannot be
+        # the one checked: bfloat16 moves ReLU and max-pool switches, and its gradients differ from any
+        # float32 reference by 2-10% (measured on the zoo), which would hide a wrong backward. So there the
+        # check recomputes the step's gradient in float32, testing the same backward code on the same batch.
+        if cfg.check_every:
+            check_net = spec.build()
+            check_fn = value_and_grad(check_net, spec.loss, "autodiff")
+            mine_fn = None if dtype == jnp.float32 else value_and_grad(check_net, spec.loss, cfg.grad)
+        else:
+            check_fn = None
         dropout_root = jax.random.fold_in(self.root_key, 1)
         augment_root = jax.random.fold_in(self.root_key, 2)
 
@@ -315,10 +331,11 @@ class Trainer:
         def step(carry, inputs):
             ts, t = carry
             idx = inputs
-            x = _to_inputs(images[idx], self.mean, self.std, dtype)
             target = targets[idx]
             key = jax.random.fold_in(dropout_root, t)
-            x = random_shift(jax.random.fold_in(augment_root, t), x, cfg.augment)
+            x32 = random_shift(jax.random.fold_in(augment_root, t), _to_inputs(images[idx], self.mean, self.std,
+                                                                                jnp.float32), cfg.augment)
+            x = x32.astype(dtype)
             params_c = cast(ts.params)
             (loss, (pred, model_state)), grads = grad_fn(params_c, ts.model_state, x, target, train=True, key=key)
             grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, ts.params)
@@ -328,9 +345,10 @@ class Trainer:
                 n_leaves = len(jax.tree_util.tree_leaves(ts.params))
 
                 def compare(_):
-                    (_, _), auto = check_fn(params_c, ts.model_state, x, target, train=True, key=key)
-                    auto = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), auto, ts.params)
-                    return _max_relative_errors(grads, auto).astype(jnp.float32)
+                    (_, _), auto = check_fn(ts.params, ts.model_state, x32, target, train=True, key=key)
+                    mine = grads if mine_fn is None else mine_fn(ts.params, ts.model_state, x32, target,
+                                                                 train=True, key=key)[1]
+                    return _max_relative_errors(mine, auto).astype(jnp.float32)
 
                 errors = jax.lax.cond(t % cfg.check_every == 0, compare,
                                       lambda _: jnp.full((n_leaves,), -1.0, jnp.float32), None)
@@ -653,7 +671,7 @@ def _check_gradient_errors(errors: np.ndarray, leaf_names: list[str], config: Tr
     if errors.size == 0:  # no --check-every: the scan stacked (steps, 0) empty rows
         return errors.reshape(0, len(leaf_names))
     checked = errors[errors[:, 0] >= 0]
-    tol = CHECK_TOLERANCE[config.precision]
+    tol = CHECK_TOLERANCE
     for row, errs in enumerate(errors):
         if errs[0] < 0:  # this step was not checked
             continue

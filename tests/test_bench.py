@@ -48,6 +48,11 @@ def test_quick_run_writes_valid_json(tmp_path):
         assert name in benchmarks
         assert all(isinstance(v, (float, str)) for v in ratios.values())
     assert {t["met"] for t in report["targets"]} <= {True, False, None}
+    # The scaling section: one epoch on 1, 2, 4 and 8 simulated devices, each timed, with ratios to 1 device.
+    scaling = [r for r in report["results"] if r["benchmark"] == "scaling/small_cnn"]
+    assert sorted(r["devices"] for r in scaling) == list(bench.SCALING_DEVICES)
+    assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in scaling), scaling
+    assert set(report["ratios"]["scaling/small_cnn"]) == {f"images_per_s {n}/1 devices" for n in (2, 4, 8)}
     assert "| benchmark | contender | median ms" in proc.stdout  # the markdown table
 
 

@@ -47,11 +47,6 @@ def _abstract_init(model, shape=INPUT_SHAPE):
     return params, state, box["out"]
 
 
-def _compiled_init(model, key, shape=INPUT_SHAPE):
-    """``model.init`` under one ``jax.jit`` (eagerly, every initializer compiles per shape: seconds each)."""
-    return jax.jit(lambda k: model.init(k, shape)[:2])(key)
-
-
 def _max_rel_per_leaf(a, b):
     """``{leaf path: max|a - b| / max|b|}``."""
     out = {}
@@ -137,7 +132,7 @@ def _three_gradients(spec, model, params, state, x, target):
 def test_manual_autodiff_and_custom_vjp_gradients_agree_float64(name, mnist_batch):
     spec = get_model(name)
     model = spec.build()
-    params, state = _compiled_init(model, jax.random.PRNGKey(0))
+    params, state, _ = model.init(jax.random.PRNGKey(0), INPUT_SHAPE)
     params, state = _f64(params), _f64(state)
     images, labels = mnist_batch
     target = spec.targets(labels)
@@ -169,7 +164,7 @@ def test_conv_backward_method_gives_the_same_model_gradients(name, mnist_batch):
     grads = []
     for method in ("im2col", "conv"):
         model = spec.build(method=method)
-        params, state = _compiled_init(model, jax.random.PRNGKey(0))
+        params, state, _ = model.init(jax.random.PRNGKey(0), INPUT_SHAPE)
         f = jax.jit(gradients.value_and_grad(model, spec.loss, "manual"))
         grads.append(f(_f64(params), _f64(state), images, spec.targets(labels))[1])
     assert max(_max_rel_per_leaf(*grads).values()) <= 1e-12
@@ -178,7 +173,7 @@ def test_conv_backward_method_gives_the_same_model_gradients(name, mnist_batch):
 def test_resnet_small_evaluation_mode_uses_running_statistics(mnist_batch):
     spec = get_model("resnet_small")
     model = spec.build(method="conv")
-    params, state = _compiled_init(model, jax.random.PRNGKey(0))
+    params, state, _ = model.init(jax.random.PRNGKey(0), INPUT_SHAPE)
     images, _ = mnist_batch
     images = images.astype(jnp.float32)
     forward = jax.jit(model.forward, static_argnames="train")

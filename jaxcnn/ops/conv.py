@@ -47,6 +47,8 @@ _NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
 METHODS = ("conv", "im2col", "taps", "auto")
 # "taps" writes a product over at most this many channels as broadcast multiply-adds (no dot).
 TAPS_ELEMENTWISE_MAX = 4
+# "auto" also takes "taps" for an input gradient with at most this many channels (see resolve_method).
+TAPS_FEW_OUTPUTS_MAX = 8
 
 
 def conv2d_geometry(fn: str, x_shape, w_shape, *, stride, padding, dilation, groups) -> Geometry:
@@ -162,13 +164,16 @@ def resolve_method(grad: str, w_shape, groups: int = 1) -> str:
 
     The rule follows the measurements of ``jaxcnn bench`` on XLA:CPU (``docs/benchmarks.md``):
 
-    * a product over a handful of channels (at most :data:`TAPS_ELEMENTWISE_MAX`: the forward pass of a
-      layer reading a 1-channel image, and by the same shape argument the input gradient of a layer
-      with a few outputs) is ``"taps"``: ``kh * kw`` broadcast multiply-adds in one pass, many times
-      faster there than XLA's convolution, whose matrix kernels are built for many channels;
+    * ``"taps"`` when each tap's product contracts a handful of channels (at most
+      :data:`TAPS_ELEMENTWISE_MAX`: the forward pass of a layer reading a 1-channel image, the input
+      gradient of a layer with a few outputs), or when the input gradient has few channels (at most
+      :data:`TAPS_FEW_OUTPUTS_MAX`, e.g. LeNet-5's second conv, 6 input channels): ``kh * kw`` small
+      products summed in one pass, several times faster there than XLA's convolution, whose matrix
+      kernels are built for many channels;
     * otherwise ``"conv"``: ``lax``'s convolution, and for the kernel gradient the same convolution in
-      the NHWC x HWIO layout, which unlike ``jax.vjp``'s layout keeps its speed inside ``lax.scan``.
-      ``"im2col"`` lost everywhere: stacking the patch matrix costs more than the product.
+      the NHWC x HWIO layout, which unlike ``jax.vjp``'s layout keeps its speed inside ``lax.scan``
+      (and matches ``jax.vjp`` outside it). ``"im2col"`` lost everywhere: building the patch matrix
+      costs more than the product.
     """
     cg, og = w_shape[2], w_shape[3] // groups
     if grad == "forward":
@@ -176,7 +181,7 @@ def resolve_method(grad: str, w_shape, groups: int = 1) -> str:
     if grad == "kernel_grad":
         return "conv"
     if grad == "input_grad":
-        return "taps" if og <= TAPS_ELEMENTWISE_MAX else "conv"
+        return "taps" if og <= TAPS_ELEMENTWISE_MAX or cg <= TAPS_FEW_OUTPUTS_MAX else "conv"
     raise ValueError(f"resolve_method: grad must be forward, input_grad or kernel_grad, got {grad!r}")
 
 

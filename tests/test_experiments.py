@@ -1,0 +1,314 @@
+"""Smoke tests of the experiment scripts in ``experiments/``.
+
+Each experiment's ``run(out_dir, smoke=True)`` runs on tiny data into ``tmp_path`` (never into the
+committed ``experiments/results/``), and the test checks the files it writes and the values in them: the
+worked examples equal the tutorials' numbers, manual and autodiff gradients agree to rounding, the NumPy
+loop version of the tutorial network computes the same gradient. Figures are checked only when
+matplotlib (the ``plots`` extra) is installed. The README's commands and committed results are checked
+against the scripts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO))  # ``experiments`` is a directory of scripts beside the package, not installed
+
+from experiments import (  # noqa: E402
+    common,
+    gradient_report,
+    speed,
+    training_comparison,
+    tutorial_cnn,
+    what_it_learned,
+    worked_examples,
+)
+
+try:
+    import matplotlib  # noqa: F401
+
+    HAVE_MATPLOTLIB = True
+except ImportError:
+    HAVE_MATPLOTLIB = False
+
+SCRIPTS = {m.NAME: m for m in (tutorial_cnn, worked_examples, gradient_report, training_comparison, what_it_learned, speed)}
+EXPERIMENTS_README = (REPO / "experiments" / "README.md").read_text()
+
+
+def quiet(_message: str) -> None:
+    pass
+
+
+def assert_files(out, names, figures=()):
+    for name in names:
+        path = out / name
+        assert path.is_file() and path.stat().st_size > 0, f"{name} was not written"
+    if HAVE_MATPLOTLIB:
+        for name in figures:
+            path = out / name
+            assert path.is_file(), f"figure {name} was not written"
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{name} is not a PNG"
+            assert path.stat().st_size < 300_000, f"{name} is {path.stat().st_size:,} bytes"
+
+
+def load_json(path):
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Experiment 2 (fast, no training): the worked examples
+
+
+def test_worked_examples_match_the_tutorials(tmp_path):
+    summary = worked_examples.run(tmp_path, smoke=True, log=quiet)
+    assert summary["failed"] == []
+    assert summary["n_checks"] >= 50
+    assert_files(tmp_path, ["worked_examples.md", "worked_examples.json", "output_size.csv"], ["worked_examples_maxpool.png"])
+    checks = load_json(tmp_path / "worked_examples.json")["checks"]
+    by_name = {(c["section"], c["check"]): c for c in checks}
+    # Seed 003's four outputs, as the tutorial writes them.
+    for name, value in (("O11", 9), ("O12", 32), ("O21", 14), ("O22", 26)):
+        c = by_name[("003 forward", name)]
+        assert c["ok"] and c["got"] == value == c["expected"]
+    # Seed 002: every dF and dX element from the article's expansion equals conv2d_backward.
+    backward = [c for c in checks if c["section"] == "002 backward"]
+    assert len([c for c in backward if "expansion" in c["check"]]) == 4 + 9
+    assert all(c["ok"] for c in backward)
+    # Seed 001: the routed gradient has the upstream values at the winners, and the slip is shown.
+    routed = by_name[("001 max-pool routing", "max_pool2d_backward routes dE/dP to the winners (local gradient 1)")]
+    assert np.array_equal(routed["got"], [[0, 1, 0, 2], [0, 0, 0, 0], [3, 0, 0, 0], [0, 0, 4, 0]])
+    slips = [c for c in checks if "slip" in c]
+    assert {c["section"] for c in slips} == {"001 max-pool routing", "001 filter gradient", "004 output size",
+                                             "000 matrix-form shapes"}
+    report = (tmp_path / "worked_examples.md").read_text()
+    assert "**Slip (001):**" in report and "**Slip (004):**" in report and "**Slips (000):**" in report
+    assert "✗" not in report
+    rows = (tmp_path / "output_size.csv").read_text().splitlines()
+    assert rows[0].startswith("H,F,S,P,") and len(rows) > 20
+
+
+# ---------------------------------------------------------------------------------------------------
+# Experiment 1: the tutorial CNN
+
+
+def test_tutorial_cnn_smoke(tmp_path):
+    summary = tutorial_cnn.run(tmp_path, smoke=True, download=False, log=quiet)
+    assert_files(tmp_path, ["tutorial_cnn.md", "tutorial_cnn.json", "tutorial_cnn_steps.csv"],
+                 ["tutorial_cnn_loss.png", "tutorial_cnn_grad_diff.png", "tutorial_cnn_step_time.png"])
+    stored = load_json(tmp_path / "tutorial_cnn.json")
+    assert stored["environment"]["jax"] and stored["config"]["steps"] == tutorial_cnn.SMOKE["steps"]
+    with open(tmp_path / stored["steps_csv"], newline="") as f:
+        steps = list(csv.DictReader(f))
+    assert len(steps) == tutorial_cnn.SMOKE["steps"]
+    for row in steps:  # the two trajectories coincide
+        assert float(row["loss_manual"]) == pytest.approx(float(row["loss_autodiff"]), rel=1e-5)
+    gaps = summary["max_gradient_difference_over_all_steps"]
+    assert set(gaps["manual_vs_autodiff"]) == {"conv2d.b", "conv2d.w", "dense.b", "dense.w"}
+    assert max(gaps["manual_vs_autodiff_relative_to_scale"].values()) < 1e-4  # float32 rounding, nothing more
+    # The NumPy loop version computes seed_net's gradient exactly (float64) and follows the same trajectory.
+    check = summary["numpy_check"]
+    assert max(check["gradient_rel_diff_vs_jitted_float64"].values()) < 1e-12
+    assert check["max_rel_loss_diff_vs_float64"] < 1e-12
+    assert set(summary["time_per_step"]) == {"NumPy loops (float64)", "jitted manual (float64)",
+                                            "jitted manual (float32)", "jitted autodiff (float32)"}
+    assert all(t["median_ms"] > 0 for t in summary["time_per_step"].values())
+
+
+def test_tutorial_numpy_network_matches_seed_net_on_a_few_images():
+    """The mended tutorial code, on its own: its loss and gradients are seed_net's (float64)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxcnn.gradients import value_and_grad
+    from jaxcnn.models import get_model
+
+    rng = np.random.default_rng(0)
+    images = rng.random((3, 28, 28))
+    labels = np.array([0.0, 1.0, 1.0])
+    spec = get_model("seed_net")
+    model = spec.build()
+    params, _, _ = model.init(jax.random.PRNGKey(1), (1, 28, 28, 1))
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
+    net = tutorial_cnn.TutorialNumpyCNN.from_params(params)
+    X = np.moveaxis(images, 0, -1)
+    loss, grads, _ = net.loss_and_grads(net.patches(X, 5, 5), X, labels[None, :])
+    (ref_loss, _), ref = value_and_grad(model, spec.loss, "autodiff")(
+        params, tuple({} for _ in params), jnp.asarray(images[..., None]), jnp.asarray(labels[:, None]))
+    assert loss == pytest.approx(float(ref_loss), rel=1e-13)
+    for got, want in zip(jax.tree_util.tree_leaves(net.grads_as_params(grads)), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Experiment 3: the gradient report
+
+
+@pytest.mark.slow
+def test_gradient_report_smoke(tmp_path):
+    summary = gradient_report.run(tmp_path, smoke=True, log=quiet)
+    assert summary["failed"] == []
+    assert_files(tmp_path, ["gradient_report.md", "gradient_report.json", "gradient_report.csv"],
+                 ["gradient_report_histogram.png"])
+    rows = summary["rows"]
+    assert {(r["case"], r["dtype"]) for r in rows if r["kind"] == "op"} == {
+        (c, d) for c in gradient_report.SMOKE["cases"] for d in gradient_report.DTYPES}
+    for r in rows:
+        if r["dtype"] == "float64":
+            assert r["manual_vs_autodiff"] < 1e-12 and r["manual_vs_fd"] < 1e-6
+        elif r["dtype"] == "float32":
+            assert r["manual_vs_autodiff"] < 1e-5
+        else:
+            assert r["manual_vs_float64"] < 5e-2
+    assert any(r["kind"] == "model" and r["case"] == "seed_net" for r in rows)
+    elementwise = summary["elementwise"]
+    assert all(elementwise[d]["elements"] > 0 for d in ("float64", "float32", "bfloat16"))
+
+
+def test_gradient_report_cases_cover_ops_and_layers():
+    cases = gradient_report.op_cases() + gradient_report.layer_cases()
+    names = [c.name for c in cases]
+    assert len(names) == len(set(names))
+    for op in ("conv2d", "max_pool2d", "avg_pool2d", "dense", "relu", "sigmoid", "tanh", "softmax", "log_softmax",
+               "mse", "binary_cross_entropy_with_logits", "softmax_cross_entropy"):
+        assert any(n.startswith(op) for n in names), op
+    for layer in ("Conv2D", "Dense", "BatchNorm", "Dropout", "MaxPool2D", "AvgPool2D", "GlobalAvgPool", "Flatten",
+                  "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "Residual"):
+        assert any(n.startswith(layer) for n in names), layer
+
+
+# ---------------------------------------------------------------------------------------------------
+# Experiments 4 and 5: training on real data
+
+
+@pytest.mark.slow
+def test_training_comparison_smoke(tmp_path):
+    summary = training_comparison.run(tmp_path, smoke=True, download=False, log=quiet)
+    assert_files(tmp_path, ["training_comparison.md", "training_comparison.json", "training_comparison.csv"],
+                 ["training_comparison.png"])
+    (pair,) = summary["comparison"]
+    assert pair["model"] == "lenet5" and pair["dataset"] == "mnist"
+    assert pair["max_abs_diff_per_epoch"]["train_loss"] < 1e-3  # same trajectory up to float32 rounding
+    assert pair["max_abs_diff_per_epoch"]["test_accuracy"] <= 2 / training_comparison.SMOKE["test_limit"]
+    assert all(v > 0 for v in pair["images_per_s"].values())
+    assert len(summary["runs"]) == 2 and all(len(r["history"]) == 1 for r in summary["runs"])
+
+
+@pytest.mark.slow
+def test_what_it_learned_smoke(tmp_path):
+    summary = what_it_learned.run(tmp_path, smoke=True, download=False, log=quiet)
+    assert_files(tmp_path, ["what_it_learned.md", "what_it_learned.json", "what_it_learned_confusion.csv"],
+                 ["what_it_learned_filters.png", "what_it_learned_feature_maps.png", "what_it_learned_confusion.png",
+                  "what_it_learned_mistakes.png"])
+    confusion = np.asarray(summary["confusion_matrix"])
+    assert confusion.shape == (10, 10) and confusion.sum() == what_it_learned.SMOKE["test_limit"]
+    assert summary["test_accuracy"] == pytest.approx(np.trace(confusion) / confusion.sum())
+    assert summary["first_layer"]["kernel_shape"] == [5, 5, 1, 6]  # lenet5's first convolution
+    assert all(m["true"] != m["predicted"] for m in summary["mistakes"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Experiment 6: speed
+
+
+def _synthetic_report():
+    """A report in the format ``jaxcnn bench --json`` writes, with known medians and per-round samples."""
+    def rec(bench, contender, family, samples, **info):
+        return {"benchmark": bench, "contender": contender, "family": family, "status": "ok",
+                "median_ms": float(np.median(samples)), "samples_ms": samples, **info}
+
+    return {"results": [
+        rec("step/lenet5", "manual[loop,default]", "manual", [2.0, 2.2, 2.1], structure="loop", batch=128),
+        rec("step/lenet5", "autodiff[loop,default]", "autodiff", [4.0, 4.0, 4.2], structure="loop", batch=128),
+        rec("step/lenet5", "manual[scan,default]", "manual", [1.9, 2.0, 2.0], structure="scan", batch=128),
+        rec("step/lenet5", "autodiff[scan,default]", "autodiff", [20.0, 21.0, 19.0], structure="scan", batch=128),
+        rec("op/conv_dw/lenet5.conv2", "manual:im2col[default]", "manual", [0.5, 0.5, 0.5], structure="jit"),
+        rec("op/conv_dw/lenet5.conv2", "manual:conv[default]", "manual", [0.9, 0.9, 0.9], structure="jit"),
+        rec("op/conv_dw/lenet5.conv2", "autodiff:jax.vjp[default]", "autodiff", [1.0, 1.0, 1.0], structure="jit"),
+        rec("peak/matmul2048", "matmul[default]", "peak", [10.0, 10.0, 10.0]),
+    ], "ratios": {}}
+
+
+def test_speed_plots_a_bench_report(tmp_path):
+    report = tmp_path / "bench.json"
+    report.write_text(json.dumps(_synthetic_report()))
+    summary = speed.run(tmp_path / "out", bench_json=str(report), log=quiet)
+    rows = {(r["benchmark"], r["structure"]): r for r in summary["rows"]}
+    assert set(rows) == {("step/lenet5", "loop"), ("step/lenet5", "scan"), ("step/lenet5", "best"),
+                         ("op/conv_dw/lenet5.conv2", "jit")}
+    assert rows[("step/lenet5", "loop")]["manual_over_autodiff"] == pytest.approx(np.median([2.0 / 4.0, 2.2 / 4.0, 2.1 / 4.2]))
+    best = rows[("step/lenet5", "best")]  # the scan step for manual, the loop step for autodiff
+    assert (best["manual_contender"], best["autodiff_contender"]) == ("manual[scan,default]", "autodiff[loop,default]")
+    assert best["manual_over_autodiff"] == pytest.approx(np.median([1.9 / 4.0, 2.0 / 4.0, 2.0 / 4.2]))
+    assert rows[("op/conv_dw/lenet5.conv2", "jit")]["manual_contender"] == "manual:im2col[default]"  # the fastest manual
+    assert_files(tmp_path / "out", ["speed.md", "speed.json", "speed.csv"], ["speed_steps.png", "speed_ops.png"])
+
+
+@pytest.mark.slow
+def test_speed_smoke(tmp_path):
+    summary = speed.run(tmp_path, smoke=True, log=quiet)
+    assert_files(tmp_path, ["speed.md", "speed.json", "speed.csv", "bench.json"], ["speed_steps.png"])
+    steps = [r for r in summary["rows"] if r["kind"] == "step"]
+    assert steps and all(r["manual_ms"] > 0 and r["autodiff_ms"] > 0 for r in steps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command lines, the README and the committed results
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_command_line_help(name):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        SCRIPTS[name].main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--out" in out.getvalue() and "--smoke" in out.getvalue()
+
+
+def _readme_commands():
+    return re.findall(r"python experiments/(\w+)\.py([^\n`]*)", EXPERIMENTS_README)
+
+
+def test_readme_commands_name_real_scripts_and_flags():
+    commands = _readme_commands()
+    assert {name for name, _ in commands} >= set(SCRIPTS)
+    for name, args in commands:
+        assert name in SCRIPTS, f"experiments/README.md runs experiments/{name}.py, which does not exist"
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            SCRIPTS[name].main(["--help"])
+        for flag in re.findall(r"--[a-z][a-z-]*", args):
+            assert flag in out.getvalue(), f"experiments/README.md uses {flag} for {name}.py, which has no such flag"
+
+
+def test_committed_results_match_the_readme():
+    """Every figure and table the README shows exists, and each experiment's results record the README's command."""
+    results = REPO / "experiments" / "results"
+    linked = re.findall(r"\]\((results/[^)]+)\)", EXPERIMENTS_README)
+    assert linked, "experiments/README.md links no results"
+    for link in linked:
+        assert (REPO / "experiments" / link).is_file(), f"experiments/README.md links {link}, which is not committed"
+    commands = {}
+    for name, args in _readme_commands():  # the first command given for each script is the one that made its results
+        commands.setdefault(name, f"python experiments/{name}.py{args}".strip())
+    for name in SCRIPTS:
+        stored = results / name / f"{name}.json"
+        assert stored.is_file(), f"no committed results for {name}"
+        recorded = load_json(stored)["environment"]["command"]
+        assert recorded == commands[name], f"{name}: results were made by `{recorded}`, the README gives `{commands[name]}`"
+        assert not load_json(stored).get("failed"), f"{name}: the committed results record failures"
+        for png in (results / name).glob("*.png"):
+            assert png.stat().st_size < 200_000, f"{png.name} is {png.stat().st_size:,} bytes; keep committed figures small"
+
+
+def test_matplotlib_hint_names_the_extra():
+    assert "jaxcnn[plots]" in common.MATPLOTLIB_HINT
