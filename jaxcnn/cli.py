@@ -122,7 +122,8 @@ def _run_train(args) -> int:
 
     final = history[-1] if history else None
     if final and jax.process_index() == 0:
-        print(f"final test accuracy {final['test_accuracy']:.4f} after {final['epoch']} epochs ({final['wall_s']:.1f} s)")
+        epochs = f"{final['epoch']} epoch" + ("s" if final["epoch"] != 1 else "")
+        print(f"final test accuracy {final['test_accuracy']:.4f} after {epochs} ({final['wall_s']:.1f} s)")
     return 0
 
 

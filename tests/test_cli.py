@@ -118,7 +118,7 @@ def test_small_training_run(small_run):
     saved = json.loads((out / "config.json").read_text())
     assert saved["model"] == "seed_net" and saved["train_limit"] == 256 and saved["epochs"] == 1
     assert any("8 steps of 32 per epoch" in line for line in stdout), stdout
-    assert re.fullmatch(r"final test accuracy 0\.\d{4} after 1 epochs \(\d+\.\d s\)", stdout[-1]), stdout
+    assert re.fullmatch(r"final test accuracy 0\.\d{4} after 1 epoch \(\d+\.\d s\)", stdout[-1]), stdout
 
 
 def test_second_invocation_needs_resume_and_the_same_settings(small_run, capsys):
