@@ -166,8 +166,9 @@ def _markdown(s: dict) -> str:
     lines.append("\nWhy autodiff can be much slower here: the training loop runs its steps inside `lax.scan`. There, "
                  "XLA:CPU compiles the kernel gradient that `jax.grad` derives for a convolution (a filter-gradient "
                  "convolution) into a far slower loop than the same program outside a scan (749 ms against 11 ms for "
-                 "small_cnn's second conv in `docs/benchmarks.md`); the hand-written backward computes the kernel "
-                 "gradient as a convolution in the NHWC x HWIO layout, which keeps its speed there. The per-op and "
+                 "small_cnn's second conv in `docs/benchmarks.md`); the zoo models' hand-written backward computes the "
+                 "kernel gradient as the matrix product `patchesᵀ @ dy` (`method=\"im2col\"`, their default), which "
+                 "does not have that problem. The per-op and "
                  "per-step timings inside and outside the loop are in the speed experiment (`experiments/speed.py`).\n")
     lines.append("\n## Per epoch\n")
     rows = [[r["dataset"], r["model"], r["grad"], h["epoch"], f"{h['train_loss']:.4f}", f"{h['train_accuracy']:.4f}",

@@ -1,7 +1,9 @@
 """The model zoo: classic MNIST-sized networks built from :mod:`jaxcnn.layers`, selectable by name.
 
 Every model takes ``(N, 28, 28, 1)`` images. ``method`` selects the convolution backward formulation
-of every ``Conv2D`` (``"im2col"`` by default, ``"conv"``; see :func:`jaxcnn.layers.Conv2D`). ``seed_net`` answers the tutorials' binary question
+of every ``Conv2D`` (``"im2col"`` by default, ``"conv"``, ``"taps"`` or ``"auto"``; see
+:func:`jaxcnn.layers.Conv2D`). The default is what ``jaxcnn train`` and every measured accuracy used;
+``jaxcnn bench`` finds ``"auto"`` faster (``docs/benchmarks.md``). ``seed_net`` answers the tutorials' binary question
 (digit > 4) with one sigmoid output trained on MSE; the others output 10 logits for softmax
 cross-entropy.
 """

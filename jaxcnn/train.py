@@ -92,6 +92,8 @@ class TrainConfig:
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
             (self.grad in ("manual", "autodiff"), f"--grad must be manual or autodiff, got {self.grad!r}"),
             (self.check_every >= 0, f"--check-every must be >= 0, got {self.check_every}"),
+            (self.check_every == 0 or self.grad == "manual",
+             "--check-every compares hand-written with autodiff gradients; it needs --grad manual"),
             (self.train_limit is None or self.train_limit >= 1, f"--train-limit must be >= 1, got {self.train_limit}"),
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),

@@ -329,6 +329,8 @@ def test_invalid_settings_are_config_errors(small):
         (dict(model="vgg16"), "unknown model 'vgg16'"),
         (dict(precision="float16"), "--precision must be one of float32, bfloat16"),
         (dict(check_every=-1), "--check-every must be >= 0"),
+        (dict(check_every=5, grad="autodiff"), "--check-every compares hand-written with autodiff gradients; "
+                                               "it needs --grad manual"),
     ]:
         with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
             config(**overrides).validate()
