@@ -20,45 +20,16 @@ from jaxcnn.bench import run as run_bench
 
 def _train_parser(sub) -> None:
     from jaxcnn.models import MODELS
-    from jaxcnn.train import CHECK_TOLERANCE, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
+    from jaxcnn.train.config import add_flags
 
-    d = TrainConfig()
     p = sub.add_parser(
-        "train", help="train a zoo model on MNIST-format data",
-        description="Train a model with hand-written (or autodiff) gradients and an optax optimiser. "
-                    "Without arguments: small_cnn on MNIST, the full set when it is cached or downloadable, "
-                    "otherwise the bundled offline subset of real MNIST.",
+        "train", help="train a zoo preset on MNIST-format data",
+        description="Train a zoo preset with hand-written (or autodiff) gradients and an optax optimiser, through "
+                    "jaxcnn.fit. Without arguments: small_cnn on MNIST, the full set when it is cached or "
+                    "downloadable, otherwise the bundled offline subset of real MNIST.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default=d.model, choices=list(MODELS), help="zoo model")
-    p.add_argument("--dataset", default=d.dataset,
-                   help="mnist, fashion-mnist, mnist-offline (bundled 5,000-image subset) or a directory of the four IDX files")
-    p.add_argument("--data-dir", default=d.data_dir, help="directory searched first for the dataset's files")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step (the last partial batch is dropped)")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="sgd (momentum), nesterov or adam")
-    p.add_argument("--momentum", type=float, default=d.momentum, help="momentum of sgd/nesterov")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="decoupled weight decay (0: off)")
-    p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES,
-                   help="learning-rate schedule: constant, cosine decay to 0, or step (x0.1 at 50%% and 75%%)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seeds initialisation, shuffling and dropout")
-    p.add_argument("--grad", default=d.grad, choices=("manual", "autodiff"),
-                   help="hand-written backward passes or jax.grad of the same forward pass")
-    p.add_argument("--check-every", type=int, default=d.check_every, metavar="N",
-                   help="every N steps compare the hand-written gradient with jax.grad on the current "
-                        "batch, both in float32 (also with --precision bfloat16), and stop if they differ by more than "
-                        f"{CHECK_TOLERANCE:g} (max relative, per parameter array; 0: never)")
-    p.add_argument("--train-limit", type=int, default=d.train_limit, metavar="N", help="use only the first N training examples")
-    p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
-                   help="compute dtype; bfloat16 keeps float32 parameters, loss and updates")
-    p.add_argument("--normalize", action="store_true", help="standardise pixels by the training set's mean and std")
-    p.add_argument("--augment", type=int, default=d.augment, metavar="PIXELS",
-                   help="shift each training image by a random offset of up to this many pixels (0: off)")
-    p.add_argument("--offline", action="store_true", help="never download (also: JAXCNN_OFFLINE=1)")
-    p.add_argument("--devices", type=int, default=None, metavar="N",
-                   help="data-parallel over the first N devices (default: all; 1: a single device); "
-                        "the batch size must be a multiple of N")
+    add_flags(p, choices={"model": MODELS})
     p.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"), metavar="HOST:PORT",
                    help="multi-process run: address of process 0's coordinator (env JAX_COORDINATOR_ADDRESS)")
     p.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"), metavar="N",
@@ -96,22 +67,17 @@ def _init_distributed(args) -> None:
 def _run_train(args) -> int:
     import signal
 
-    from jaxcnn.train import ConfigError, Interrupted, TrainConfig, TrainingStopped, train_and_evaluate
+    from jaxcnn.train import ConfigError, Interrupted, TrainingStopped, train_and_evaluate
+    from jaxcnn.train.config import from_flags
 
     _init_distributed(args)
     if args.resume and not args.out:
         raise ConfigError("--resume needs --out DIR (the directory holding the checkpoint)")
-    config = TrainConfig(
-        model=args.model, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
-        schedule=args.schedule, seed=args.seed, grad=args.grad, check_every=args.check_every,
-        train_limit=args.train_limit, precision=args.precision, normalize=args.normalize, augment=args.augment,
-        devices=args.devices, download=not args.offline,
-    )
+    config = from_flags(args)
     progress = {"auto": None, "on": True, "off": False}[args.progress]
     try:
         history = train_and_evaluate(config, args.out, resume=args.resume, progress=progress,
-                                     log=lambda s: print(s, flush=True))
+                                     log=lambda s: print(s, flush=True)).history
     except Interrupted as e:
         print(str(e), file=sys.stderr)
         return 128 + e.signum if e.signum in (signal.SIGINT, signal.SIGTERM) else 1

@@ -1,13 +1,19 @@
-"""Gradients of a model's loss by three routes that must agree.
+"""Gradients of a model's loss by routes that must agree.
 
 * ``"manual"``: the forward pass, the loss's hand-written gradient, then the chain of layer backward
-  functions (:func:`value_and_grad` with ``method="manual"``).
-* ``"autodiff"``: ``jax.value_and_grad`` of the same forward pass and loss.
-* :func:`with_manual_vjp`: the model as a ``jax.custom_vjp`` function, so that ``jax.grad`` of any JAX
-  code calling it runs the hand-written backward.
+  functions.
+* ``"autodiff"``: ``jax.value_and_grad`` of the forward pass an autodiff user writes
+  (:func:`jaxcnn.layers.autodiff_forward`: ``lax`` convolutions and pooling, as Flax builds them). It is
+  the baseline that the hand-written route is measured against, and what ``jaxcnn train --grad autodiff``
+  runs.
+* ``"autodiff_same_forward"``: ``jax.value_and_grad`` of the very forward pass the manual route runs
+  (same formulations, same rounding). It is the witness of the correctness checks: the float64 equality
+  tests, :func:`gradcheck_layer` and ``--check-every``.
 
-All three take and return the same pytrees; the first two share one signature, so a training loop
-switches between them with one flag.
+All formulations compute the same function, so all three routes agree to rounding. A fourth way,
+:func:`with_manual_vjp`, wraps the model as a ``jax.custom_vjp`` function so that ``jax.grad`` of any JAX
+code calling it runs the hand-written backward. All take and return the same pytrees; the routes share one
+signature, so a training loop switches between them with one setting.
 """
 
 from __future__ import annotations
@@ -19,36 +25,65 @@ import jax.numpy as jnp
 
 from jaxcnn import ops
 from jaxcnn.gradcheck import GradCheckResult, gradcheck
-from jaxcnn.layers import Layer
+from jaxcnn.layers import Layer, autodiff_forward
 
-METHODS = ("manual", "autodiff")
+ROUTES = ("manual", "autodiff", "autodiff_same_forward")
+
+
+def _correct_softmax(logits, labels):
+    return jnp.argmax(logits, axis=-1) == labels
+
+
+def _correct_threshold(threshold: float) -> Callable:
+    """Per-example correctness of outputs read as classes: one output column is thresholded at
+    ``threshold`` (a probability at 0.5, a logit at 0) against targets in {0, 1}; several columns are read
+    as scores, the class being the argmax of the prediction and of the (one-hot) target."""
+
+    def correct(pred, target):
+        if pred.shape[-1] == 1:
+            return ((pred[..., 0] > threshold) == (target[..., 0] > 0.5)).reshape(pred.shape[0], -1).all(axis=1)
+        return jnp.argmax(pred, axis=-1) == jnp.argmax(target, axis=-1)
+
+    return correct
 
 
 class Loss(NamedTuple):
-    """A scalar loss ``value(pred, target)`` and ``backward(dloss, pred, target) -> dpred``."""
+    """A loss and what training and evaluation need from it.
+
+    * ``value(pred, target) -> scalar``: the batch mean;
+    * ``backward(dloss, pred, target) -> dpred``: its hand-written gradient;
+    * ``per_example(pred, target) -> (N,)``: each example's loss (``value`` is their mean);
+    * ``correct(pred, target) -> (N,) bool``: whether each prediction gets its example right (accuracy).
+    """
 
     value: Callable
     backward: Callable
     name: str
+    per_example: Callable
+    correct: Callable
 
 
-mse = Loss(ops.mse, ops.mse_backward, "mse")
+mse = Loss(ops.mse, ops.mse_backward, "mse", ops.mse_per_example, _correct_threshold(0.5))
 binary_cross_entropy_with_logits = Loss(
-    ops.binary_cross_entropy_with_logits, ops.binary_cross_entropy_with_logits_backward, "binary_cross_entropy_with_logits"
+    ops.binary_cross_entropy_with_logits, ops.binary_cross_entropy_with_logits_backward,
+    "binary_cross_entropy_with_logits", ops.binary_cross_entropy_with_logits_per_example, _correct_threshold(0.0),
 )
-softmax_cross_entropy = Loss(ops.softmax_cross_entropy, ops.softmax_cross_entropy_backward, "softmax_cross_entropy")
+softmax_cross_entropy = Loss(ops.softmax_cross_entropy, ops.softmax_cross_entropy_backward, "softmax_cross_entropy",
+                             ops.softmax_cross_entropy_per_example, _correct_softmax)
 
 
-def value_and_grad(model: Layer, loss: Loss, method: str = "manual") -> Callable:
+def value_and_grad(model: Layer, loss: Loss, route: str = "manual") -> Callable:
     """Returns ``f(params, state, x, target, *, train=True, key=None) -> ((loss, (pred, new_state)), grads)``.
 
-    ``method="manual"`` differentiates with the hand-written backward passes, ``"autodiff"`` with
-    ``jax.value_and_grad``; both return identical structures and agree to rounding.
+    ``route`` is ``"manual"`` (hand-written backward passes), ``"autodiff"`` (``jax.value_and_grad`` of
+    the model's :func:`~jaxcnn.layers.autodiff_forward`) or ``"autodiff_same_forward"``
+    (``jax.value_and_grad`` of ``model.forward`` itself); all return identical structures and agree to
+    rounding.
     """
-    if method not in METHODS:
-        raise ValueError(f"value_and_grad: method must be one of {METHODS}, got {method!r}")
+    if route not in ROUTES:
+        raise ValueError(f"value_and_grad: route must be one of {', '.join(ROUTES)}, got {route!r}")
 
-    if method == "manual":
+    if route == "manual":
 
         def manual(params, state, x, target, *, train=True, key=None):
             pred, new_state, residuals = model.forward(params, state, x, train=train, key=key)
@@ -59,9 +94,11 @@ def value_and_grad(model: Layer, loss: Loss, method: str = "manual") -> Callable
 
         return manual
 
+    forward = autodiff_forward(model) if route == "autodiff" else model.forward
+
     def autodiff(params, state, x, target, *, train=True, key=None):
         def objective(p):
-            pred, new_state, _ = model.forward(p, state, x, train=train, key=key)
+            pred, new_state, _ = forward(p, state, x, train=train, key=key)
             return loss.value(pred, target), (pred, new_state)
 
         return jax.value_and_grad(objective, has_aux=True)(params)

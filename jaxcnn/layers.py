@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.nn import initializers
 
 from jaxcnn import ops
+from jaxcnn.ops.pool import pool_geometry
 from jaxcnn.shapes import pair, window_geometry
 
 Shape = tuple[int, ...]
@@ -34,11 +35,28 @@ EMPTY: dict = {}
 
 
 class Layer(NamedTuple):
+    """``(init, forward, backward)`` of one layer or a whole network (see the module docstring).
+
+    ``autodiff_forward``, when set, computes the same function as ``forward`` the way an autodiff user
+    writes it (``lax`` convolutions, as Flax does), for ``jax.grad`` to differentiate: the formulations
+    that make the hand-written backward fast are not the ones ``jax.grad`` differentiates fastest. ``None``
+    means ``forward`` is already that form. :func:`autodiff_forward` reads it.
+    """
+
     init: Callable[..., tuple[Any, Any, Shape]]
     forward: Callable[..., tuple[jax.Array, Any, Any]]
     backward: Callable[..., tuple[Any, jax.Array]]
     name: str = "layer"
     children: tuple = ()  # the layers a combinator is made of, for inspection (e.g. ``jaxcnn gradcheck``)
+    autodiff_forward: Callable[..., tuple[jax.Array, Any, Any]] | None = None
+
+
+def autodiff_forward(layer: Layer) -> Callable[..., tuple[jax.Array, Any, Any]]:
+    """The forward pass of ``layer`` as an autodiff user writes it: ``layer.autodiff_forward`` or ``layer.forward``.
+
+    Same signature and the same function as ``layer.forward``; only the formulation of each op may differ.
+    """
+    return layer.autodiff_forward if layer.autodiff_forward is not None else layer.forward
 
 
 def _check_in_shape(name: str, in_shape, rank: int, layout: str) -> Shape:
@@ -80,8 +98,7 @@ def Conv2D(
     dilation=1,
     groups: int = 1,
     use_bias: bool = True,
-    forward_method: str = "auto",
-    backward_method: str = "auto",
+    method: str = ops.conv.DEFAULT_METHOD,
     kernel_init: Callable = initializers.he_normal(),
     dtype=jnp.float32,
 ) -> Layer:
@@ -90,13 +107,14 @@ def Conv2D(
     Params ``{"w", "b"}`` (no ``"b"`` when ``use_bias=False``). Default init: He normal (fan-in
     ``kh * kw * C / groups``), zero bias.
 
-    ``forward_method`` and ``backward_method`` pick the formulations of :func:`jaxcnn.ops.conv2d` and
-    :func:`jaxcnn.ops.conv2d_backward` (``"conv"``, ``"im2col"``, ``"taps"`` or ``"auto"``); all give the
-    same numbers. The default ``"auto"`` chooses per gradient and kernel shape
+    ``method`` is the formulation of both :func:`jaxcnn.ops.conv2d` and :func:`jaxcnn.ops.conv2d_backward`
+    (``"conv"``, ``"im2col"``, ``"taps"`` or ``"auto"``); all compute the same numbers. The default,
+    :data:`jaxcnn.ops.conv.DEFAULT_METHOD` (``"auto"``), chooses per gradient and kernel shape
     (:func:`jaxcnn.ops.conv.resolve_method`) by measurement (``jaxcnn bench``, ``docs/benchmarks.md``):
     per-tap multiply-adds for a handful of channels (a layer reading a 1-channel image), otherwise
     ``lax``'s convolution, with the kernel gradient in the layout that keeps its speed inside
-    ``lax.scan`` (the training loop).
+    ``lax.scan`` (the training loop). The layer's :func:`autodiff_forward` is always ``lax``'s
+    convolution, the form ``jax.grad`` differentiates best.
     """
     name = f"Conv2D({features}, kernel={kernel})"
     kh, kw = pair(kernel, fn="Conv2D", name="kernel")
@@ -118,13 +136,17 @@ def Conv2D(
 
     def forward(params, state, x, *, train=False, key=None):
         del train, key
-        return ops.conv2d(x, params["w"], params.get("b"), method=forward_method, **hyper), state, x
+        return ops.conv2d(x, params["w"], params.get("b"), method=method, **hyper), state, x
+
+    def lax_forward(params, state, x, *, train=False, key=None):
+        del train, key
+        return ops.conv2d(x, params["w"], params.get("b"), method="conv", **hyper), state, x
 
     def backward(params, x, dy):
-        dx, dw, db = ops.conv2d_backward(dy, x, params["w"], method=backward_method, **hyper)
+        dx, dw, db = ops.conv2d_backward(dy, x, params["w"], method=method, **hyper)
         return ({"w": dw, "b": db} if use_bias else {"w": dw}), dx
 
-    return Layer(init, forward, backward, name)
+    return Layer(init, forward, backward, name, autodiff_forward=None if method == "conv" else lax_forward)
 
 
 def Dense(
@@ -271,15 +293,21 @@ def Dropout(rate: float) -> Layer:
 # Parameter-free layers
 
 
+def _pool_out_shape(name: str, in_shape, *, window, stride, padding) -> Shape:
+    """Output shape of a pooling layer, checked by the op's own rules (:func:`jaxcnn.ops.pool.pool_geometry`),
+    so that a layer that the op would reject fails at ``init``."""
+    n, h, w, c = _check_in_shape(name, in_shape, 4, "NHWC")
+    geom = pool_geometry(name, jax.ShapeDtypeStruct((n, h, w, c), jnp.float32), window=window, stride=stride,
+                         padding=padding)
+    return (n, *geom.out_hw, c)
+
+
 def MaxPool2D(window=2, *, stride=None, padding=0) -> Layer:
     """Max pooling, NHWC; ``stride`` defaults to ``window``. Tie policy: see :mod:`jaxcnn.ops.pool`."""
     hyper = dict(window=window, stride=stride, padding=padding)
 
     def out_shape(s):
-        n, h, w, c = _check_in_shape("MaxPool2D", s, 4, "NHWC")
-        geom = window_geometry(fn="MaxPool2D", in_hw=(h, w), window=window, stride=window if stride is None else stride,
-                               padding=padding, window_name="window")
-        return (n, *geom.out_hw, c)
+        return _pool_out_shape("MaxPool2D", s, **hyper)
 
     def fwd(x):
         y = ops.max_pool2d(x, **hyper)
@@ -294,10 +322,7 @@ def AvgPool2D(window=2, *, stride=None, padding=0, count_include_pad: bool = Tru
     hyper = dict(window=window, stride=stride, padding=padding, count_include_pad=count_include_pad)
 
     def out_shape(s):
-        n, h, w, c = _check_in_shape("AvgPool2D", s, 4, "NHWC")
-        geom = window_geometry(fn="AvgPool2D", in_hw=(h, w), window=window, stride=window if stride is None else stride,
-                               padding=padding, window_name="window")
-        return (n, *geom.out_hw, c)
+        return _pool_out_shape("AvgPool2D", s, window=window, stride=stride, padding=padding)
 
     return _stateless(f"AvgPool2D({window})", out_shape, lambda x: (ops.avg_pool2d(x, **hyper), x),
                       lambda x, dy: ops.avg_pool2d_backward(dy, x, **hyper))
@@ -397,13 +422,16 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
             state.append(s)
         return tuple(params), tuple(state), shape
 
-    def forward(params, state, x, *, train=False, key=None):
-        new_state, residuals = [], []
-        for layer, p, s, k in zip(layers, params, state, _layer_keys(key, len(layers))):
-            x, s, r = layer.forward(p, s, x, train=train, key=k)
-            new_state.append(s)
-            residuals.append(r)
-        return x, tuple(new_state), tuple(residuals)
+    def forward_with(forward_of):
+        def forward(params, state, x, *, train=False, key=None):
+            new_state, residuals = [], []
+            for layer, p, s, k in zip(layers, params, state, _layer_keys(key, len(layers))):
+                x, s, r = forward_of(layer)(p, s, x, train=train, key=k)
+                new_state.append(s)
+                residuals.append(r)
+            return x, tuple(new_state), tuple(residuals)
+
+        return forward
 
     def backward(params, residuals, dy):
         grads = [None] * len(layers)
@@ -411,7 +439,9 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
             grads[i], dy = layers[i].backward(params[i], residuals[i], dy)
         return tuple(grads), dy
 
-    return Layer(init, forward, backward, name, tuple(layers))
+    differs = any(layer.autodiff_forward is not None for layer in layers)
+    return Layer(init, forward_with(lambda layer: layer.forward), backward, name, tuple(layers),
+                 forward_with(autodiff_forward) if differs else None)
 
 
 def Residual(block: Layer, shortcut: Layer | None = None, *, name: str = "Residual") -> Layer:
@@ -431,11 +461,14 @@ def Residual(block: Layer, shortcut: Layer | None = None, *, name: str = "Residu
                              "give a projection shortcut (e.g. a 1x1 Conv2D with the block's stride)")
         return {"block": pb, "shortcut": ps}, {"block": sb, "shortcut": ss}, out_b
 
-    def forward(params, state, x, *, train=False, key=None):
-        kb, ks = _layer_keys(key, 2)
-        yb, sb, rb = block.forward(params["block"], state["block"], x, train=train, key=kb)
-        ys, ss, rs = skip.forward(params["shortcut"], state["shortcut"], x, train=train, key=ks)
-        return yb + ys, {"block": sb, "shortcut": ss}, (rb, rs)
+    def forward_with(forward_of):
+        def forward(params, state, x, *, train=False, key=None):
+            kb, ks = _layer_keys(key, 2)
+            yb, sb, rb = forward_of(block)(params["block"], state["block"], x, train=train, key=kb)
+            ys, ss, rs = forward_of(skip)(params["shortcut"], state["shortcut"], x, train=train, key=ks)
+            return yb + ys, {"block": sb, "shortcut": ss}, (rb, rs)
+
+        return forward
 
     def backward(params, residuals, dy):
         rb, rs = residuals
@@ -443,4 +476,6 @@ def Residual(block: Layer, shortcut: Layer | None = None, *, name: str = "Residu
         gs, dxs = skip.backward(params["shortcut"], rs, dy)
         return {"block": gb, "shortcut": gs}, dxb + dxs
 
-    return Layer(init, forward, backward, name, (block, skip))
+    differs = block.autodiff_forward is not None or skip.autodiff_forward is not None
+    return Layer(init, forward_with(lambda layer: layer.forward), backward, name, (block, skip),
+                 forward_with(autodiff_forward) if differs else None)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from jaxcnn.gradcheck import GradCheckResult
 from jaxcnn.gradients import gradcheck_layer
-from jaxcnn.models import INPUT_SHAPE, get_model
+from jaxcnn.models import get_model
 
 
 def _cast(tree, dtype):
@@ -28,7 +28,7 @@ def check_model(name: str, *, dtype: str = "float64", batch: int = 2, seed: int 
     kwargs = dict(raise_on_failure=False, skip_kinks=True, **gradcheck_kwargs)
     with jax.enable_x64(dtype == "float64"):
         key = jax.random.PRNGKey(seed)
-        shape = (batch, *INPUT_SHAPE[1:])
+        shape = (batch, *spec.input_shape[1:])
         params, state, _ = model.init(key, shape)
         params, state = _cast(params, dtype), _cast(state, dtype)
         results = []
@@ -38,10 +38,10 @@ def check_model(name: str, *, dtype: str = "float64", batch: int = 2, seed: int 
             results.append(gradcheck_layer(layer, p, s, x, train=True, key=jax.random.fold_in(key, 200 + i),
                                            name=f"{name}[{i}] {layer.name}", **kwargs))
             _, _, shape = layer.init(key, shape)
-        images = jax.random.uniform(jax.random.fold_in(key, 1), (batch, *INPUT_SHAPE[1:]), dtype)
+        images = jax.random.uniform(jax.random.fold_in(key, 1), (batch, *spec.input_shape[1:]), dtype)
         labels = jax.random.randint(jax.random.fold_in(key, 2), (batch,), 0, 10)
         target = spec.targets(labels)
-        if spec.binary:
+        if jnp.issubdtype(target.dtype, jnp.floating):
             target = target.astype(dtype)
         results.append(gradcheck_layer(model, params, state, images, train=True, key=jax.random.fold_in(key, 3),
                                        loss=spec.loss, target=target, name=f"{name} + {spec.loss.name}", **kwargs))

@@ -15,9 +15,9 @@ Backward (derived in ``docs/math.md``; seeds 002 and 004 do the stride-1, unpadd
   ``stride - 1`` zeros between entries, padded so that every input position gets one output, correlated
   with the kernel flipped in both spatial dims; the kernel's taps stay ``dilation`` apart.
 
-Two formulations are provided, selected by ``method``:
+Four formulations are provided, selected by ``method`` (default :data:`DEFAULT_METHOD`, ``"auto"``):
 
-* ``"conv"`` (default): each of the three as one ``lax.conv_general_dilated``, the same primitives that
+* ``"conv"``: each of the three as one ``lax.conv_general_dilated``, the same primitives that
   XLA's own transpose rules produce, with the operands transposed to the ordinary NHWC x HWIO layout.
 * ``"im2col"``: the matrix form of seeds 000/004. ``patches = im2col(x)`` has one row per output
   position and one column per ``(a, b, c)``; ``y = patches @ W``, ``dw = patchesᵀ @ dy`` and
@@ -45,6 +45,9 @@ from jaxcnn.shapes import Geometry, window_geometry
 
 _NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
 METHODS = ("conv", "im2col", "taps", "auto")
+# The formulation every convolution uses unless told otherwise: ``ops.conv2d``/``conv2d_backward``,
+# ``layers.Conv2D``, the zoo and ``jaxcnn train --conv-method``. The one place this default is set.
+DEFAULT_METHOD = "auto"
 # "taps" writes a product over at most this many channels as broadcast multiply-adds (no dot).
 TAPS_ELEMENTWISE_MAX = 4
 # "auto" also takes "taps" for an input gradient with at most this many channels (see resolve_method).
@@ -85,7 +88,7 @@ def _check_method(fn: str, method: str) -> None:
         raise ValueError(f"{fn}: method must be one of {METHODS}, got {method!r}")
 
 
-def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, method="conv"):
+def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, method=DEFAULT_METHOD):
     """2-D cross-correlation with optional bias.
 
     Args:
@@ -97,7 +100,7 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, method="c
       dilation: kernel dilation, int or ``(dh, dw)``.
       groups: split channels into this many independent groups (``groups == C``: depthwise).
       method: ``"conv"`` (``lax.conv_general_dilated``), ``"im2col"`` (patches @ kernel), ``"taps"`` (one
-        product per kernel tap) or ``"auto"`` (:func:`resolve_method`); all give the same numbers.
+        product per kernel tap) or ``"auto"`` (:func:`resolve_method`, the default); all give the same numbers.
 
     Returns:
       ``y``: ``(N, oh, ow, O)`` with ``oh = floor((H + top + bottom - (kh - 1) * dh - 1) / sh) + 1``
@@ -123,7 +126,7 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, method="c
     return y if b is None else y + b
 
 
-def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1, groups=1, method="conv"):
+def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1, groups=1, method=DEFAULT_METHOD):
     """Hand-written vector-Jacobian product of :func:`conv2d`.
 
     Args:

@@ -1,7 +1,9 @@
 """Losses (scalar, averaged) and their gradients with respect to the prediction.
 
 Each ``*_backward(dloss, ...)`` returns ``dloss * d(loss)/d(prediction)``, shaped like the prediction;
-``dloss`` is the scalar cotangent of the loss (1.0 at the top of a backward pass).
+``dloss`` is the scalar cotangent of the loss (1.0 at the top of a backward pass). Each
+``*_per_example(pred, target)`` returns the loss of every example, ``(N,)``, whose mean is the scalar
+loss (evaluation sums them over a test set).
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ def mse(pred, target):
     return 0.5 * jnp.mean(jnp.square(pred - target))
 
 
+def mse_per_example(pred, target):
+    """``0.5 * mean((pred[n] - target[n])**2)`` over each example's elements: ``(N, ...) -> (N,)``."""
+    _check_pair("mse_per_example", pred, target)
+    return 0.5 * jnp.mean(jnp.square(pred - target).reshape(pred.shape[0], -1), axis=1)
+
+
 def mse_backward(dloss, pred, target):
     """``d/dpred = (pred - target) / size``."""
     _check_pair("mse_backward", pred, target)
@@ -35,8 +43,17 @@ def binary_cross_entropy_with_logits(logits, labels):
     ``softplus(z) = max(z, 0) + log1p(exp(-|z|))`` never overflows.
     """
     _check_pair("binary_cross_entropy_with_logits", logits, labels)
-    z = logits
-    return jnp.mean(jnp.maximum(z, 0) + jnp.log1p(jnp.exp(-jnp.abs(z))) - labels * z)
+    return jnp.mean(_bce_elements(logits, labels))
+
+
+def _bce_elements(z, labels):
+    return jnp.maximum(z, 0) + jnp.log1p(jnp.exp(-jnp.abs(z))) - labels * z
+
+
+def binary_cross_entropy_with_logits_per_example(logits, labels):
+    """The mean of :func:`binary_cross_entropy_with_logits`'s terms over each example: ``(N, ...) -> (N,)``."""
+    _check_pair("binary_cross_entropy_with_logits_per_example", logits, labels)
+    return jnp.mean(_bce_elements(logits, labels).reshape(logits.shape[0], -1), axis=1)
 
 
 def binary_cross_entropy_with_logits_backward(dloss, logits, labels):
@@ -58,6 +75,12 @@ def softmax_cross_entropy(logits, labels):
     _check_labels("softmax_cross_entropy", logits, labels)
     log_p = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=-1))
+
+
+def softmax_cross_entropy_per_example(logits, labels):
+    """``logsumexp(z_n) - z_n[label_n]`` for each example: ``(N, classes), (N,) -> (N,)``."""
+    _check_labels("softmax_cross_entropy_per_example", logits, labels)
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[:, None], axis=-1)[:, 0]
 
 
 def softmax_cross_entropy_backward(dloss, logits, labels):

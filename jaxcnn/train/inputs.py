@@ -1,0 +1,128 @@
+"""From the user's arrays to what a step consumes: image layout and scaling, augmentation, subsets."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+from jaxcnn.train.config import ConfigError
+
+
+class Scaling(NamedTuple):
+    """How stored images become network inputs: ``x = (images * scale - mean) / std`` (float32).
+
+    ``scale`` is ``1/255`` for uint8 images and 1 for float ones; ``mean``/``std`` standardise the pixels
+    (``normalize``) or are 0 and 1.
+    """
+
+    scale: float = 1.0
+    mean: float = 0.0
+    std: float = 1.0
+
+    def __call__(self, images):
+        return (images.astype(jnp.float32) * self.scale - self.mean) / self.std
+
+
+def as_images(images, *, what: str) -> np.ndarray:
+    """``images`` as an NHWC NumPy array (a channel axis is added to ``(N, H, W)``); uint8 stays uint8,
+    any other real dtype becomes float32. :class:`ConfigError` for anything else."""
+    a = np.asarray(images)
+    if a.ndim == 3:
+        a = a[..., None]
+    if a.ndim != 4:
+        raise ConfigError(f"{what} images must be NHWC (N, H, W, C) or (N, H, W), got shape {a.shape}")
+    if a.dtype == np.uint8:
+        return a
+    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+        raise ConfigError(f"{what} images must be uint8 or floating point, got dtype {a.dtype}")
+    return a.astype(np.float32)
+
+
+def scaling_for(images: np.ndarray, normalize: bool) -> Scaling:
+    """The :class:`Scaling` of a training set: uint8 to [0, 1]; with ``normalize`` also its mean and std."""
+    scale = 1.0 / 255.0 if images.dtype == np.uint8 else 1.0
+    if not normalize:
+        return Scaling(scale)
+    pixels = images.astype(np.float64) * scale
+    std = float(pixels.std())
+    return Scaling(scale, float(pixels.mean()), std if std > 0 else 1.0)
+
+
+def background(x):
+    """Per image and channel, the mean of the outermost ring of pixels: ``(B, H, W, C) -> (B, 1, 1, C)``.
+
+    For digits on a plain background (MNIST) this is exactly the background value, also after
+    normalisation; for natural images it is the colour at the border, which a shift extends.
+    """
+    h, w = x.shape[1:3]
+    ring = jnp.concatenate([x[:, 0], x[:, h - 1], x[:, 1:h - 1, 0], x[:, 1:h - 1, w - 1]], axis=1)  # (B, ring, C)
+    return jnp.mean(ring, axis=1)[:, None, None, :]
+
+
+def random_shift(key, x, max_shift: int):
+    """Translates each image of ``x (B, H, W, C)`` by its own random offset in ``[-max_shift, max_shift]``
+    pixels along each axis; the uncovered border takes the image's :func:`background` value."""
+    if max_shift == 0:
+        return x
+    b, h, w, c = x.shape
+    fill = background(x)
+    padded = jnp.pad(x - fill, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
+    offsets = jax.random.randint(key, (b, 2), 0, 2 * max_shift + 1)
+
+    def crop(image, offset):
+        return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+
+    return jax.vmap(crop)(padded, offsets) + fill
+
+
+def classes_of(targets) -> np.ndarray:
+    """The class of each example, for class-balanced subsets: integer labels as they are, one column of
+    {0, 1} targets rounded, several columns (one-hot or scores) by their argmax."""
+    t = np.asarray(targets)
+    if t.ndim == 1:
+        return t.astype(np.int64) if np.issubdtype(t.dtype, np.integer) else np.rint(t).astype(np.int64)
+    t = t.reshape(t.shape[0], -1)
+    if t.shape[1] == 1:
+        return (t[:, 0] > 0.5).astype(np.int64)
+    return np.argmax(t, axis=1)
+
+
+def balanced_subset(classes, n: int, seed: int) -> tuple[np.ndarray, dict[int, int]]:
+    """Indices of ``n`` examples drawn evenly across classes (seeded), in their original order, and how
+    many of each class were taken.
+
+    Every class gets ``n // k`` examples (``k`` classes) and the first ``n % k`` classes one more; a class
+    with fewer examples than its share gives all it has and the rest is spread over the others. With
+    ``n >= len(classes)`` every index is returned. The draw depends only on ``(seed, classes, n)``.
+    """
+    classes = np.asarray(classes)
+    total = len(classes)
+    if n >= total:
+        values, counts = np.unique(classes, return_counts=True)
+        return np.arange(total), dict(zip(values.tolist(), counts.tolist()))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EB5E7]))
+    values = np.unique(classes)
+    members = {v: rng.permutation(np.flatnonzero(classes == v)) for v in values.tolist()}
+    quota = dict.fromkeys(members, 0)
+    left = n
+    while left:
+        open_classes = [v for v in members if quota[v] < len(members[v])]
+        share, extra = divmod(left, len(open_classes))
+        for i, v in enumerate(open_classes):
+            take = min(share + (i < extra), len(members[v]) - quota[v])
+            quota[v] += take
+            left -= take
+    chosen = np.sort(np.concatenate([members[v][:quota[v]] for v in members]))
+    return chosen, {v: q for v, q in quota.items() if q}
+
+
+def describe_counts(counts: dict[int, int]) -> str:
+    """``"100 each of classes 0-9"`` or ``"class 0: 12, class 1: 11, ..."``."""
+    values = sorted(counts)
+    if len(set(counts.values())) == 1 and values == list(range(values[0], values[-1] + 1)):
+        return f"{counts[values[0]]} each of classes {values[0]}-{values[-1]}"
+    return ", ".join(f"class {v}: {counts[v]}" for v in values)

@@ -1,0 +1,391 @@
+"""The training loop: :func:`fit` trains any network on any arrays through the one :func:`train_step`.
+
+The training set lives on the device (uint8 images stay uint8); each call of the compiled
+:func:`run_steps` gathers, scales, augments and trains on ``chunk_steps`` batches inside one ``lax.scan``,
+so no Python runs between steps. Chunks are aligned to the epoch start, which makes an
+interrupted-and-resumed run compute exactly what an uninterrupted one computes. The benchmark times this
+same function (``jaxcnn bench``, section ``epoch``).
+
+Determinism: parameters are initialised from ``fold_in(PRNGKey(seed), 0)``, the batch order of epoch
+``e`` is :func:`jaxcnn.data.epoch_permutation` ``(seed, e, n)``, the dropout key of global step ``t`` is
+``fold_in(fold_in(PRNGKey(seed), 1), t)`` and its augmentation key ``fold_in(fold_in(PRNGKey(seed), 2), t)``.
+The last partial batch of an epoch is dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+from jaxcnn import data as jdata
+from jaxcnn.gradients import Loss
+from jaxcnn.layers import Layer
+from jaxcnn.train import checkpoint as ckpt
+from jaxcnn.train.config import ConfigError, TrainConfig, array_settings, make_optimizer
+from jaxcnn.train.inputs import Scaling, as_images, balanced_subset, classes_of, describe_counts, random_shift, scaling_for
+from jaxcnn.train.runtime import Interrupt, Placement, default_compiler_options, host, progress_bar
+from jaxcnn.train.step import Step, TrainState, eval_step, make_step, train_step
+
+
+class TrainingStopped(Exception):
+    """Training ended early for a reason the user must see (non-finite loss, gradient check failure)."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM stopped training; the message says where the checkpoint is (if any)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class FitResult(NamedTuple):
+    """What :func:`fit` returns: the trained ``params``, the model's ``state`` (e.g. BatchNorm statistics),
+    the optimiser state and ``history``, one dict per epoch with the keys of ``metrics.jsonl``."""
+
+    params: Any
+    state: Any
+    opt_state: Any
+    history: list[dict]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The compiled functions
+
+
+def run_steps(step: Step, scaling: Scaling, augment: int, root_key, state: TrainState, images, targets,
+              batch_indices, first_step):
+    """Trains on ``batch_indices (steps, B)`` of the device-resident ``images``/``targets`` inside one
+    ``lax.scan`` of :func:`train_step`, starting at global step ``first_step``.
+
+    ``images`` and ``targets`` are the whole training set, passed as arguments (not closed over) so that
+    they are not baked into the compiled program as constants. Returns the new state and the per-step
+    metrics of :func:`train_step`, stacked.
+    """
+    dropout_root, augment_root = jax.random.fold_in(root_key, 1), jax.random.fold_in(root_key, 2)
+
+    def body(carry, idx):
+        state, t = carry
+        x = random_shift(jax.random.fold_in(augment_root, t), scaling(images[idx]), augment)
+        state, metrics = train_step(step, state, x, targets[idx], jax.random.fold_in(dropout_root, t), t)
+        return (state, t + 1), metrics
+
+    (state, _), metrics = jax.lax.scan(body, (state, first_step), batch_indices)
+    return state, metrics
+
+
+def evaluate(step: Step, scaling: Scaling, batch_size: int, batch_sharding, params, model_state, images, targets):
+    """Mean per-example loss and accuracy over ``images``, in batches of ``batch_size`` (the last one masked)."""
+    n = images.shape[0]
+    batches = -(-n // batch_size)
+    pad = batches * batch_size - n
+
+    def split(a):
+        return jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)).reshape(batches, batch_size, *a.shape[1:])
+
+    images, targets = split(images), split(targets)
+    mask = (jnp.arange(batches * batch_size) < n).reshape(batches, batch_size)
+    if batch_sharding is not None:  # evaluate each batch data-parallel too
+        images, targets, mask = (jax.lax.with_sharding_constraint(a, batch_sharding) for a in (images, targets, mask))
+
+    def body(totals, batch):
+        x, t, m = batch
+        sums = eval_step(step, params, model_state, scaling(x), t, m)
+        return (totals[0] + sums["loss_sum"], totals[1] + sums["correct"]), None
+
+    (loss_sum, correct), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)),
+                                          (images, targets, mask))
+    return loss_sum / n, correct / n
+
+
+class Trainer:
+    """The compiled functions and device-resident data of one run of ``model`` on ``loss``.
+
+    ``train`` and ``test`` are ``(images, targets)`` pairs: images NHWC (or ``(N, H, W)``) of any size,
+    uint8 (scaled to [0, 1]) or float; targets whatever ``loss`` compares predictions with (integer labels
+    for softmax cross-entropy, float arrays for MSE). ``test`` may be ``None``.
+    """
+
+    def __init__(self, model: Layer, loss: Loss, train, test, config: TrainConfig, *,
+                 compiler_options: dict | None = None, log: Callable[[str], None] = print):
+        self.config = config.validate()
+        self.model, self.loss = model, loss
+        images, targets = _pair(train, "train")
+        if config.train_limit is not None and config.train_limit < len(images):
+            keep, counts = balanced_subset(classes_of(targets), config.train_limit, config.seed)
+            images, targets = images[keep], targets[keep]
+            log(f"train_limit {config.train_limit}: a class-balanced subset (seed {config.seed}): {describe_counts(counts)}")
+        self.train_count, self.input_shape = len(images), (1, *images.shape[1:])
+        self.compiler_options = dict(default_compiler_options() if compiler_options is None else compiler_options)
+        self.placement = p = Placement(config.devices)
+        if config.batch_size % p.size:
+            raise ConfigError(f"--batch-size {config.batch_size} does not divide evenly over {p.size} devices; "
+                              f"use a multiple of {p.size} or pass --devices")
+        if self.train_count < config.batch_size:
+            raise ConfigError(f"--batch-size {config.batch_size} exceeds the {self.train_count} training examples; lower it")
+        self.steps_per_epoch = self.train_count // config.batch_size
+        self.tx = make_optimizer(config, self.steps_per_epoch)
+        self.step = make_step(model, loss, self.tx, grad=config.grad, precision=config.precision,
+                              check_every=config.check_every)
+        self.scaling = scaling_for(images, config.normalize)
+        self.root_key = jax.random.PRNGKey(config.seed)
+        self.train_images, self.train_targets = p.put(images), p.put(targets)
+        self.test_count = 0
+        if test is not None:
+            test_images, test_targets = _pair(test, "test")
+            if test_images.shape[1:] != images.shape[1:]:
+                raise ConfigError(f"test images {test_images.shape[1:]} and train images {images.shape[1:]} differ in shape")
+            self.test_count = len(test_images)
+            self.test_images, self.test_targets = p.put(test_images), p.put(test_targets)
+        rep = p.replicated
+        self.run_steps = jax.jit(functools.partial(run_steps, self.step, self.scaling, config.augment, self.root_key),
+                                 donate_argnums=(0,), in_shardings=(rep, rep, rep, p.batch_sharded, rep),
+                                 out_shardings=rep, compiler_options=self.compiler_options)
+        eval_sharding = p.batch_sharded if config.eval_batch_size % p.size == 0 else None
+        self.evaluate_fn = jax.jit(functools.partial(evaluate, self.step, self.scaling, config.eval_batch_size, eval_sharding),
+                                   in_shardings=rep, out_shardings=rep)
+
+    def init_state(self) -> TrainState:
+        """The initial parameters, model state and optimiser state, replicated on the mesh."""
+        params, model_state, _ = self.model.init(jax.random.fold_in(self.root_key, 0), self.input_shape)
+        return self.placement.put(TrainState(params, model_state, self.tx.init(params)))
+
+    def epoch_batches(self, epoch: int) -> np.ndarray:
+        """``(steps_per_epoch, batch_size)`` example indices of ``epoch`` (seeded, deterministic)."""
+        order = jdata.epoch_permutation(self.config.seed, epoch, self.train_count)
+        used = self.steps_per_epoch * self.config.batch_size
+        return np.asarray(order[:used], np.int32).reshape(self.steps_per_epoch, self.config.batch_size)
+
+    def train_chunk(self, state: TrainState, batch_indices: np.ndarray, first_step: int):
+        """:func:`run_steps` on these batches: ``(state, metrics as NumPy)``."""
+        p = self.placement
+        state, metrics = self.run_steps(state, self.train_images, self.train_targets,
+                                        p.put(np.asarray(batch_indices, np.int32), p.batch_sharded),
+                                        p.put(np.int32(first_step)))
+        return state, metrics
+
+    def evaluate(self, state: TrainState) -> tuple[float, float]:
+        """``(mean loss, accuracy)`` on the test set."""
+        loss, acc = self.evaluate_fn(state.params, state.model_state, self.test_images, self.test_targets)
+        return float(host(loss)), float(host(acc))
+
+
+def _pair(data, what: str):
+    try:
+        images, targets = data
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a pair (images, targets)") from None
+    images = as_images(images, what=what)
+    targets = np.asarray(targets)
+    if targets.dtype == np.float64:
+        targets = targets.astype(np.float32)
+    elif targets.dtype.kind in "iub" and targets.dtype != np.int32:
+        targets = targets.astype(np.int32)
+    if len(targets) != len(images):
+        raise ConfigError(f"{what}: {len(images)} images but {len(targets)} targets")
+    if len(images) == 0:
+        raise ConfigError(f"{what}: no examples")
+    return images, targets
+
+
+# ---------------------------------------------------------------------------------------------------
+# The job
+
+
+def fit(model: Layer, loss: Loss, train, test=None, *, out: str | os.PathLike | None = None, resume: bool = False,
+        log: Callable[[str], None] = print, progress: bool | None = None, **settings) -> FitResult:
+    """Trains ``model`` (any :class:`~jaxcnn.layers.Layer`: a zoo model or one built with ``serial``) on
+    ``loss`` and returns the trained parameters, state and per-epoch history.
+
+    Args:
+      model: the network; it is initialised from ``settings["seed"]`` for the shape of one training image.
+      loss: a :class:`jaxcnn.gradients.Loss` (e.g. ``gradients.softmax_cross_entropy``).
+      train: ``(images, targets)``: images NHWC ``(N, H, W, C)`` (or ``(N, H, W)``) of any size, uint8
+        (scaled to [0, 1]) or float; targets as ``loss`` takes them (integer labels of any number of
+        classes for cross-entropy, float arrays for MSE).
+      test: an optional ``(images, targets)`` pair evaluated after every epoch.
+      out: a directory for ``config.json``, ``metrics.jsonl`` and ``checkpoint.npz`` (atomic, every epoch).
+      resume: continue from the checkpoint in ``out`` (also one saved on SIGINT/SIGTERM mid-epoch); the
+        resumed run computes exactly what the uninterrupted one would.
+      log: called with one line per epoch (and a few more).
+      progress: a progress bar per epoch (default: when stderr is a terminal).
+      **settings: fields of :class:`jaxcnn.train.TrainConfig` that apply to arrays: ``epochs``,
+        ``batch_size``, ``lr``, ``optimizer`` (a name or an optax ``GradientTransformation``), ``schedule``,
+        ``seed``, ``grad``, ``check_every``, ``augment``, ``precision``, ``train_limit``, ``devices``, ...
+
+    Returns:
+      A :class:`FitResult` ``(params, state, opt_state, history)``; each ``history`` entry has ``epoch``,
+      ``train_loss``, ``train_accuracy``, ``test_loss`` and ``test_accuracy`` (with ``test``),
+      ``images_per_s`` and ``wall_s``.
+
+    Raises:
+      ConfigError: a setting that cannot work (one line saying which); :class:`Interrupted` after saving
+      on SIGINT/SIGTERM; :class:`TrainingStopped` on a non-finite loss (keeping the last good checkpoint)
+      or a failed gradient check.
+    """
+    allowed = array_settings()
+    for name in settings:
+        if name not in allowed:
+            hint = ("it chooses what jaxcnn train builds and loads; pass the network and the arrays instead"
+                    if name in {f.name for f in dataclasses.fields(TrainConfig)} else f"settings are {', '.join(allowed)}")
+            raise ConfigError(f"fit: unknown setting {name!r}; {hint}")
+    config = TrainConfig(**settings).validate()
+    return train_arrays(model, loss, train, test, config, out=out, resume=resume, log=log, progress=progress,
+                        source="the given arrays", presets=False)
+
+
+def train_arrays(model: Layer, loss: Loss, train, test, config: TrainConfig, *, out=None, resume: bool = False,
+                 log: Callable[[str], None] = print, progress: bool | None = None, source: str = "the given arrays",
+                 presets: bool = True) -> FitResult:
+    """:func:`fit` with a whole :class:`TrainConfig` (``presets``: whether its preset fields describe this run,
+    as in ``jaxcnn train``; they are left out of ``config.json`` otherwise)."""
+    config.validate()
+    trainer = Trainer(model, loss, train, test, config, log=log)
+    workdir = Path(out) if out is not None else None
+    recorded = config.to_json() if presets else {k: v for k, v in config.to_json().items() if k in array_settings()}
+    if not presets:
+        recorded = {"network": model.name, "loss": loss.name, **recorded}
+    # With several processes (multi-host), process 0 alone logs and writes; every process reads --resume.
+    writer = jax.process_index() == 0
+    if not writer:
+        log = lambda message: None  # noqa: E731
+    progress = sys.stderr.isatty() if progress is None else progress
+    state = trainer.init_state()
+    start_epoch, start_step, history, partial = 0, 0, [], None
+    if workdir is not None:
+        if workdir.exists() and not workdir.is_dir():
+            raise ConfigError(f"--out {workdir} is a file, not a directory")
+        workdir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            state, meta = ckpt.restore_checkpoint(workdir, state, config)
+            state = trainer.placement.put(state)
+            start_epoch, start_step, partial = meta["epoch"], meta["step"], meta.get("partial_epoch")
+            history = ckpt.read_metrics(workdir / ckpt.METRICS, upto_epoch=start_epoch)
+            log(f"resuming from {workdir / ckpt.CHECKPOINT} at epoch {start_epoch + 1}, step {start_step}")
+        elif (workdir / ckpt.CHECKPOINT).exists():
+            raise ConfigError(f"{workdir} already holds a checkpoint; pass --resume to continue it or choose another --out")
+        if writer:
+            ckpt.atomic_write(workdir / ckpt.CONFIG, lambda f: f.write(json.dumps(recorded, indent=2).encode()))
+            ckpt.atomic_write(workdir / ckpt.METRICS,
+                              lambda f: f.write("".join(json.dumps(h) + "\n" for h in history).encode()))
+    elif resume:
+        raise ConfigError("--resume needs --out DIR (the directory holding the checkpoint)")
+
+    spe, chunk = trainer.steps_per_epoch, config.chunk_steps
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+    log(f"{model.name} ({n_params:,} parameters, {config.grad} gradients, {config.precision}) on {source}: "
+        f"{trainer.train_count:,} train / {trainer.test_count:,} test images, {spe} steps of {config.batch_size} per epoch")
+    wall_start = time.perf_counter() - (partial["wall_s"] if partial else history[-1]["wall_s"] if history else 0.0)
+    leaf_names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
+
+    with Interrupt() as interrupt:
+        for epoch in range(start_epoch, config.epochs):
+            batches = trainer.epoch_batches(epoch)
+            first = start_step if epoch == start_epoch else 0
+            losses, correct, seen, train_time, checked = [], 0, 0, 0.0, []
+            if first and partial:  # resuming mid-epoch: the statistics of the steps before ``first``
+                losses = [np.asarray(partial["losses"], np.float32)]
+                correct, seen, train_time = partial["correct"], partial["seen"], partial["train_time"]
+                checked = [np.asarray(partial["checked"], np.float32).reshape(-1, len(leaf_names))]
+            bar = progress_bar(spe, f"epoch {epoch + 1}/{config.epochs}", progress)
+            if bar is not None:
+                bar.update(first)
+            for begin in range(first, spe, chunk):  # ``first`` is chunk-aligned unless chunk_steps changed
+                t0 = time.perf_counter()
+                state, metrics = trainer.train_chunk(state, batches[begin: begin + chunk], epoch * spe + begin)
+                chunk_losses = host(metrics["loss"])
+                train_time += time.perf_counter() - t0
+                bad = np.flatnonzero(~np.isfinite(chunk_losses))
+                if bad.size:
+                    where = begin + int(bad[0])
+                    kept = (f"; the last good checkpoint is {workdir / ckpt.CHECKPOINT}"
+                            if workdir and (workdir / ckpt.CHECKPOINT).exists() else "")
+                    raise TrainingStopped(f"loss became {chunk_losses[bad[0]]} at step {where} of epoch {epoch + 1} "
+                                          f"(global step {epoch * spe + where}); try a lower --lr{kept}")
+                checked.append(_check_gradient_errors(host(metrics["grad_errors"]), leaf_names, config, epoch, begin))
+                losses.append(chunk_losses)
+                correct += int(host(metrics["correct"]).sum())
+                seen += chunk_losses.size * config.batch_size
+                if bar is not None:
+                    bar.update(chunk_losses.size)
+                    bar.set_postfix(loss=f"{chunk_losses.mean():.4f}")
+                if interrupt.signal is not None and begin + chunk < spe:
+                    if bar is not None:
+                        bar.close()
+                    _save_interrupted(interrupt.signal, workdir, state, epoch, begin + chunk, config, partial_epoch={
+                        "losses": np.concatenate(losses).tolist(), "correct": correct, "seen": seen,
+                        "train_time": train_time, "checked": np.concatenate(checked).tolist(),
+                        "wall_s": time.perf_counter() - wall_start})
+            if bar is not None:
+                bar.close()
+            record = {"epoch": epoch + 1, "train_loss": float(np.concatenate(losses).mean()),
+                      "train_accuracy": correct / max(seen, 1)}
+            if test is not None:
+                record["test_loss"], record["test_accuracy"] = trainer.evaluate(state)
+            record["images_per_s"] = seen / train_time if train_time > 0 else float("nan")
+            record["wall_s"] = time.perf_counter() - wall_start
+            if config.check_every:
+                rows = np.concatenate(checked)
+                # Max relative difference between manual and jax.grad gradients, per parameter array.
+                record["grad_check"] = {"steps": len(rows), "max_relative_error":
+                                        dict(zip(leaf_names, rows.max(axis=0).tolist())) if len(rows) else {}}
+            history.append(record)
+            log(_epoch_line(record, config))
+            if workdir is not None and writer:
+                # The epoch's record first, then its checkpoint: a crash in between leaves an extra record that
+                # --resume drops (it keeps records up to the checkpoint's epoch), never a checkpoint without one.
+                ckpt.append_metrics(workdir / ckpt.METRICS, record)
+                ckpt.save_checkpoint(workdir, state, epoch=epoch + 1, step=0, config=config)
+            if interrupt.signal is not None and epoch + 1 < config.epochs:
+                _save_interrupted(interrupt.signal, workdir, state, epoch + 1, 0, config)
+    return FitResult(state.params, state.model_state, state.opt_state, history)
+
+
+def _epoch_line(record: dict, config: TrainConfig) -> str:
+    line = (f"epoch {record['epoch']:>3}/{config.epochs}  train loss {record['train_loss']:.4f}  "
+            f"acc {record['train_accuracy']:.4f}")
+    if "test_loss" in record:
+        line += f"  |  test loss {record['test_loss']:.4f}  acc {record['test_accuracy']:.4f}"
+    line += f"  |  {record['images_per_s']:,.0f} images/s  {record['wall_s']:.1f} s"
+    if "grad_check" in record:
+        worst = max(record["grad_check"]["max_relative_error"].values(), default=0.0)
+        line += f"  |  grad check: {record['grad_check']['steps']} steps, max rel. diff {worst:.1e}"
+    return line
+
+
+def _save_interrupted(signum, workdir, state, epoch, step, config, partial_epoch=None):
+    name = signal.Signals(signum).name
+    if workdir is None or jax.process_index() != 0:
+        reason = "no --out" if workdir is None else f"process {jax.process_index()} does not write"
+        raise Interrupted(signum, f"{name}: training stopped at epoch {epoch + 1}, step {step} ({reason}, nothing saved)")
+    path = ckpt.save_checkpoint(workdir, state, epoch=epoch, step=step, config=config, partial_epoch=partial_epoch)
+    raise Interrupted(signum, f"{name}: checkpoint saved to {path} at epoch {epoch + 1}, step {step}; "
+                              "continue with the same command plus --resume")
+
+
+def _check_gradient_errors(errors: np.ndarray, leaf_names: list[str], config: TrainConfig, epoch: int, begin: int) -> np.ndarray:
+    """Raises :class:`TrainingStopped` if a checked step exceeds the tolerance; returns the checked rows."""
+    if errors.size == 0:  # no --check-every: the scan stacked (steps, 0) empty rows
+        return errors.reshape(0, len(leaf_names))
+    tol = config.check_tolerance
+    for row, errs in enumerate(errors):
+        if errs[0] < 0:  # this step was not checked
+            continue
+        worst = int(np.argmax(errs))
+        if not errs[worst] <= tol:
+            raise TrainingStopped(
+                f"gradient check failed at step {begin + row} of epoch {epoch + 1}: manual and autodiff gradients of "
+                f"params{leaf_names[worst]} differ by {errs[worst]:.2e} (relative) > {tol:.0e}")
+    return errors[errors[:, 0] >= 0]

@@ -1,0 +1,160 @@
+"""The train step and the eval step: pure, module-level functions of a static :class:`Step`.
+
+``train_step(step, state, x, target, key) -> (state, metrics)`` is one optimisation step on one batch:
+forward, loss, gradients by ``step.grad`` (hand-written or ``jax.grad``), optionally the gradient check,
+and the optax update. ``jax.jit(functools.partial(train_step, step))`` is how a user calls it from their
+own loop; :func:`jaxcnn.train.loop.run_steps` scans it over a chunk of device-resident batches, which
+is how :func:`jaxcnn.fit` and the benchmark run it. ``eval_step`` sums the model's own per-example loss
+and correct predictions over a (masked) batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxcnn.gradients import Loss, value_and_grad
+from jaxcnn.layers import Layer, autodiff_forward
+
+PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TrainState(NamedTuple):
+    """What a step updates: the parameters, the model's own state (BatchNorm statistics), the optimiser's."""
+
+    params: Any
+    model_state: Any
+    opt_state: Any
+
+
+class Step(NamedTuple):
+    """Everything static about a train step (closed over by ``jax.jit``; never traced).
+
+    ``network`` is the model as the step runs it (in bfloat16 wrapped by :func:`compute_network`), ``grad``
+    the gradient route (see :mod:`jaxcnn.gradients`), ``check_every`` how often (0: never) the step also
+    compares its gradient with ``jax.grad`` of the same float32 forward (``check_network``) and reports the
+    largest relative difference per parameter array.
+    """
+
+    network: Layer
+    loss: Loss
+    tx: optax.GradientTransformation
+    grad: str = "manual"
+    dtype: Any = jnp.float32
+    check_every: int = 0
+    check_network: Layer | None = None
+
+
+def make_step(model: Layer, loss: Loss, tx: optax.GradientTransformation, *, grad: str = "manual",
+              precision: str = "float32", check_every: int = 0) -> Step:
+    """The :class:`Step` that trains ``model`` on ``loss`` with ``tx``."""
+    return Step(compute_network(model, precision), loss, tx, grad, PRECISIONS[precision], check_every,
+                model if check_every else None)
+
+
+def _cast(tree, dtype):
+    return jax.tree_util.tree_map(lambda a: a.astype(dtype), tree)
+
+
+def max_relative_errors(got, want) -> jax.Array:
+    """``max|got - want| / max|want|`` for each pair of leaves, stacked: ``(leaves,)``."""
+    return jnp.stack([jnp.max(jnp.abs(g - w)) / jnp.maximum(jnp.max(jnp.abs(w)), 1e-30)
+                      for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want))]).astype(jnp.float32)
+
+
+def train_step(step: Step, state: TrainState, x, target, key, t=0) -> tuple[TrainState, dict]:
+    """One optimisation step on the batch ``x (B, H, W, C)`` (float), ``target`` (what ``step.loss`` takes).
+
+    ``key`` drives the layers that draw random numbers (dropout); ``t`` is the global step number, used
+    only to decide whether this step runs the gradient check. Returns the new state and the metrics
+    ``{"loss", "correct", "grad_errors"}``: the batch loss (float32), the number of examples predicted
+    right, and per parameter array the largest relative difference between this step's gradient and
+    ``jax.grad`` of the same forward pass in float32 (``-1`` where the step was not checked; an empty
+    array without ``check_every``).
+    """
+    grad_fn = value_and_grad(step.network, step.loss, step.grad)
+    x_c = x.astype(step.dtype)
+    (loss, (pred, model_state)), grads = grad_fn(_cast(state.params, step.dtype), state.model_state, x_c, target,
+                                                 train=True, key=key)
+    grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    errors = jnp.zeros((0,), jnp.float32)
+    if step.check_every:
+        errors = jax.lax.cond(t % step.check_every == 0, lambda: _check(step, state, x, target, key, grads),
+                              lambda: jnp.full((len(jax.tree_util.tree_leaves(state.params)),), -1.0, jnp.float32))
+    updates, opt_state = step.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    correct = jnp.sum(step.loss.correct(pred.astype(jnp.float32), target), dtype=jnp.int32)
+    return TrainState(params, model_state, opt_state), {"loss": loss.astype(jnp.float32), "correct": correct,
+                                                        "grad_errors": errors}
+
+
+def _check(step: Step, state: TrainState, x, target, key, grads):
+    """The gradient check of ``--check-every``: this step's gradient against ``jax.grad`` of the same
+    forward, both at the float32 parameters and inputs. In a bfloat16 step the step's own gradient
+    cannot be the one checked (bfloat16 moves ReLU and max-pool switches, so its gradient differs from any
+    float32 one by several percent, which would hide a wrong backward): there the step's route recomputes
+    the gradient in float32 on the same batch, testing the same backward code."""
+    x32 = x.astype(jnp.float32)
+    reference = value_and_grad(step.check_network, step.loss, "autodiff_same_forward")
+    _, want = reference(state.params, state.model_state, x32, target, train=True, key=key)
+    if step.dtype != jnp.float32:
+        _, grads = value_and_grad(step.check_network, step.loss, step.grad)(state.params, state.model_state, x32,
+                                                                              target, train=True, key=key)
+    return max_relative_errors(grads, want)
+
+
+def eval_step(step: Step, params, model_state, x, target, mask) -> dict:
+    """Sums over the examples of one batch where ``mask`` is true: ``{"loss_sum", "correct"}``, the loss
+    being ``step.loss.per_example`` of the model's evaluation-mode output (float32 sums)."""
+    forward = autodiff_forward(step.network) if step.grad == "autodiff" else step.network.forward
+    pred, _, _ = forward(_cast(params, step.dtype), model_state, x.astype(step.dtype), train=False)
+    pred = pred.astype(jnp.float32)
+    per_example = step.loss.per_example(pred, target)
+    hits = step.loss.correct(pred, target)
+    # Explicit dtypes: with jax_enable_x64 the sums would be int64/float64 and break a scan's carry.
+    return {"loss_sum": jnp.sum(jnp.where(mask, per_example, 0.0), dtype=jnp.float32),
+            "correct": jnp.sum(hits & mask, dtype=jnp.int32)}
+
+
+def Cast(dtype) -> Layer:
+    """Casts activations to ``dtype``; the backward casts the cotangent back to the input's dtype."""
+
+    def init(key, in_shape):
+        return {}, {}, tuple(in_shape)
+
+    def forward(params, state, x, *, train=False, key=None):
+        return x.astype(dtype), state, jnp.zeros((0,), x.dtype)  # the residual records only the dtype
+
+    def backward(params, marker, dy):
+        return {}, dy.astype(marker.dtype)
+
+    return Layer(init, forward, backward, f"Cast({jnp.dtype(dtype).name})")
+
+
+def compute_network(model: Layer, precision: str) -> Layer:
+    """The network that a step runs: in bfloat16, activations and weights are bfloat16 and the outputs
+    are cast back to float32 before the loss, so the loss and the parameter updates stay float32."""
+    if precision == "float32":
+        return model
+    cast = Cast(jnp.float32)
+
+    # Not ``serial(model, cast)``: that would nest the params one level deeper (and split the init key),
+    # so the compute network keeps the structure of ``model``'s params, state and checkpoints.
+    def with_cast(forward_of):
+        def forward(params, state, x, *, train=False, key=None):
+            y, new_state, residuals = forward_of(params, state, x, train=train, key=key)
+            y, _, marker = cast.forward({}, {}, y)
+            return y, new_state, (residuals, marker)
+
+        return forward
+
+    def backward(params, residuals, dy):
+        residuals, marker = residuals
+        _, dy = cast.backward({}, marker, dy)
+        return model.backward(params, residuals, dy)
+
+    return Layer(model.init, with_cast(model.forward), backward, model.name, model.children,
+                 None if model.autodiff_forward is None else with_cast(model.autodiff_forward))

@@ -1,0 +1,41 @@
+"""``jaxcnn train``: a zoo preset on a named dataset, trained through :func:`jaxcnn.fit`."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+
+from jaxcnn import data as jdata
+from jaxcnn.models import get_model
+from jaxcnn.train.config import ConfigError, TrainConfig
+from jaxcnn.train.inputs import balanced_subset, describe_counts
+from jaxcnn.train.loop import FitResult, train_arrays
+
+
+def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None = None, *, resume: bool = False,
+                       dataset: jdata.Dataset | None = None, log: Callable[[str], None] = print,
+                       progress: bool | None = None) -> FitResult:
+    """Trains the zoo preset ``config.model`` (built with ``config.conv_method``) on ``config.dataset``
+    (or on ``dataset`` when given) and evaluates it after every epoch; see :func:`jaxcnn.fit`.
+
+    ``train_limit`` draws its class-balanced subset by digit label, before labels become the preset's
+    targets (so ``seed_net``'s binary task still sees every digit).
+    """
+    config.validate()
+    try:
+        spec = get_model(config.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if dataset is None:
+        dataset = jdata.load_dataset(config.dataset, data_dir=config.data_dir, download=not config.offline, log=log)
+    images, labels = dataset.train_images, dataset.train_labels
+    if config.train_limit is not None and config.train_limit < len(labels):
+        keep, counts = balanced_subset(labels, config.train_limit, config.seed)
+        images, labels = images[keep], labels[keep]
+        log(f"train_limit {config.train_limit}: a class-balanced subset (seed {config.seed}): {describe_counts(counts)}")
+    train = (images, np.asarray(spec.targets(labels)))
+    test = (dataset.test_images, np.asarray(spec.targets(dataset.test_labels)))
+    return train_arrays(spec.build(conv_method=config.conv_method), spec.loss, train, test, config, out=workdir,
+                        resume=resume, log=log, progress=progress, source=dataset.source)
