@@ -18,6 +18,7 @@ import jaxcnn.ops
 from jaxcnn import ops
 from jaxcnn.gradcheck import TOLERANCES, GradCheckError, gradcheck, worst_errors
 from jaxcnn.ops._windows import transpose_padding
+from jaxcnn.ops import conv as conv_module
 from jaxcnn.ops.conv import conv2d_geometry
 
 from _opcases import normal, record_gradcheck
@@ -215,6 +216,21 @@ def test_ops_sources_use_no_autodiff():
     assert offenders == []
 
 
+# conv2d_backward runs every formulation on three kernels (x (1, 5, 4, C), w (2, 2, C, O), stride 1) chosen
+# so that "auto" (and "taps") take every code path of the input gradient: (C, O) = (2, 3): "taps" with
+# broadcast multiply-adds; (6, 8): "taps" with a matrix product (more than TAPS_ELEMENTWISE_MAX outputs,
+# at most TAPS_FEW_OUTPUTS_MAX inputs); (10, 6): "conv". Its kernel gradient is "conv" for every shape.
+CONV_CHANNELS = ((2, 3), (6, 8), (10, 6))
+
+
+def test_auto_resolves_to_taps_and_conv_for_the_shapes_run_below():
+    picked = [(conv_module.resolve_method("input_grad", (2, 2, c, o)), conv_module.resolve_method("kernel_grad", (2, 2, c, o)))
+              for c, o in CONV_CHANNELS]
+    assert picked == [("taps", "conv"), ("taps", "conv"), ("conv", "conv")]
+    # "taps" contracts the input gradient over O output channels: multiply-adds for (2, 3), a product for (6, 8).
+    assert CONV_CHANNELS[0][1] <= conv_module.TAPS_ELEMENTWISE_MAX < CONV_CHANNELS[1][1]
+
+
 def test_backwards_run_with_jax_differentiation_disabled(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a hand-written backward called JAX's differentiation")
@@ -224,8 +240,8 @@ def test_backwards_run_with_jax_differentiation_disabled(monkeypatch):
     rng = np.random.default_rng(2)
 
     @jax.jit  # tracing runs every line of Python in the backward passes; one compile for all of them
-    def all_backwards(x, w, dy_conv, dy_pool, z, labels):
-        out = [ops.conv2d_backward(dy_conv, x, w, method=m) for m in ("conv", "im2col")]
+    def all_backwards(convs, x, dy_pool, z, labels):
+        out = [ops.conv2d_backward(dy_conv, x_conv, w, method=m) for x_conv, w, dy_conv in convs for m in conv_module.METHODS]
         out += [ops.max_pool2d_backward(dy_pool, x), ops.avg_pool2d_backward(dy_pool, x, count_include_pad=False)]
         out.append(ops.dense_backward(z[:, :3], z, z.T))
         out += [bwd(z, z) for bwd in (ops.sigmoid_backward, ops.tanh_backward, ops.relu_backward,
@@ -234,6 +250,7 @@ def test_backwards_run_with_jax_differentiation_disabled(monkeypatch):
                 ops.softmax_cross_entropy_backward(1.0, z, labels)]
         return out
 
-    out = all_backwards(normal(rng, (1, 5, 4, 2)), normal(rng, (2, 2, 2, 3)), normal(rng, (1, 4, 3, 3)),
-                        normal(rng, (1, 2, 2, 2)), normal(rng, (3, 4)), np.array([0, 1, 2]))
+    convs = [(normal(rng, (1, 5, 4, c)), normal(rng, (2, 2, c, o)), normal(rng, (1, 4, 3, o))) for c, o in CONV_CHANNELS]
+    out = all_backwards(convs, normal(rng, (1, 5, 4, 2)), normal(rng, (1, 2, 2, 2)), normal(rng, (3, 4)), np.array([0, 1, 2]))
+    assert len(out) == len(CONV_CHANNELS) * len(conv_module.METHODS) + 12
     assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree_util.tree_leaves(out))

@@ -1,5 +1,5 @@
-"""conv2d / conv2d_backward, both methods ("conv" and "im2col"), against the tutorials' literal values,
-the NumPy loop reference, ``lax.conv_general_dilated``, ``jax.vjp`` and finite differences."""
+"""conv2d / conv2d_backward, every formulation ("conv", "im2col", "taps" and "auto"), against the tutorials'
+literal values, the NumPy loop reference, ``lax.conv_general_dilated``, ``jax.vjp`` and finite differences."""
 
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ from _opcases import (
     unread_mask,
 )
 
-METHODS = ("conv", "im2col")
+# Every formulation conv2d offers, written out (not imported) so that test_every_formulation_is_covered
+# fails when the module gains one these tests do not run.
+METHODS = ("conv", "im2col", "taps", "auto")
 DN = ("NHWC", "HWIO", "NHWC")
 
 
@@ -61,11 +63,11 @@ def _hyper(cfg):
 
 @functools.lru_cache(maxsize=None)
 def conv_suite(stride, padding, dilation, groups):
-    """One compiled function per hyperparameter set: forward and manual backward of both methods, and ``jax.vjp``."""
+    """One compiled function per hyperparameter set: forward and manual backward of every method, and ``jax.vjp``."""
     hyper = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
 
     def run(x, w, b, dy):
-        # Autodiff witness: jax.vjp of the lax-based forward (the same function as both methods compute).
+        # Autodiff witness: jax.vjp of the lax-based forward (the same function as every method computes).
         _, vjp = jax.vjp(functools.partial(ops.conv2d, method="conv", **hyper), x, w, b)
         auto = vjp(dy)
         return {
@@ -81,7 +83,7 @@ def _freeze(v):
 
 
 def check_conv_case(cfg, rng, dtype):
-    """Forward and backward of both methods vs NumPy loops, lax and jax.vjp; unread inputs get zero dx."""
+    """Forward and backward of every method vs NumPy loops, lax and jax.vjp; unread inputs get zero dx."""
     dt = np.dtype(dtype).name
     x = normal(rng, cfg["x_shape"], dtype)
     w = normal(rng, cfg["w_shape"], dtype)
@@ -178,7 +180,7 @@ def test_tutorial_backward_element_by_element(method):
 
 
 # ----------------------------------------------------------------------------------------------
-# Property-based sweeps: NumPy loops, lax, jax.vjp, both methods
+# Property-based sweeps: NumPy loops, lax, jax.vjp, every method
 # ----------------------------------------------------------------------------------------------
 
 
@@ -206,6 +208,14 @@ PINNED = {
     # H = 7, kernel 3, stride 3: row 6 is never read; W = 6, kernel 2, stride 4: columns 2, 3 are never read.
     "trailing rows/cols unread": dict(x_shape=(2, 7, 6, 4), w_shape=(3, 2, 2, 4), stride=(3, 4), padding="VALID", dilation=1, groups=2),
     "dilated SAME, odd extra": dict(x_shape=(2, 6, 9, 2), w_shape=(2, 3, 2, 4), stride=(1, 2), padding="SAME", dilation=(3, 2), groups=1),
+    # The sweep draws at most 3 channels per group, where "taps" always takes its broadcast multiply-adds and
+    # "auto" always takes "taps" for the forward pass and the input gradient. These two have more input and
+    # output channels per group than TAPS_ELEMENTWISE_MAX (5 in, 6 out; 10 in, 6 out), so "taps" contracts
+    # with a matrix product; "auto" takes "conv" for the forward pass of both and for the input gradient of
+    # the second, "taps" for the input gradient of the grouped one (5 <= TAPS_FEW_OUTPUTS_MAX input channels
+    # per group); see test_auto_takes_every_formulation_on_the_pinned_cases.
+    "many channels, grouped": dict(x_shape=(1, 6, 5, 10), w_shape=(2, 3, 5, 12), stride=(2, 1), padding=(1, 0), dilation=1, groups=2),
+    "many channels": dict(x_shape=(1, 5, 6, 10), w_shape=(3, 2, 10, 6), stride=1, padding="SAME", dilation=(1, 2), groups=1),
 }
 
 
@@ -221,8 +231,8 @@ def test_trailing_rows_and_columns_get_exactly_zero_gradient():
     x, w = normal(rng, (1, 8, 9, 2)), normal(rng, (3, 2, 2, 2))
     assert ops.conv2d(x, w, stride=(3, 4)).shape == (1, 2, 2, 2)
     dy = normal(rng, (1, 2, 2, 2))
-    both = jax.jit(lambda dy, x, w: [ops.conv2d_backward(dy, x, w, stride=(3, 4), method=m)[0] for m in METHODS])
-    for dx in both(dy, x, w):
+    every = jax.jit(lambda dy, x, w: [ops.conv2d_backward(dy, x, w, stride=(3, 4), method=m)[0] for m in METHODS])
+    for dx in every(dy, x, w):
         dx = np.asarray(dx)
         assert np.all(dx[:, 6:, :, :] == 0.0)
         assert np.all(dx[:, :, [2, 3, 6, 7, 8], :] == 0.0)
@@ -244,9 +254,13 @@ def _conv_gradcheck(case, method, dtype, seed=0):
     hyper = _hyper(cfg)
     rng = np.random.default_rng(seed)
     x, w, b = normal(rng, cfg["x_shape"], dtype), normal(rng, cfg["w_shape"], dtype), normal(rng, cfg["w_shape"][3:], dtype)
+    # Jitted (one compile per method, case and dtype): op by op, the tap-at-a-time formulations compile every
+    # slice and product of every tap separately, which takes twice as long. Eager and jitted results are
+    # compared in test_conv_jit_matches_eager_and_does_not_recompile.
+    backward = J(ops.conv2d_backward, method=method, **hyper)
     result = gradcheck(
-        functools.partial(ops.conv2d, method=method, **hyper),
-        lambda dy, x, w, b: ops.conv2d_backward(dy, x, w, method=method, **hyper),
+        J(ops.conv2d, method=method, **hyper),
+        lambda dy, x, w, b: backward(dy, x, w),
         (x, w, b), names=("x", "w", "b"), name=f"conv2d[{method}] {case}",
     )
     record_gradcheck(f"conv2d[{method}]", result)
@@ -266,35 +280,30 @@ def test_conv_gradcheck_float32(case, method):
     assert result.dtype == "float32"
 
 
-# Any further formulation the module offers (beyond the two verified in depth above) must give the
-# same numbers as the loop reference in every gradient.
-EXTRA_METHODS = tuple(m for m in conv_module.METHODS if m not in METHODS)
+def test_every_formulation_is_covered():
+    # The tests parametrized by METHODS (and the sweeps) run each of them: a formulation added to the module
+    # must be added to METHODS to be verified.
+    assert METHODS == conv_module.METHODS
+    assert conv_module.DEFAULT_METHOD in METHODS
 
 
-@pytest.mark.skipif(not EXTRA_METHODS, reason="conv2d offers only the 'conv' and 'im2col' formulations")
-@pytest.mark.parametrize("case", ["stride not dividing, pairs, dilation, groups", "depthwise x2, pair padding",
-                                  "padding > kernel span", "1x1 kernel, stride > kernel"])
-def test_other_methods_match_reference(case):
-    cfg = PINNED[case]
-    hyper = _hyper(cfg)
-    rng = np.random.default_rng(9)
-    x, w, b = normal(rng, cfg["x_shape"]), normal(rng, cfg["w_shape"]), normal(rng, cfg["w_shape"][3:])
-    window, stride, dilation, pads = resolved(cfg)
-    rkw = dict(stride=stride, padding=pads, dilation=dilation, groups=cfg["groups"])
-    y_ref = ref.conv2d(x, w, b, **rkw)
-    dy = normal(rng, y_ref.shape)
-    grads_ref = ref.conv2d_backward(dy, x, w, **rkw)
-
-    @jax.jit
-    def run(x, w, b, dy):
-        return {m: (ops.conv2d(x, w, b, method=m, **hyper), ops.conv2d_backward(dy, x, w, method=m, **hyper))
-                for m in EXTRA_METHODS}
-
-    for m, (y, grads) in run(x, w, b, dy).items():
-        op = f"conv2d[{m}]"
-        assert_close(y, y_ref, FWD_TOL["float64"], op=op, dtype="float64", kind="fwd vs numpy", what=case)
-        for name, got, want in zip(("dx", "dw", "db"), grads, grads_ref):
-            assert_close(got, want, GRAD_TOL["float64"], op=op, dtype="float64", kind="grad vs numpy", what=f"{name} {case}")
+def test_auto_takes_every_formulation_on_the_pinned_cases():
+    # "auto" is verified through the pinned cases and the sweep; between them its dispatch takes both the
+    # "taps" and the "conv" code path for the forward pass and the input gradient (the kernel gradient is
+    # always "conv"), so every branch of conv2d/conv2d_backward under "auto" is exercised.
+    picked = {
+        case: {grad: conv_module.resolve_method(grad, cfg["w_shape"], cfg["groups"])
+               for grad in ("forward", "input_grad", "kernel_grad")}
+        for case, cfg in PINNED.items()
+    }
+    assert picked["plain 3x3"] == dict(forward="taps", input_grad="taps", kernel_grad="conv")
+    assert picked["many channels, grouped"] == dict(forward="conv", input_grad="taps", kernel_grad="conv")
+    assert picked["many channels"] == dict(forward="conv", input_grad="conv", kernel_grad="conv")
+    # And "taps" itself contracts both ways: broadcast multiply-adds (few channels) and a matrix product.
+    small = conv_module.TAPS_ELEMENTWISE_MAX
+    cg = {cfg["w_shape"][2] for cfg in PINNED.values()}
+    og = {cfg["w_shape"][3] // cfg["groups"] for cfg in PINNED.values()}
+    assert min(cg) <= small < max(cg) and min(og) <= small < max(og)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,20 +1,81 @@
-"""The README's Python examples run as written, and its commands name real flags."""
+"""README.md: its Python examples run as written, its commands name real flags, and it holds exactly the
+figures of the committed results that produced them.
+
+``python experiments/readme_numbers.py --write-readme`` regenerates the README's generated blocks from
+``experiments/results/readme_numbers/readme_numbers.json`` (each row a real ``jaxcnn train`` run, its
+``metrics.jsonl`` committed beside it) and from the benchmark report ``docs/bench/cpu.json``. These tests
+render the blocks again from the committed files and compare them with README.md, check that every row's
+figures are those of its own ``metrics.jsonl``, and that no measured figure stands in README.md outside
+the generated blocks.
+"""
 
 from __future__ import annotations
 
+import json
 import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
 
 import jax
-import numpy as np
 
-from conftest import REPO
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from experiments import readme_numbers as rn  # noqa: E402
 
 README = (REPO / "README.md").read_text()
 
 
+@pytest.fixture(scope="module")
+def results():
+    return rn.load_results()
+
+
+def test_every_readme_row_was_measured(results):
+    assert set(results["rows"]) == {row.key for row in rn.ROWS}
+
+
+@pytest.mark.parametrize("row", rn.ROWS, ids=lambda r: r.key)
+def test_row_figures_are_those_of_its_run(results, row):
+    got = results["rows"][row.key]
+    records = [json.loads(line) for line in (rn.common.RESULTS / rn.NAME / row.key / "metrics.jsonl").read_text().splitlines()]
+    config = json.loads((rn.common.RESULTS / rn.NAME / row.key / "config.json").read_text())
+    final = records[-1]
+    assert got["test_accuracy"] == final["test_accuracy"] and got["wall_s"] == final["wall_s"]
+    assert final["epoch"] == config["epochs"] == got["epochs"]
+    assert [r["epoch"] for r in records] == list(range(1, final["epoch"] + 1))
+    # The command shown in the README is the one that ran.
+    for arg in row.args:
+        if not arg.startswith("../"):
+            assert arg in got["command"]
+
+
+@pytest.mark.parametrize("name", ["accuracy", "speed"])
+def test_readme_blocks_equal_the_committed_results(results, name):
+    blocks = rn.render(results, rn.load_bench())
+    assert name in blocks, f"no committed result renders the {name} block"
+    assert rn.fill_readme(README, {name: blocks[name]}) == README, (
+        f"README.md's {name} block differs from the committed results; run "
+        "python experiments/readme_numbers.py --write-readme")
+
+
+def _outside_generated_blocks(text: str) -> str:
+    text = re.sub(r"<!-- readme:(\w+) -->.*?<!-- /readme:\1 -->", "", text, flags=re.S)
+    return re.sub(r"```.*?```", "", text, flags=re.S)
+
+
+def test_no_measured_figure_outside_the_generated_blocks():
+    prose = _outside_generated_blocks(README)
+    figures = re.findall(r"\b0\.\d{3,}\b|\b\d+(?:\.\d+)?x\b|\b\d+(?:\.\d+)? ms\b|\b[\d,]{4,} images/s\b", prose)
+    assert figures == [], f"README.md states figures outside its generated blocks: {figures}"
+
+
 def test_readme_python_blocks_run():
     blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
-    assert len(blocks) >= 2
+    assert len(blocks) >= 4
     namespace: dict = {}
     with jax.enable_x64(False):  # a user's default configuration (the suite enables float64 globally)
         for block in blocks:
@@ -24,7 +85,12 @@ def test_readme_python_blocks_run():
     np.testing.assert_allclose(namespace["dx"], namespace["dx2"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(namespace["dw"], namespace["dw2"], rtol=1e-5, atol=1e-5)
     assert namespace["result"].ok
-    assert np.isfinite(float(namespace["loss"]))
+    # fit on the user's own 32x32x3 arrays: a history per epoch with the documented keys.
+    history = namespace["fitted"].history
+    assert [h["epoch"] for h in history] == [1, 2] and 0.0 <= history[-1]["test_accuracy"] <= 1.0
+    # The public train step in a loop of one's own.
+    assert np.isfinite(float(namespace["metrics"]["loss"])) and int(namespace["metrics"]["correct"]) <= 32
+    assert jax.tree_util.tree_structure(namespace["grads"]) == jax.tree_util.tree_structure(namespace["state"].params)
 
 
 def test_readme_train_flags_exist():

@@ -20,7 +20,7 @@ from jaxcnn.train.config import (
     make_optimizer,
 )
 from jaxcnn.train.inputs import balanced_subset, random_shift
-from jaxcnn.train.loop import FitResult, Interrupted, Trainer, TrainingStopped, fit, run_steps, train_arrays
+from jaxcnn.train.loop import FitResult, Interrupted, Trainer, TrainingStopped, fit, run_step, run_steps, train_arrays
 from jaxcnn.train.runtime import CPU_COMPILER_OPTIONS, Placement, default_compiler_options
 from jaxcnn.train.step import Step, TrainState, eval_step, make_step, train_step
 from jaxcnn.train.zoo import train_and_evaluate
@@ -29,6 +29,6 @@ __all__ = [
     "CHECKPOINT", "CHECK_TOLERANCE", "CPU_COMPILER_OPTIONS", "ConfigError", "FitResult", "Interrupted", "OPTIMIZERS",
     "PRECISIONS", "Placement", "RESUME_SETTINGS", "SCHEDULES", "Step", "TrainConfig", "TrainState", "Trainer",
     "TrainingStopped", "balanced_subset", "default_compiler_options", "eval_step", "fit", "make_optimizer",
-    "make_step", "random_shift", "restore_checkpoint", "run_steps", "save_checkpoint", "train_and_evaluate",
+    "make_step", "random_shift", "restore_checkpoint", "run_step", "run_steps", "save_checkpoint", "train_and_evaluate",
     "train_arrays", "train_step",
 ]

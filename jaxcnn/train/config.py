@@ -21,13 +21,16 @@ from jaxcnn.ops.conv import DEFAULT_METHOD, METHODS as CONV_METHODS
 OPTIMIZERS = ("sgd", "nesterov", "adam")
 SCHEDULES = ("constant", "cosine", "step")
 PRECISIONS = ("float32", "bfloat16")
+LOOP_FORMS = ("auto", "scan", "step")
 GRAD_ROUTES = ("manual", "autodiff")  # the training routes; "autodiff_same_forward" is the check's witness
 assert set(GRAD_ROUTES) <= set(ROUTES)
 # --check-every: the largest max-relative difference per parameter array accepted between the hand-written
-# and the jax.grad gradient of the same forward pass, both in float32. Derived from the committed
-# measurement experiments/results/check_tolerance (manual vs jax.grad vs a float64 reference along training,
-# per zoo model); tests/test_experiments.py holds this value to it.
-CHECK_TOLERANCE = 1e-4
+# and the jax.grad gradient of the same forward pass, both in float32. From the committed measurement
+# experiments/results/check_tolerance (300 training steps per zoo model, against a float64 reference too):
+# correct gradients differ by at most 1.3e-6 (seed_net, lenet5, small_cnn) and 5.7e-5 (resnet_small, whose
+# BatchNorm amplifies float32 rounding), while an array 0.1% wrong differs by 1e-3. 3e-4 stays 5x above the
+# first and 3x below the second; tests/test_check_tolerance.py holds the constant to the committed result.
+CHECK_TOLERANCE = 3e-4
 
 
 class ConfigError(ValueError):
@@ -77,6 +80,9 @@ class TrainConfig:
                             "with the image's background (0: off)", type=int, metavar="PIXELS")
     devices: int | None = _setting(None, "data-parallel over the first N devices (default: all; 1: a single "
                                    "device); the batch size must be a multiple of N", type=int, metavar="N")
+    loop: str = _setting("auto", "scan: each chunk of steps is one compiled lax.scan; step: one compiled call per "
+                         "step; auto: the form measured fastest for --grad (scan for manual, step for autodiff)",
+                         choices=LOOP_FORMS)
     chunk_steps: int = _setting(50, "steps per compiled lax.scan call (between progress updates and interrupt "
                                 "checks)", type=int, metavar="N")
     eval_batch_size: int = _setting(1000, "examples per evaluation batch", type=int, metavar="N")
@@ -109,6 +115,7 @@ class TrainConfig:
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
             (self.devices is None or (_is_int(self.devices) and self.devices >= 1), f"--devices must be >= 1, got {self.devices}"),
             (_is_int(self.augment) and 0 <= self.augment <= 8, f"--augment must be between 0 and 8 pixels, got {self.augment}"),
+            (self.loop in LOOP_FORMS, f"--loop must be one of {', '.join(LOOP_FORMS)}, got {self.loop!r}"),
             (_is_int(self.chunk_steps) and self.chunk_steps >= 1, f"--chunk-steps must be >= 1, got {self.chunk_steps}"),
             (_is_int(self.eval_batch_size) and self.eval_batch_size >= 1,
              f"--eval-batch-size must be >= 1, got {self.eval_batch_size}"),

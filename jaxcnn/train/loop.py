@@ -65,21 +65,28 @@ class FitResult(NamedTuple):
 # The compiled functions
 
 
+def run_step(step: Step, scaling: Scaling, augment: int, root_key, state: TrainState, images, targets, idx, t):
+    """One :func:`train_step` on the examples ``idx (B,)`` of the device-resident ``images``/``targets``, at
+    global step ``t``: gathers the batch, scales it, shifts it (``augment``) with the key of step ``t`` and
+    trains with the dropout key of step ``t``. Returns the new state and the step's metrics."""
+    dropout_root, augment_root = jax.random.fold_in(root_key, 1), jax.random.fold_in(root_key, 2)
+    x = random_shift(jax.random.fold_in(augment_root, t), scaling(images[idx]), augment)
+    return train_step(step, state, x, targets[idx], jax.random.fold_in(dropout_root, t), t)
+
+
 def run_steps(step: Step, scaling: Scaling, augment: int, root_key, state: TrainState, images, targets,
               batch_indices, first_step):
-    """Trains on ``batch_indices (steps, B)`` of the device-resident ``images``/``targets`` inside one
-    ``lax.scan`` of :func:`train_step`, starting at global step ``first_step``.
+    """:func:`run_step` on each row of ``batch_indices (steps, B)`` inside one ``lax.scan``, starting at
+    global step ``first_step``.
 
     ``images`` and ``targets`` are the whole training set, passed as arguments (not closed over) so that
     they are not baked into the compiled program as constants. Returns the new state and the per-step
     metrics of :func:`train_step`, stacked.
     """
-    dropout_root, augment_root = jax.random.fold_in(root_key, 1), jax.random.fold_in(root_key, 2)
 
     def body(carry, idx):
         state, t = carry
-        x = random_shift(jax.random.fold_in(augment_root, t), scaling(images[idx]), augment)
-        state, metrics = train_step(step, state, x, targets[idx], jax.random.fold_in(dropout_root, t), t)
+        state, metrics = run_step(step, scaling, augment, root_key, state, images, targets, idx, t)
         return (state, t + 1), metrics
 
     (state, _), metrics = jax.lax.scan(body, (state, first_step), batch_indices)
@@ -150,9 +157,14 @@ class Trainer:
             self.test_count = len(test_images)
             self.test_images, self.test_targets = p.put(test_images), p.put(test_targets)
         rep = p.replicated
-        self.run_steps = jax.jit(functools.partial(run_steps, self.step, self.scaling, config.augment, self.root_key),
-                                 donate_argnums=(0,), in_shardings=(rep, rep, rep, p.batch_sharded, rep),
-                                 out_shardings=rep, compiler_options=self.compiler_options)
+        fixed = (self.step, self.scaling, config.augment, self.root_key)
+        self.loop = loop_form(config)
+        self.run_steps = jax.jit(functools.partial(run_steps, *fixed), donate_argnums=(0,),
+                                 in_shardings=(rep, rep, rep, p.batch_sharded, rep), out_shardings=rep,
+                                 compiler_options=self.compiler_options)
+        self.run_step = jax.jit(functools.partial(run_step, *fixed), donate_argnums=(0,),
+                                in_shardings=(rep, rep, rep, p.rows_sharded, rep), out_shardings=rep,
+                                compiler_options=self.compiler_options)
         eval_sharding = p.batch_sharded if config.eval_batch_size % p.size == 0 else None
         self.evaluate_fn = jax.jit(functools.partial(evaluate, self.step, self.scaling, config.eval_batch_size, eval_sharding),
                                    in_shardings=rep, out_shardings=rep)
@@ -169,17 +181,37 @@ class Trainer:
         return np.asarray(order[:used], np.int32).reshape(self.steps_per_epoch, self.config.batch_size)
 
     def train_chunk(self, state: TrainState, batch_indices: np.ndarray, first_step: int):
-        """:func:`run_steps` on these batches: ``(state, metrics as NumPy)``."""
+        """Trains on the batches ``batch_indices (steps, B)`` from global step ``first_step``: one call of
+        the scanned :func:`run_steps` (loop form ``"scan"``) or one call of :func:`run_step` per batch
+        (``"step"``). Returns the new state and the per-step metrics, stacked."""
         p = self.placement
-        state, metrics = self.run_steps(state, self.train_images, self.train_targets,
-                                        p.put(np.asarray(batch_indices, np.int32), p.batch_sharded),
-                                        p.put(np.int32(first_step)))
-        return state, metrics
+        batch_indices = np.asarray(batch_indices, np.int32)
+        if self.loop == "scan":
+            return self.run_steps(state, self.train_images, self.train_targets, p.put(batch_indices, p.batch_sharded),
+                                  p.put(np.int32(first_step)))
+        rows = []
+        for i, idx in enumerate(batch_indices):
+            state, metrics = self.run_step(state, self.train_images, self.train_targets, p.put(idx, p.rows_sharded),
+                                           p.put(np.int32(first_step + i)))
+            rows.append(metrics)
+        return state, jax.tree_util.tree_map(lambda *m: np.stack([host(a) for a in m]), *rows)
 
     def evaluate(self, state: TrainState) -> tuple[float, float]:
         """``(mean loss, accuracy)`` on the test set."""
         loss, acc = self.evaluate_fn(state.params, state.model_state, self.test_images, self.test_targets)
         return float(host(loss)), float(host(acc))
+
+
+# The loop form each gradient route trains fastest in, chosen by measurement (``jaxcnn bench``, sections
+# steps and epoch; docs/benchmarks.md): the hand-written step runs fastest scanned over a chunk of steps,
+# while XLA:CPU runs ``jax.grad``'s convolution gradients many times slower inside ``lax.scan`` than in a
+# program of their own, so the autodiff route calls its jitted step once per batch, as Flax's examples do.
+LOOP_FORMS = {"manual": "scan", "autodiff": "step"}
+
+
+def loop_form(config: TrainConfig) -> str:
+    """``"scan"`` or ``"step"``: ``config.loop``, or with ``"auto"`` the form of :data:`LOOP_FORMS`."""
+    return LOOP_FORMS[config.grad] if config.loop == "auto" else config.loop
 
 
 def _pair(data, what: str):
@@ -204,7 +236,7 @@ def _pair(data, what: str):
 # The job
 
 
-def fit(model: Layer, loss: Loss, train, test=None, *, out: str | os.PathLike | None = None, resume: bool = False,
+def fit(model: Layer, loss: Loss, /, train, test=None, *, out: str | os.PathLike | None = None, resume: bool = False,
         log: Callable[[str], None] = print, progress: bool | None = None, **settings) -> FitResult:
     """Trains ``model`` (any :class:`~jaxcnn.layers.Layer`: a zoo model or one built with ``serial``) on
     ``loss`` and returns the trained parameters, state and per-epoch history.

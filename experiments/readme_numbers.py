@@ -1,0 +1,155 @@
+"""Every number in README.md, regenerated: the accuracy rows and the speed table.
+
+Each accuracy row is one ``jaxcnn train`` command, run as a user runs it (a subprocess, ``--out`` under
+``experiments/results/readme_numbers/<row>/``, leaving its ``config.json`` and ``metrics.jsonl``). The
+speed table comes from the benchmark report ``docs/bench/cpu.json`` (``jaxcnn bench --json
+docs/bench/cpu.json``; ``--bench`` reruns it here first). ``readme_numbers.json`` collects every figure,
+and :func:`render` turns it into the README's generated blocks (between ``<!-- readme:NAME -->`` and
+``<!-- /readme:NAME -->``); ``--write-readme`` puts them into README.md, and ``tests/test_readme.py``
+checks that README.md holds exactly what the committed results render.
+
+    python experiments/readme_numbers.py [--rows KEY ...] [--bench] [--write-readme]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+if __package__ in (None, ""):  # run as a script: make ``experiments`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments import common
+
+NAME = "readme_numbers"
+README = common.REPO / "README.md"
+BENCH_JSON = common.REPO / "docs" / "bench" / "cpu.json"
+MNIST_DIR = "../shared/data/mnist"  # the official test set, beside the checkout
+
+
+class Row(NamedTuple):
+    key: str
+    shown: str  # the command as the README shows it
+    args: tuple  # jaxcnn train's arguments
+    test_set: str
+    env: tuple = ()  # extra environment variables, (name, value) pairs
+
+
+ROWS = (
+    Row("offline_default", "`JAXCNN_OFFLINE=1 jaxcnn train` (the default run with no data at hand)", (),
+        "bundled held-out 1,000", (("JAXCNN_OFFLINE", "1"),)),
+    Row("small_cnn_30", "`jaxcnn train --epochs 30 --data-dir DIR` (small_cnn)",
+        ("--epochs", "30", "--data-dir", MNIST_DIR), "official MNIST, 10,000"),
+    Row("lenet5_30", "`jaxcnn train --model lenet5 --epochs 30 --data-dir DIR`",
+        ("--model", "lenet5", "--epochs", "30", "--data-dir", MNIST_DIR), "official MNIST, 10,000"),
+    Row("small_cnn_autodiff_30", "`jaxcnn train --grad autodiff --epochs 30 --data-dir DIR` (small_cnn)",
+        ("--grad", "autodiff", "--epochs", "30", "--data-dir", MNIST_DIR), "official MNIST, 10,000"),
+    Row("fashion_small_cnn_10", "`jaxcnn train --dataset fashion-mnist --epochs 10` (small_cnn)",
+        ("--dataset", "fashion-mnist", "--epochs", "10"), "official Fashion-MNIST, 10,000"),
+)
+
+
+def run_row(row: Row, out: Path, log) -> dict:
+    """Runs one row's command into ``out / row.key`` and returns its figures."""
+    workdir = out / row.key
+    for name in ("checkpoint.npz", "metrics.jsonl", "config.json"):
+        (workdir / name).unlink(missing_ok=True)
+    command = [sys.executable, "-m", "jaxcnn.cli", "train", *row.args, "--out", str(workdir), "--progress", "off"]
+    env = {**os.environ, **dict(row.env)}
+    log(f"{row.key}: {' '.join(command[2:])}")
+    t0 = time.perf_counter()
+    done = subprocess.run(command, cwd=common.REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{row.key} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    (workdir / "stdout.txt").write_text(done.stdout)
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    (workdir / "checkpoint.npz").unlink(missing_ok=True)  # the figures are kept, not the weights
+    final = records[-1]
+    log(f"{row.key}: test accuracy {final['test_accuracy']:.4f}, {final['wall_s']:.1f} s "
+        f"({time.perf_counter() - t0:.0f} s with start-up)")
+    return {"key": row.key, "shown": row.shown, "test_set": row.test_set, "command": " ".join(command[2:]),
+            "env": dict(row.env), "epochs": final["epoch"], "test_accuracy": final["test_accuracy"],
+            "wall_s": final["wall_s"], "images_per_s_last_epoch": final["images_per_s"]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The README's generated blocks
+
+
+def render_accuracy(results: dict) -> str:
+    rows = [[r["shown"], r["test_set"], f"{r['test_accuracy']:.4f}", f"{r['wall_s']:.0f} s"]
+            for r in (results["rows"][row.key] for row in ROWS if row.key in results["rows"])]
+    return common.markdown_table(["command", "test set", "test accuracy", "wall time"], rows, align="llrr")
+
+
+def render_speed(bench: dict) -> str:
+    """The step-time table of a ``jaxcnn bench`` report: ms per train step of each contender family."""
+    from jaxcnn.bench.report import readme_speed_rows
+
+    headers, rows = readme_speed_rows(bench)
+    return common.markdown_table(headers, rows, align="l" + "r" * (len(headers) - 1))
+
+
+def render(results: dict, bench: dict | None) -> dict[str, str]:
+    blocks = {"accuracy": render_accuracy(results)}
+    if bench is not None:
+        blocks["speed"] = render_speed(bench)
+    return blocks
+
+
+def fill_readme(text: str, blocks: dict[str, str]) -> str:
+    for name, body in blocks.items():
+        pattern = re.compile(rf"(<!-- readme:{name} -->\n).*?(<!-- /readme:{name} -->)", re.S)
+        if not pattern.search(text):
+            raise ValueError(f"README.md has no <!-- readme:{name} --> block")
+        text = pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), text)
+    return text
+
+
+def load_results(out: Path = common.RESULTS / NAME) -> dict:
+    return json.loads((out / f"{NAME}.json").read_text())
+
+
+def load_bench(path: Path = BENCH_JSON) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def main(argv=None) -> int:
+    parser = common.base_parser(NAME, __doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", default=[r.key for r in ROWS], choices=[r.key for r in ROWS],
+                        help="rerun only these rows (the others keep their committed results)")
+    parser.add_argument("--bench", action="store_true", help="rerun jaxcnn bench --json docs/bench/cpu.json first")
+    parser.add_argument("--write-readme", action="store_true", help="write the generated blocks into README.md")
+    args = parser.parse_args(argv)
+    log = common.logger(NAME)
+    out = common.out_dir(args.out)
+    path = out / f"{NAME}.json"
+    results = json.loads(path.read_text()) if path.exists() else {"rows": {}}
+    if args.smoke:
+        rows = [Row("smoke", "`jaxcnn train --epochs 1 --train-limit 512 --dataset mnist-offline`",
+                    ("--epochs", "1", "--train-limit", "512", "--dataset", "mnist-offline", "--model", "lenet5"),
+                    "bundled held-out 1,000")]
+    else:
+        rows = [r for r in ROWS if r.key in args.rows]
+    if args.bench:
+        log("jaxcnn bench --json docs/bench/cpu.json")
+        subprocess.run([sys.executable, "-m", "jaxcnn.cli", "bench", "--json", str(BENCH_JSON)], cwd=common.REPO, check=True)
+    for row in rows:
+        results["rows"][row.key] = run_row(row, out, log)
+    results["environment"] = common.environment(common.command_line(NAME, argv))
+    common.write_json(path, results)
+    if args.write_readme and not args.smoke:
+        README.write_text(fill_readme(README.read_text(), render(results, load_bench())))
+        log("README.md updated")
+    log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
