@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from jaxcnn import provenance
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"
 MATPLOTLIB_HINT = (
@@ -94,29 +96,13 @@ def out_dir(path: str | os.PathLike) -> Path:
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (np.bool_, bool)):
-        return bool(value)
-    if isinstance(value, (np.integer, int)):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        value = float(value)
-        return value if math.isfinite(value) else str(value)  # "inf"/"nan": valid JSON, still readable
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if hasattr(value, "item") and callable(value.item) and getattr(value, "shape", None) == ():
-        return _jsonable(value.item())  # a 0-d JAX array
-    return value
+    """``value`` as JSON values (:func:`jaxcnn.provenance.jsonable`; NaN and infinities as strings)."""
+    return provenance.jsonable(value, nonfinite="string")
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    path.write_text(json.dumps(_jsonable(obj), indent=2) + "\n")
-    return path
+    """Writes ``obj`` as indented JSON (:func:`jaxcnn.provenance.write_json`, atomically)."""
+    return provenance.write_json(path, obj, nonfinite="string", indent=2)
 
 
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> Path:
@@ -149,39 +135,31 @@ def sci(x: float, digits: int = 1) -> str:
 
 
 def environment(command: str) -> dict:
-    """Provenance of a result: the command, library versions, date and machine."""
+    """Provenance of a result: the command, library versions, date and machine (CPU model and vector
+    extensions included; see :mod:`jaxcnn.provenance`)."""
     import jax
-    import jaxlib
 
-    try:
-        load = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        load = None
+    versions = provenance.versions(("jax", "jaxlib", "numpy"), optional=())
     return {
         "command": command,
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "numpy": np.__version__,
+        "date_utc": provenance.utc_now(),
+        "python": versions["python"],
+        "jax": versions["jax"],
+        "jaxlib": versions["jaxlib"],
+        "numpy": versions["numpy"],
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "machine": platform.machine(),
         "platform": platform.platform(),
         "cpu": _cpu_name(),
+        "cpu_vector_extensions": provenance.vector_extensions(),
         "cpu_count": os.cpu_count(),
-        "load_average_1_5_15_min": load,
+        "load_average_1_5_15_min": provenance.load_average(),
     }
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return provenance.cpu_name()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,6 +11,12 @@ Each op is timed standalone (``jit``) and inside ``lax.scan`` (the setting of th
 XLA:CPU compiles some convolutions differently); each train step (forward, loss, backward, optax update)
 as a jitted step called from Python (``loop``) and as a ``lax.scan`` over steps (``scan``).
 
+The two families compared are the suite's ``manual`` (the hand-written backward passes, every formulation
+the suite times, the fastest kept) and ``autodiff``: for an op, ``jax.vjp`` of the ``lax`` op; for a train
+step, ``jax.grad`` of the forward pass an autodiff user writes (``lax`` convolutions, the route
+``jaxcnn train --grad autodiff`` trains with), the fair baseline. The suite's other families (``jax.grad``
+of the manual route's own forward pass, Flax, PyTorch) stay in its report, not in these plots.
+
 Writes ``speed.md`` (tables of medians and manual/autodiff ratios), ``speed.json`` (the rows plotted,
 with provenance), ``speed.csv``, ``speed_ops.png`` and ``speed_steps.png``.
 
@@ -163,7 +169,9 @@ def _markdown(s: dict) -> str:
              + (f", load average during the suite {s['bench_load_average']}" if s.get("bench_load_average") else "") + ".\n",
              "Each row: the fastest manual and the fastest autodiff contender of a benchmark (median ms per op or per "
              "step), and **manual / autodiff**, the median over rounds of the per-round time ratio (below 1: the "
-             "hand-written backward is faster). `jit`: the op or step compiled alone; `loop`: a jitted train step "
+             "hand-written backward is faster). **autodiff** is `jax.vjp` of the `lax` op for an op, and for a train "
+             "step `jax.grad` of the forward pass an autodiff user writes (`lax` convolutions; `--grad autodiff`). "
+             "`jit`: the op or step compiled alone; `loop`: a jitted train step "
              "called from Python; `scan`: inside `lax.scan`, as the training loop runs it; `best`: the fastest of "
              "each family over `loop` and `scan` (the suite's headline manual / autodiff ratio).\n"]
     for kind, title in (("step", "Train steps (forward, loss, backward, SGD-momentum update)"), ("op", "Ops")):

@@ -1,7 +1,8 @@
 """Experiment 5 — what the network learned: first-layer filters, feature maps, confusion matrix.
 
-Trains a zoo model (``lenet5`` by default) on MNIST with the hand-written gradients — or loads a run of
-``jaxcnn train --out DIR`` given as ``--workdir DIR`` — then shows:
+Trains a zoo model (``lenet5`` by default, in its default convolution formulation) on MNIST with the
+hand-written gradients, through :func:`jaxcnn.train.train_and_evaluate` as ``jaxcnn train`` does — or
+loads the checkpoint of a run of ``jaxcnn train --out DIR`` given as ``--workdir DIR`` — then shows:
 
 * the first convolution's filters as images;
 * the feature maps (after the first convolution and its ReLU) of a few test digits;
@@ -22,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make ``experiments`` importable
@@ -35,8 +35,9 @@ import jax.numpy as jnp
 
 from experiments import common
 from jaxcnn import data as jdata
-from jaxcnn.models import get_model
-from jaxcnn.train import Trainer, TrainConfig, load_checkpoint, train_and_evaluate
+from jaxcnn import gradients
+from jaxcnn.models import MODELS, get_model
+from jaxcnn.train import Trainer, TrainConfig, restore_checkpoint, train_and_evaluate
 
 NAME = "what_it_learned"
 
@@ -45,12 +46,12 @@ NAME = "what_it_learned"
 class Config:
     model: str = "lenet5"
     epochs: int = 10
-    train_limit: int | None = None
+    train_limit: int | None = None  # train on a seeded, class-balanced subset of N images (``--train-limit``)
     test_limit: int | None = None  # smoke runs only
     n_digits: int = 4  # test digits whose feature maps are shown
     n_mistakes: int = 12
     workdir: str | None = None  # a ``jaxcnn train --out`` directory to load instead of training
-    download: bool = True
+    offline: bool = False  # never download dataset files
     seed: int = 0
 
 
@@ -62,30 +63,60 @@ def make_config(smoke: bool = False, **overrides) -> Config:
 
 
 def _load_data(config: Config, log) -> jdata.Dataset:
-    ds = jdata.load_dataset("mnist", data_dir=common.shared_mnist_dir(), download=config.download,
-                            train_limit=config.train_limit, log=log)
+    ds = jdata.load_dataset("mnist", data_dir=common.shared_mnist_dir(), download=not config.offline, log=log)
     if config.test_limit is not None:
         ds = ds._replace(test_images=ds.test_images[: config.test_limit], test_labels=ds.test_labels[: config.test_limit],
                          source=f"{ds.source}; testing on the first {config.test_limit:,} test images")
     return ds
 
 
+def _saved_config(workdir: Path) -> TrainConfig:
+    """The :class:`TrainConfig` of a ``jaxcnn train --out`` run (or of a ``jaxcnn.fit(out=...)`` run of a zoo model)."""
+    fields = json.loads((workdir / "config.json").read_text())
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    settings = {k: v for k, v in fields.items() if k in known}
+    if "model" not in fields:  # written by jaxcnn.fit: the network's name, which is the preset's for a zoo model
+        if fields.get("network") not in MODELS:
+            raise SystemExit(f"{NAME}: {workdir} holds a run of the network {fields.get('network')!r}, not of a zoo "
+                             f"model ({', '.join(MODELS)}); it cannot be rebuilt here")
+        settings["model"] = fields["network"]
+    if str(settings.get("optimizer", "")).startswith("custom"):
+        raise SystemExit(f"{NAME}: {workdir} was trained with an optax transformation passed to jaxcnn.fit "
+                         f"({settings['optimizer']}); its checkpoint can only be restored with that optimiser")
+    return TrainConfig(**settings)
+
+
 def _trained(config: Config, ds: jdata.Dataset, log):
     """(train config, params, model state, history): trained here, or loaded from ``config.workdir``."""
     if config.workdir:
         workdir = Path(config.workdir)
-        fields = json.loads((workdir / "config.json").read_text())
-        tc = TrainConfig(**{k: v for k, v in fields.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
-        ts, meta = load_checkpoint(workdir, Trainer(tc, ds).init_state())
+        tc = _saved_config(workdir)
+        spec = get_model(tc.model)
+        train = (ds.train_images, np.asarray(spec.targets(ds.train_labels)))
+        template = Trainer(spec.build(conv_method=tc.conv_method), spec.loss, train, None, tc,
+                           log=lambda s: None).init_state()
+        ts, meta = restore_checkpoint(workdir, template)
         metrics = workdir / "metrics.jsonl"
         history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
         log(f"loaded {tc.model} from {workdir} (epoch {meta['epoch']})")
         return tc, ts.params, ts.model_state, history
-    tc = TrainConfig(model=config.model, epochs=config.epochs, seed=config.seed, grad="manual", download=config.download)
-    with tempfile.TemporaryDirectory() as tmp:
-        history = train_and_evaluate(tc, tmp, dataset=ds, log=lambda s: log("  " + s), progress=False)
-        ts, _ = load_checkpoint(Path(tmp), Trainer(tc, ds).init_state())
-    return tc, ts.params, ts.model_state, history
+    tc = TrainConfig(model=config.model, epochs=config.epochs, seed=config.seed, grad="manual", offline=config.offline,
+                     train_limit=config.train_limit)
+    result = train_and_evaluate(tc, None, dataset=ds, log=lambda s: log("  " + s), progress=False)
+    return tc, result.params, result.state, result.history
+
+
+def _ten_class(name: str):
+    """The zoo preset ``name`` if it outputs ten digit logits (softmax cross-entropy); exits otherwise."""
+    try:
+        spec = get_model(name)
+    except ValueError as error:
+        raise SystemExit(f"{NAME}: {error}") from None
+    if spec.loss is not gradients.softmax_cross_entropy:
+        classifiers = ", ".join(n for n, m in MODELS.items() if m.loss is gradients.softmax_cross_entropy)
+        raise SystemExit(f"{NAME}: {name} does not output ten digit classes (the confusion matrix needs them); "
+                         f"choose one of {classifiers}")
+    return spec
 
 
 def _inputs(images_u8):
@@ -99,9 +130,11 @@ def run(out_dir, *, smoke: bool = False, command: str | None = None, log=None, *
     env = common.environment(command or f"what_it_learned.run(smoke={smoke}, {overrides})")
     ds = _load_data(config, log)
     log(f"data: {len(ds.train_labels):,} train / {len(ds.test_labels):,} test images: {ds.source}")
+    if not config.workdir:
+        _ten_class(config.model)
     tc, params, state, history = _trained(config, ds, log)
-    spec = get_model(tc.model)
-    model = spec.build()
+    spec = _ten_class(tc.model)
+    model = spec.build(conv_method=tc.conv_method)
     if tc.normalize:
         raise SystemExit(f"{NAME}: runs trained with --normalize are not supported (the figures show raw-pixel inputs)")
 
@@ -137,7 +170,7 @@ def run(out_dir, *, smoke: bool = False, command: str | None = None, log=None, *
 
     summary = {
         "experiment": NAME, "environment": env, "config": dataclasses.asdict(config),
-        "train_config": dataclasses.asdict(tc), "data": ds.source, "history": history,
+        "train_config": tc.to_json(), "data": ds.source, "history": history,
         "test_images": int(len(labels)), "test_accuracy": accuracy,
         "per_class_accuracy": {str(d): float(a) for d, a in enumerate(per_class)},
         "confusion_matrix": confusion, "top_confusions": [{"true": t, "predicted": p, "count": n} for n, t, p in top_confusions],
@@ -169,9 +202,11 @@ def _markdown(s: dict, confusion, per_class) -> str:
     h = s["history"][-1] if s["history"] else None
     lines = ["# What the network learned\n",
              f"Command: `{env['command']}` ({env['date_utc']}, jax {env['jax']}).\n",
-             f"`{tc['model']}` trained with the hand-written gradients for {tc['epochs']} epochs (`jaxcnn train` defaults "
-             f"otherwise: SGD momentum 0.9, cosine schedule from lr {tc['lr']}, batch {tc['batch_size']}, seed {tc['seed']}) "
-             f"on {s['data']}.\n",
+             f"`{tc['model']}` trained with the {'hand-written' if tc['grad'] == 'manual' else tc['grad']} gradients for "
+             f"{tc['epochs']} epochs (`jaxcnn train` defaults otherwise: SGD momentum 0.9, cosine schedule from lr "
+             f"{tc['lr']}, batch {tc['batch_size']}, seed {tc['seed']}, convolutions `{tc['conv_method']}`) on {s['data']}"
+             + (f"; training on a class-balanced subset of {tc['train_limit']:,} images" if tc.get("train_limit") else "")
+             + ".\n",
              f"**Test accuracy {s['test_accuracy']:.4f}** on {s['test_images']:,} test images"
              + (f" (training loss {h['train_loss']:.4f} in the last epoch)." if h else ".") + "\n",
              "## Per-class accuracy\n",
@@ -262,7 +297,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=None, help="load this `jaxcnn train --out` run instead of training")
     parser.add_argument("--offline", action="store_true", help="never download dataset files")
     args = parser.parse_args(argv)
-    overrides = {"seed": args.seed, "model": args.model, "workdir": args.workdir, "download": not args.offline}
+    overrides = {"seed": args.seed, "model": args.model, "workdir": args.workdir, "offline": args.offline}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     run(args.out, smoke=args.smoke, command=common.command_line(NAME, argv), **overrides)

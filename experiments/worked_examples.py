@@ -5,7 +5,7 @@ numbers and formulas the tutorial writes, element by element:
 
 * seed 003: the 3x3 image convolved with the 2x2 filter (outputs 9, 32, 14, 26);
 * seed 002: ``dF = conv(X, dO)`` and ``dX = full_conv(dO, rot180 F)`` on that image and filter, each
-  element from the tutorial's own expansion, against ``conv2d_backward`` (both formulations),
+  element from the tutorial's own expansion, against ``conv2d_backward`` (every formulation),
   ``jax.vjp`` and the NumPy loop reference;
 * seed 001: max-pool gradient routing on a 4x4 input whose winners sit where the tutorial draws them,
   and the filter gradient ``dE/dF = conv(A, dE/dC)`` on its 6x6 input;
@@ -40,6 +40,7 @@ import jax.numpy as jnp
 
 from experiments import common
 from jaxcnn import ops, reference
+from jaxcnn.ops.conv import METHODS as CONV_METHODS
 from jaxcnn.shapes import window_geometry
 
 NAME = "worked_examples"
@@ -135,11 +136,17 @@ def _expand(terms, symbols) -> tuple[str, str, float]:
 # The sections
 
 
+def _methods() -> str:
+    """The formulations of ``conv2d`` and ``conv2d_backward``, as the report names them."""
+    words = {"conv": "`lax` convolution", "im2col": "im2col", "taps": "per-tap products", "auto": "`auto` (the default)"}
+    return ", ".join(words.get(m, f"`{m}`") for m in CONV_METHODS)
+
+
 def seed_003_forward(r: Report) -> None:
     sec = "003 forward"
     r.text("## Seed 003 — a 3x3 image convolved with a 2x2 filter\n")
     x, f = _nhwc(IMAGE_003), _hwio(FILTER_003)
-    outputs = {m: np.asarray(ops.conv2d(x, f, method=m))[0, :, :, 0] for m in ("conv", "im2col")}
+    outputs = {m: np.asarray(ops.conv2d(x, f, method=m))[0, :, :, 0] for m in CONV_METHODS}
     ref = reference.conv2d(np.asarray(x), np.asarray(f))[0, :, :, 0]
     lines = ["image X             filter F", *[f"{'  '.join(_num(v).rjust(2) for v in IMAGE_003[i])}" +
              (f"          {'  '.join(_num(v) for v in FILTER_003[i])}" if i < 2 else "") for i in range(3)], ""]
@@ -151,12 +158,13 @@ def seed_003_forward(r: Report) -> None:
         lines.append(f"O{i + 1}{j + 1} = ({num}) = {_num((patch * FILTER_003).sum())}    tutorial: {_num(OUTPUT_003[i, j])}"
                      f"    conv2d: {_num(got)} {'✓' if ok else '✗'}")
     r.code(lines)
-    r.check(sec, "conv2d(method='im2col') equals method='conv'", outputs["conv"], outputs["im2col"])
+    for m in (m for m in CONV_METHODS if m != "conv"):
+        r.check(sec, f"conv2d(method='{m}') equals method='conv'", outputs["conv"], outputs[m])
     r.check(sec, "NumPy loop reference", OUTPUT_003, ref)
     n, k = 3, 2
     r.check(sec, "output size (n - f + 1)", n - k + 1, outputs["conv"].shape[0])
     r.text(f"Output size `(n - f + 1) = {n} - {k} + 1 = {n - k + 1}`, the shape conv2d returns: "
-           f"`{tuple(outputs['conv'].shape)}`. Both formulations of `conv2d` (`lax` convolution and im2col) and the "
+           f"`{tuple(outputs['conv'].shape)}`. Every formulation of `conv2d` ({_methods()}) and the "
            "NumPy loop reference give the tutorial's four numbers.\n")
 
 
@@ -191,7 +199,7 @@ def seed_002_backward(r: Report) -> None:
         for i, j in np.ndindex(a.shape):
             symbols[f"{name}{i + 1}{j + 1}"] = a[i, j]
     x, f, dy = _nhwc(IMAGE_003), _hwio(FILTER_003), _nhwc(D_OUTPUT_002)
-    lib = {m: ops.conv2d_backward(dy, x, f, method=m) for m in ("conv", "im2col")}
+    lib = {m: ops.conv2d_backward(dy, x, f, method=m) for m in CONV_METHODS}
     _, vjp = jax.vjp(lambda x, f: ops.conv2d(x, f), x, f)
     auto_dx, auto_df = vjp(dy)
     ref_dx, ref_df, _ = reference.conv2d_backward(np.asarray(dy), np.asarray(x), np.asarray(f))
@@ -220,7 +228,7 @@ def seed_002_backward(r: Report) -> None:
         padded, jnp.flip(_hwio(FILTER_003), (0, 1)), (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")))
     r.check(sec, "dF = conv(X, δO) computed with conv2d", dw, df_as_conv)
     r.check(sec, "dX = full_conv(δO, rot180 F) computed with conv2d on zero-padded δO", dx, dx_as_full)
-    for m in ("conv", "im2col"):
+    for m in CONV_METHODS:
         r.check(sec, f"conv2d_backward(method='{m}') dX vs jax.vjp", auto_dx, lib[m][0])
         r.check(sec, f"conv2d_backward(method='{m}') dF vs jax.vjp", auto_df, lib[m][1])
     r.check(sec, "dX vs NumPy loop reference", ref_dx, lib["conv"][0])
@@ -230,7 +238,7 @@ def seed_002_backward(r: Report) -> None:
             "dX = full_conv(δO, rot180 F)  (δO zero-padded by 1, correlated with rot180 F):", _grid(dx_as_full)])
     r.check(sec, "the same dX as a true (flipping) convolution of padded δO with F", dx_as_full, dx_true_conv[0, :, :, 0])
     r.text("Both matrix statements hold, computed literally with `conv2d`, and agree with `conv2d_backward` "
-           "(`lax` and im2col formulations), `jax.vjp` and the NumPy loop reference. Notes on the text: the article "
+           f"(every formulation: {_methods()}), `jax.vjp` and the NumPy loop reference. Notes on the text: the article "
            "says *convolution* for what it computes as *correlation* (it says so: \"convolution is same as "
            "correlation, just for simplicity\"), so `full_conv(dO, rot180 F)` means a full correlation with the "
            "rotated filter — equivalently a true full convolution with `F` itself, checked above. Its long-form "

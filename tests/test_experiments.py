@@ -90,6 +90,13 @@ def test_worked_examples_match_the_tutorials(tmp_path):
     slips = [c for c in checks if "slip" in c]
     assert {c["section"] for c in slips} == {"001 max-pool routing", "001 filter gradient", "004 output size",
                                              "000 matrix-form shapes"}
+    # Every formulation of conv2d and conv2d_backward gives the tutorials' numbers.
+    from jaxcnn.ops.conv import METHODS
+
+    for m in METHODS:
+        assert by_name[("002 backward", f"conv2d_backward(method='{m}') dF vs jax.vjp")]["ok"]
+        if m != "conv":
+            assert by_name[("003 forward", f"conv2d(method='{m}') equals method='conv'")]["ok"]
     report = (tmp_path / "worked_examples.md").read_text()
     assert "**Slip (001):**" in report and "**Slip (004):**" in report and "**Slips (000):**" in report
     assert "✗" not in report
@@ -102,7 +109,7 @@ def test_worked_examples_match_the_tutorials(tmp_path):
 
 
 def test_tutorial_cnn_smoke(tmp_path):
-    summary = tutorial_cnn.run(tmp_path, smoke=True, download=False, log=quiet)
+    summary = tutorial_cnn.run(tmp_path, smoke=True, offline=True, log=quiet)
     assert_files(tmp_path, ["tutorial_cnn.md", "tutorial_cnn.json", "tutorial_cnn_steps.csv"],
                  ["tutorial_cnn_loss.png", "tutorial_cnn_grad_diff.png", "tutorial_cnn_step_time.png"])
     stored = load_json(tmp_path / "tutorial_cnn.json")
@@ -115,12 +122,15 @@ def test_tutorial_cnn_smoke(tmp_path):
     gaps = summary["max_gradient_difference_over_all_steps"]
     assert set(gaps["manual_vs_autodiff"]) == {"conv2d.b", "conv2d.w", "dense.b", "dense.w"}
     assert max(gaps["manual_vs_autodiff_relative_to_scale"].values()) < 1e-4  # float32 rounding, nothing more
+    # The second witness, jax.grad of the lax forward pass, agrees as closely.
+    assert set(gaps["manual_vs_autodiff_lax"]) == set(gaps["manual_vs_autodiff"])
+    assert max(gaps["manual_vs_autodiff_lax_relative_to_scale"].values()) < 1e-4
     # The NumPy loop version computes seed_net's gradient exactly (float64) and follows the same trajectory.
     check = summary["numpy_check"]
     assert max(check["gradient_rel_diff_vs_jitted_float64"].values()) < 1e-12
     assert check["max_rel_loss_diff_vs_float64"] < 1e-12
-    assert set(summary["time_per_step"]) == {"NumPy loops (float64)", "jitted manual (float64)",
-                                            "jitted manual (float32)", "jitted autodiff (float32)"}
+    assert set(summary["time_per_step"]) == {"NumPy loops (float64)", "jitted manual (float64)", "jitted manual (float32)",
+                                            tutorial_cnn.AUTODIFF_LAX, tutorial_cnn.AUTODIFF_SAME}
     assert all(t["median_ms"] > 0 for t in summary["time_per_step"].values())
 
 
@@ -137,12 +147,12 @@ def test_tutorial_numpy_network_matches_seed_net_on_a_few_images():
     labels = np.array([0.0, 1.0, 1.0])
     spec = get_model("seed_net")
     model = spec.build()
-    params, _, _ = model.init(jax.random.PRNGKey(1), (1, 28, 28, 1))
+    params, _, _ = model.init(jax.random.PRNGKey(1), spec.input_shape)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
     net = tutorial_cnn.TutorialNumpyCNN.from_params(params)
     X = np.moveaxis(images, 0, -1)
     loss, grads, _ = net.loss_and_grads(net.patches(X, 5, 5), X, labels[None, :])
-    (ref_loss, _), ref = value_and_grad(model, spec.loss, "autodiff")(
+    (ref_loss, _), ref = value_and_grad(model, spec.loss, "autodiff_same_forward")(
         params, tuple({} for _ in params), jnp.asarray(images[..., None]), jnp.asarray(labels[:, None]))
     assert loss == pytest.approx(float(ref_loss), rel=1e-13)
     for got, want in zip(jax.tree_util.tree_leaves(net.grads_as_params(grads)), jax.tree_util.tree_leaves(ref)):
@@ -169,7 +179,8 @@ def test_gradient_report_smoke(tmp_path):
             assert r["manual_vs_autodiff"] < 1e-5
         else:
             assert r["manual_vs_float64"] < 5e-2
-    assert any(r["kind"] == "model" and r["case"] == "seed_net" for r in rows)
+    (model_row,) = [r for r in rows if r["kind"] == "model" and r["case"] == "seed_net"]
+    assert model_row["manual_vs_autodiff_lax"] is not None  # the second witness: jax.grad of the lax forward
     elementwise = summary["elementwise"]
     assert all(elementwise[d]["elements"] > 0 for d in ("float64", "float32", "bfloat16"))
 
@@ -184,6 +195,13 @@ def test_gradient_report_cases_cover_ops_and_layers():
     for layer in ("Conv2D", "Dense", "BatchNorm", "Dropout", "MaxPool2D", "AvgPool2D", "GlobalAvgPool", "Flatten",
                   "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "Residual"):
         assert any(n.startswith(layer) for n in names), layer
+    # Every convolution formulation, as an op (forward and backward alike) and as a layer.
+    from jaxcnn.ops.conv import METHODS
+
+    for method in METHODS:
+        assert sum(n.startswith("conv2d ") and n.endswith(f"method={method}") for n in names) >= 6, method
+        assert any(n.startswith("Conv2D") and f"method {method}" in n for n in names), method
+    assert set(gradient_report.SMOKE["cases"]) <= set(names)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -192,7 +210,7 @@ def test_gradient_report_cases_cover_ops_and_layers():
 
 @pytest.mark.slow
 def test_training_comparison_smoke(tmp_path):
-    summary = training_comparison.run(tmp_path, smoke=True, download=False, log=quiet)
+    summary = training_comparison.run(tmp_path, smoke=True, offline=True, log=quiet)
     assert_files(tmp_path, ["training_comparison.md", "training_comparison.json", "training_comparison.csv"],
                  ["training_comparison.png"])
     (pair,) = summary["comparison"]
@@ -201,11 +219,14 @@ def test_training_comparison_smoke(tmp_path):
     assert pair["max_abs_diff_per_epoch"]["test_accuracy"] <= 2 / training_comparison.SMOKE["test_limit"]
     assert all(v > 0 for v in pair["images_per_s"].values())
     assert len(summary["runs"]) == 2 and all(len(r["history"]) == 1 for r in summary["runs"])
+    assert {r["train_config"]["grad"] for r in summary["runs"]} == {"manual", "autodiff"}  # autodiff: the lax baseline
+    assert all(r["train_config"]["train_limit"] == dict(training_comparison.SMOKE["train_limit"])["mnist"]
+               for r in summary["runs"])
 
 
 @pytest.mark.slow
 def test_what_it_learned_smoke(tmp_path):
-    summary = what_it_learned.run(tmp_path, smoke=True, download=False, log=quiet)
+    summary = what_it_learned.run(tmp_path, smoke=True, offline=True, log=quiet)
     assert_files(tmp_path, ["what_it_learned.md", "what_it_learned.json", "what_it_learned_confusion.csv"],
                  ["what_it_learned_filters.png", "what_it_learned_feature_maps.png", "what_it_learned_confusion.png",
                   "what_it_learned_mistakes.png"])
@@ -214,6 +235,21 @@ def test_what_it_learned_smoke(tmp_path):
     assert summary["test_accuracy"] == pytest.approx(np.trace(confusion) / confusion.sum())
     assert summary["first_layer"]["kernel_shape"] == [5, 5, 1, 6]  # lenet5's first convolution
     assert all(m["true"] != m["predicted"] for m in summary["mistakes"])
+
+
+def test_what_it_learned_reads_the_config_of_a_run(tmp_path):
+    """--workdir takes a `jaxcnn train --out` run, or a `jaxcnn.fit(out=...)` run of a zoo network."""
+    (tmp_path / "config.json").write_text(json.dumps({"model": "small_cnn", "conv_method": "conv", "epochs": 3,
+                                                      "download": True}))  # an unknown (older) field is ignored
+    tc = what_it_learned._saved_config(tmp_path)
+    assert (tc.model, tc.conv_method, tc.epochs) == ("small_cnn", "conv", 3)
+    (tmp_path / "config.json").write_text(json.dumps({"network": "lenet5", "loss": "softmax_cross_entropy", "epochs": 2}))
+    assert what_it_learned._saved_config(tmp_path).model == "lenet5"
+    (tmp_path / "config.json").write_text(json.dumps({"network": "serial", "loss": "mse"}))
+    with pytest.raises(SystemExit, match="not of a zoo model"):
+        what_it_learned._saved_config(tmp_path)
+    with pytest.raises(SystemExit, match="ten digit classes"):
+        what_it_learned._ten_class("seed_net")
 
 
 # ---------------------------------------------------------------------------------------------------
