@@ -1,59 +1,65 @@
 """The PyTorch peer of ``jaxcnn bench``: the zoo models written with ``torch.nn``, trained with the same batch,
 loss and optimiser (SGD, momentum 0.9), eagerly or through ``torch.compile``.
 
-PyTorch is never a dependency: :func:`available` says whether it is installed and nothing else here is
-imported by jaxcnn unless it is.
+PyTorch is never a dependency: this module is imported only when it is installed
+(:func:`jaxcnn.bench.peers.torch_peer` checks).
 """
 
 from __future__ import annotations
 
-import importlib.util
+import numpy as np
 
 
-def available() -> bool:
-    return importlib.util.find_spec("torch") is not None
-
-
-def build(model_name: str):
-    """``(module, loss_fn, binary)``: the PyTorch twin of a zoo model (NCHW, PyTorch's native layout)."""
+def build(model_name: str, channels: int):
+    """``(module, loss_fn)``: the PyTorch twin of a zoo model for inputs of ``channels`` channels (NCHW,
+    PyTorch's native layout; the first dense layer infers its input size)."""
     import torch
     from torch import nn
 
     if model_name == "seed_net":
-        net = nn.Sequential(nn.Conv2d(1, 3, 5), nn.Sigmoid(), nn.Flatten(), nn.Linear(3 * 24 * 24, 1), nn.Sigmoid())
+        net = nn.Sequential(nn.Conv2d(channels, 3, 5), nn.Sigmoid(), nn.Flatten(), nn.LazyLinear(1), nn.Sigmoid())
 
         def loss(pred, target):
             return 0.5 * torch.mean(torch.square(pred - target))
 
-        return net, loss, True
+        return net, loss
     if model_name == "lenet5":
         net = nn.Sequential(
-            nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-            nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10),
+            nn.LazyLinear(120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10),
         )
-        return net, nn.functional.cross_entropy, False
+        return net, nn.functional.cross_entropy
     if model_name == "small_cnn":
         net = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
-            nn.Linear(64 * 7 * 7, 256), nn.ReLU(), nn.Linear(256, 10),
+            nn.LazyLinear(256), nn.ReLU(), nn.Linear(256, 10),
         )
-        return net, nn.functional.cross_entropy, False
+        return net, nn.functional.cross_entropy
     raise KeyError(model_name)
 
 
 def make_step(model_name: str, batch: int, steps: int, *, compiled: bool = False, lr: float = 0.05, threads: int = 2):
     """``(fn, info)``: ``fn()`` runs ``steps`` train steps (zero_grad, forward, loss, backward, SGD step) on one
-    fixed batch; ``compiled`` wraps the module in ``torch.compile`` and runs it once to compile."""
+    fixed batch of the zoo spec's input shape and targets; ``compiled`` wraps the module in ``torch.compile``
+    and runs it once to compile."""
     import torch
 
+    from jaxcnn.models import get_model
+
+    spec = get_model(model_name)
+    _, h, w, c = spec.input_shape
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    net, loss_fn, binary = build(model_name)
-    x = torch.rand(batch, 1, 28, 28)
-    labels = torch.randint(0, 10, (batch,))
-    target = (labels > 4).float()[:, None] if binary else labels
+    net, loss_fn = build(model_name, c)
+    x = torch.rand(batch, c, h, w)
+    labels = np.random.default_rng(2).integers(0, 10, batch)
+    target = torch.from_numpy(np.array(spec.targets(labels)))
+    if not target.is_floating_point():
+        target = target.long()  # class indices, as cross_entropy takes them
+    with torch.no_grad():
+        net(x)  # sizes the lazy layers before the optimiser sees the parameters
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
     model = torch.compile(net) if compiled else net
 

@@ -1,0 +1,136 @@
+"""The benchmark report: its targets, its markdown tables, and its JSON."""
+
+from __future__ import annotations
+
+import math
+
+from jaxcnn import provenance
+from jaxcnn.bench.harness import best_of
+
+
+def evaluate_targets(report: dict) -> list[dict]:
+    """The targets, each with the measured value and whether it is met (``None``: not measured).
+
+    The train-step targets compare the hand-written backward with the best ``jax.grad`` baseline (the
+    fastest of ``jax.grad`` of the lax forward, of the manual route's own forward, and Flax), in time and
+    in compiled memory.
+    """
+    ratios, recs, out = report["ratios"], report["results"], []
+    models = report["config"]["models"]
+
+    def add(target, value, limit, higher_is_better=False, detail=""):
+        met = None if value is None else (value >= limit if higher_is_better else value <= limit)
+        out.append({"target": target, "value": value, "limit": limit, "met": met, "detail": detail})
+
+    def ratio(benchmark, key):
+        r = ratios.get(benchmark, {})
+        return r.get(key), r.get(f"{key} contenders", "")
+
+    for m in models:
+        value, detail = ratio(f"step/{m}", "manual/best_autodiff")
+        add(f"step {m}: manual / best autodiff <= 1.0", value, 1.0, detail=detail)
+    for m in models:
+        value, detail = ratio(f"step/{m}", "manual/torch")
+        add(f"step {m}: manual / torch eager <= 1.0", value, 1.0, detail=detail)
+    value, detail = ratio("step/small_cnn", "manual/torch.compile")
+    add("step small_cnn: manual / torch.compile <= 1.0", value, 1.0, detail=detail)
+    best = best_of([x for x in recs if x["benchmark"] == "step/small_cnn"], "manual")
+    add("step small_cnn: >= 60% of the measured matmul peak", best.get("peak_fraction") if best else None, 0.6,
+        higher_is_better=True, detail=best["contender"] if best else "")
+    for m in models:
+        value, detail = ratio(f"epoch/{m}", "scan/step images_per_s")
+        add(f"epoch {m}: manual scan images/s >= 1.2 x per-step loop", value, 1.2, higher_is_better=True,
+            detail=detail)
+    for m in models:
+        value, detail = ratio(f"step/{m}", "memory manual/best_autodiff")
+        add(f"step {m}: manual compiled memory <= best autodiff's", value, 1.0,
+            detail=f"XLA compiled memory analysis: {detail}" if detail else "")
+    return out
+
+
+def to_json(report: dict) -> str:
+    """The report as strict JSON (NaN and infinities as ``null``)."""
+    return provenance.dumps(report, nonfinite="null", indent=1)
+
+
+def _fmt(v, spec=".2f"):
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def op_pivot(records: list[dict]) -> list[str]:
+    """Per-op medians (ms) as one row per op and one column per contender, each cell the best over the
+    compile-option sets (which one in brackets), the fastest in bold; pruned contenders show ``>`` their
+    warm-up time."""
+    def base(name):
+        return name.split("[")[0]
+
+    columns = sorted(dict.fromkeys(base(r["contender"]) for r in records), key=lambda c: (not c.startswith("autodiff"), c))
+    lines = ["| op | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for bench in dict.fromkeys(r["benchmark"] for r in records):
+        rows = [r for r in records if r["benchmark"] == bench]
+        cells, best_ms = {}, min((r["median_ms"] for r in rows if r["status"] == "ok"), default=None)
+        for col in columns:
+            mine = [r for r in rows if base(r["contender"]) == col and r.get("median_ms") is not None]
+            ok = [r for r in mine if r["status"] == "ok"]
+            if ok:
+                r = min(ok, key=lambda r: r["median_ms"])
+                text = f"{r['median_ms']:.3f} [{r.get('options', '')}]"
+                cells[col] = f"**{text}**" if r["median_ms"] == best_ms else text
+            elif mine:
+                cells[col] = f">{min(r['median_ms'] for r in mine):.1f} (pruned)"
+            else:
+                cells[col] = ""
+        lines.append(f"| {bench} | " + " | ".join(cells[c] for c in columns) + " |")
+    return lines
+
+
+def machine_line(report: dict) -> str:
+    m, v = report["machine"], report["versions"]
+    ext = m.get("cpu_vector_extensions")
+    ext = f" ({', '.join(ext) if ext else 'no vector extensions listed'})" if ext is not None else ""
+    return (f"Machine: {m['cpu']}{ext}, {m['cores']} cores, device {m['device']}; "
+            + ", ".join(f"{k} {x}" for k, x in v.items()) + ".")
+
+
+def format_markdown(report: dict) -> str:
+    """The report as markdown: step, epoch and scaling results, targets, ratios, then every per-op record."""
+    lines = [machine_line(report)]
+    if report.get("load_average"):
+        lines.append(f"Load average (1, 5, 15 min) at start {report['load_average']['start']}, "
+                     f"at end {report['load_average']['end']}.")
+    peak = _fmt(report.get("peak_gflops"), ".1f")
+    lines.append(f"Measured matmul peak: {peak} GFLOP/s." if peak else "Matmul peak: not measured (section peak).")
+    lines.append("")
+    recs = report["results"]
+    steps = [r for r in recs if r["benchmark"].startswith(("step/", "epoch/", "peak/", "scaling/"))]
+    if steps:
+        lines += ["| benchmark | contender | median ms | p25-p75 ms | GFLOP/s | % peak | images/s | memory MB | note |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in steps:
+            mem = r.get("memory_bytes")
+            lines.append(
+                f"| {r['benchmark']} | {r['contender']} | {_fmt(r.get('median_ms'))} | "
+                f"{_fmt(r.get('p25_ms'))}-{_fmt(r.get('p75_ms'))} | {_fmt(r.get('gflops'), '.1f')} | "
+                f"{_fmt(100 * r['peak_fraction'] if r.get('peak_fraction') else None, '.0f')} | "
+                f"{_fmt(r.get('images_per_s'), ',.0f')} | {_fmt(mem / 2**20 if mem else None, '.1f')} | "
+                f"{r.get('note', '') if r['status'] != 'ok' else ''} |")
+        lines.append("")
+    if report.get("targets"):
+        lines += ["| target | measured | met | compared |", "|---|---:|---|---|"]
+        for t in report["targets"]:
+            met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+            lines.append(f"| {t['target']} | {_fmt(t['value'], '.3f')} | {met} | {t.get('detail', '')} |")
+        lines.append("")
+    ratio_rows = [(b, k, v, r.get(f"{k} contenders", "")) for b, r in report["ratios"].items()
+                  for k, v in r.items() if not k.endswith("contenders")]
+    if ratio_rows:
+        lines += ["| benchmark | ratio | value | contenders |", "|---|---|---:|---|"]
+        lines += [f"| {b} | {k} | {_fmt(v, '.3f')} | {c} |" for b, k, v, c in ratio_rows]
+        lines.append("")
+    opsr = [r for r in recs if r["benchmark"].startswith("op/")]
+    if opsr:
+        lines += op_pivot(opsr)
+        lines.append("")
+    for n in report.get("notes", []):
+        lines.append(f"- {n}")
+    return "\n".join(lines)
