@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcnn import ops
+from jaxcnn.ops.losses import _check_labels, _check_pair
 from jaxcnn.gradcheck import GradCheckResult, gradcheck
 from jaxcnn.layers import Layer, autodiff_forward
 
@@ -31,6 +32,7 @@ ROUTES = ("manual", "autodiff", "autodiff_same_forward")
 
 
 def _correct_softmax(logits, labels):
+    _check_labels("softmax_cross_entropy correct", logits, labels)
     return jnp.argmax(logits, axis=-1) == labels
 
 
@@ -40,6 +42,9 @@ def _correct_threshold(threshold: float) -> Callable:
     as scores, the class being the argmax of the prediction and of the (one-hot) target."""
 
     def correct(pred, target):
+        _check_pair("correct", pred, target)
+        if pred.ndim < 2:
+            raise ValueError(f"correct: predictions must be (N, outputs), got shape {tuple(pred.shape)}")
         if pred.shape[-1] == 1:
             return ((pred[..., 0] > threshold) == (target[..., 0] > 0.5)).reshape(pred.shape[0], -1).all(axis=1)
         return jnp.argmax(pred, axis=-1) == jnp.argmax(target, axis=-1)

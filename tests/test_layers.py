@@ -3,13 +3,16 @@ BatchNorm's running statistics, Dropout's key handling, the combinators, and ``w
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 
-from jaxcnn import gradients, layers
+from jaxcnn import gradients, layers, ops
 from jaxcnn.gradcheck import GradCheckError
 from jaxcnn.gradients import gradcheck_layer, with_manual_vjp
 from jaxcnn.layers import (
@@ -82,28 +85,35 @@ def _perturbed_affine(params):
 SLOW = pytest.mark.slow
 # Shared input shapes: gradcheck runs op by op and every new shape compiles, so cases reuse these.
 IMG = (2, 6, 6, 4)  # NHWC
+IMG6 = (2, 5, 5, 6)  # NHWC, more channels than "taps" writes as multiply-adds
 VEC = (3, 6)  # (N, features)
 TRAIN = dict(train=True)
 DROP = dict(train=True, key=jax.random.PRNGKey(7))
 
 # (layer factory, input shape, forward kwargs, options)
 CASES = [
-    # Conv2D: both backward formulations on geometries that exercise stride, dilation, asymmetric
-    # padding and groups; the remaining geometry/method combinations are marked slow.
+    # Conv2D: each formulation (forward and backward) on geometries that exercise stride, dilation,
+    # asymmetric padding and groups; the remaining geometry/method combinations are marked slow (every
+    # formulation is also checked op by op in test_ops_conv.py and in whole models in test_models.py). IMG's
+    # 4 channels make "taps" (and "auto", which picks it here) use the broadcast multiply-adds; IMG6's 6
+    # channels, the per-tap matrix products.
     *[
-        pytest.param(lambda m=m, kw=kw: Conv2D(4, **kw, backward_method=m), IMG, {}, {}, id=f"conv-{name}-{m}",
+        pytest.param(lambda m=m, kw=kw: Conv2D(4, **kw, method=m), IMG, {}, {}, id=f"conv-{name}-{m}",
                      marks=() if m in default else SLOW)
         for name, kw, default in [
-            ("k3-s2-same", dict(kernel=3, stride=2, padding="SAME"), ("conv",)),
-            ("k2x3-s2x1-p1-d2", dict(kernel=(2, 3), stride=(2, 1), padding=1, dilation=2), ("im2col",)),
+            ("k3-s2-same", dict(kernel=3, stride=2, padding="SAME"), ("conv", "auto")),
+            ("k2x3-s2x1-p1-d2", dict(kernel=(2, 3), stride=(2, 1), padding=1, dilation=2), ("im2col", "taps")),
             ("groups2-asym-pad", dict(kernel=(3, 2), padding=((1, 0), (0, 1)), groups=2), ("im2col", "conv")),
             ("k3-nobias", dict(kernel=3, use_bias=False), ()),
-            ("depthwise", dict(kernel=3, groups=4, padding="SAME"), ()),
+            ("depthwise", dict(kernel=3, groups=4, padding="SAME"), ("auto",)),
         ]
-        for m in ("im2col", "conv")
+        for m in ("im2col", "conv", "taps", "auto")
     ],
-    pytest.param(lambda: Conv2D(4, 3, stride=2, padding=1, groups=2, forward_method="im2col", backward_method="conv"),
-                 IMG, {}, {}, id="conv-im2col-forward-groups2", marks=SLOW),
+    pytest.param(lambda: Conv2D(4, 3, stride=2, padding=1, groups=2, method="im2col"), IMG, {}, {},
+                 id="conv-k3-s2-p1-groups2-im2col", marks=SLOW),
+    pytest.param(lambda: Conv2D(4, 3, stride=2, padding=1, method="taps"), IMG6, {}, {}, id="conv-taps-matmul-s2-p1",
+                 marks=SLOW),
+    pytest.param(lambda: Conv2D(5, 3, padding="SAME", method="taps"), IMG6, {}, {}, id="conv-taps-matmul", marks=SLOW),
     pytest.param(lambda: Dense(5), VEC, {}, {}, id="dense"),
     pytest.param(lambda: Dense(5, use_bias=False), VEC, {}, {}, id="dense-nobias"),
     pytest.param(BatchNorm, IMG, TRAIN, dict(params_fn=_perturbed_affine), id="batchnorm-nhwc-train"),
@@ -130,21 +140,21 @@ CASES = [
     pytest.param(Softmax, VEC, {}, {}, id="softmax"),
     pytest.param(LogSoftmax, VEC, {}, {}, id="log-softmax"),
     pytest.param(
-        lambda: serial(Conv2D(4, 3, stride=2, padding="SAME", use_bias=False, backward_method="conv"), BatchNorm(), Relu(),
+        lambda: serial(Conv2D(4, 3, stride=2, padding="SAME", use_bias=False, method="conv"), BatchNorm(), Relu(),
                        MaxPool2D(3, stride=2, padding=1), Flatten(), Dense(5)),
         IMG, TRAIN, dict(skip_kinks=True), id="serial-conv-bn-relu-pool-dense"),
     pytest.param(
-        lambda: Residual(serial(Conv2D(4, 3, padding="SAME", use_bias=False, backward_method="conv"), BatchNorm(), Relu(),
-                                Conv2D(4, 3, padding="SAME", use_bias=False, backward_method="conv"), BatchNorm())),
+        lambda: Residual(serial(Conv2D(4, 3, padding="SAME", use_bias=False, method="conv"), BatchNorm(), Relu(),
+                                Conv2D(4, 3, padding="SAME", use_bias=False, method="conv"), BatchNorm())),
         IMG, TRAIN, dict(skip_kinks=True), id="residual-identity", marks=SLOW),
     pytest.param(
-        lambda: Residual(serial(Conv2D(4, 3, stride=2, padding="SAME", use_bias=False, backward_method="conv"),
+        lambda: Residual(serial(Conv2D(4, 3, stride=2, padding="SAME", use_bias=False, method="conv"),
                                 BatchNorm(), Relu()),
-                         serial(Conv2D(4, 1, stride=2, use_bias=False, backward_method="conv"), BatchNorm())),
+                         serial(Conv2D(4, 1, stride=2, use_bias=False, method="conv"), BatchNorm())),
         IMG, TRAIN, dict(skip_kinks=True), id="residual-projection"),
     pytest.param(
-        lambda: Residual(serial(Conv2D(4, 3, padding="SAME", backward_method="conv"), BatchNorm()),
-                         shortcut=serial(Conv2D(4, 1, backward_method="conv"), BatchNorm())),
+        lambda: Residual(serial(Conv2D(4, 3, padding="SAME", method="conv"), BatchNorm()),
+                         shortcut=serial(Conv2D(4, 1, method="conv"), BatchNorm())),
         IMG, {}, dict(state_fn=lambda s: jax.tree_util.tree_map(lambda a: a * 0.5 + 0.25, s)),
         id="residual-projection-eval", marks=SLOW),
 ]
@@ -224,9 +234,16 @@ def test_relu_gradient_at_exactly_zero_matches_autodiff():
     params = (dict(params[0], b=jnp.zeros(3)), {})
     x = jnp.zeros((4, 2)).at[0].set(jnp.array([1.0, -2.0]))
     (_, _), manual = gradients.value_and_grad(layer, gradients.mse, "manual")(params, state, x, jnp.ones((4, 3)))
-    (_, _), auto = gradients.value_and_grad(layer, gradients.mse, "autodiff")(params, state, x, jnp.ones((4, 3)))
-    for m, a in zip(jax.tree_util.tree_leaves(manual), jax.tree_util.tree_leaves(auto)):
-        np.testing.assert_array_equal(m, a)
+    for route in ("autodiff", "autodiff_same_forward"):
+        (_, _), auto = gradients.value_and_grad(layer, gradients.mse, route)(params, state, x, jnp.ones((4, 3)))
+        for m, a in zip(jax.tree_util.tree_leaves(manual), jax.tree_util.tree_leaves(auto)):
+            np.testing.assert_array_equal(m, a)
+
+
+def test_value_and_grad_rejects_an_unknown_route():
+    with pytest.raises(ValueError, match=r"value_and_grad: route must be one of manual, autodiff, autodiff_same_forward, "
+                                         r"got 'jax'"):
+        gradients.value_and_grad(Dense(2), gradients.mse, "jax")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -335,6 +352,126 @@ def test_residual_forward_is_block_plus_shortcut():
     np.testing.assert_allclose(y_id, 2 * x)
 
 
+# ---------------------------------------------------------------------------------------------------
+# autodiff_forward: the lax-convolution form of the forward pass, composed by serial and Residual
+
+
+def _conv_count(fn, *args) -> int:
+    """How many ``conv_general_dilated`` equations the jaxpr of ``fn(*args)`` has, sub-jaxprs included."""
+
+    def count(jaxpr):
+        n = 0
+        for eqn in jaxpr.eqns:
+            n += eqn.primitive.name == "conv_general_dilated"
+            n += sum(count(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+        return n
+
+    return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+GRAY = (2, 7, 7, 1)  # one input channel: "taps" writes the convolution as multiply-adds, without lax's conv
+
+
+@pytest.mark.parametrize("method, has_lax_form", [("conv", False), ("im2col", True), ("taps", True), ("auto", True)])
+def test_conv2d_autodiff_forward_is_the_lax_convolution(method, has_lax_form):
+    layer = Conv2D(3, 3, stride=2, padding=1, method=method)
+    assert (layer.autodiff_forward is not None) == has_lax_form
+    params, state, x, _ = setup(layer, GRAY)
+    fwd = layers.autodiff_forward(layer)
+    assert fwd is (layer.autodiff_forward if has_lax_form else layer.forward)
+    y, _, res = jax.jit(layer.forward)(params, state, x)
+    y_ad, _, res_ad = jax.jit(fwd)(params, state, x)
+    np.testing.assert_allclose(y_ad, y, rtol=1e-13, atol=1e-15)
+    np.testing.assert_array_equal(res_ad, res)  # the same residuals: the input
+    assert _conv_count(lambda p, x: fwd(p, state, x)[0], params, x) == 1
+    # On a 1-channel input, "taps" and "auto" (which picks taps there) and "im2col" use no lax convolution.
+    assert _conv_count(lambda p, x: layer.forward(p, state, x)[0], params, x) == (0 if has_lax_form else 1)
+
+
+def _composed_networks():
+    """Networks whose autodiff_forward must differ from forward, with the number of their Conv2D layers."""
+    return {
+        "serial": (serial(Conv2D(3, 3, padding="SAME", method="taps"), Relu(), MaxPool2D(2), Flatten(), Dense(4)), 1),
+        "serial-mixed": (serial(Conv2D(1, 3, padding="SAME", method="taps"), Tanh(),
+                                Conv2D(2, 3, method="conv"), Flatten(), Dense(4)), 2),
+        "nested": (serial(serial(Conv2D(2, 3, method="auto"), Relu()), Flatten(), Dense(3)), 1),
+        "residual-block": (Residual(serial(Conv2D(1, 3, padding="SAME", method="taps"), Relu())), 1),
+        "residual-shortcut": (Residual(Conv2D(2, 3, padding="SAME", method="conv"),
+                                       Conv2D(2, 1, method="im2col")), 2),
+        "residual-only-shortcut": (Residual(serial(Relu(), Tanh()), Conv2D(1, 1, method="taps")), 1),
+    }
+
+
+@pytest.mark.parametrize("name", list(_composed_networks()))
+def test_serial_and_residual_compose_autodiff_forward(name):
+    net, n_convs = _composed_networks()[name]
+    assert net.autodiff_forward is not None
+    assert layers.autodiff_forward(net) is net.autodiff_forward
+    params, state, x, _ = setup(net, GRAY)
+    y, new_state, res = jax.jit(net.forward)(params, state, x)
+    y_ad, new_state_ad, res_ad = jax.jit(net.autodiff_forward)(params, state, x)
+    np.testing.assert_allclose(y_ad, y, rtol=1e-13, atol=1e-15)
+    assert jax.tree_util.tree_structure((new_state_ad, res_ad)) == jax.tree_util.tree_structure((new_state, res))
+    # Every Conv2D of the network, whatever its method, is a lax convolution in the autodiff form.
+    assert _conv_count(lambda p, x: net.autodiff_forward(p, state, x)[0], params, x) == n_convs
+    n_lax_in_forward = {"serial-mixed": 1, "residual-shortcut": 1}.get(name, 0)
+    assert _conv_count(lambda p, x: net.forward(p, state, x)[0], params, x) == n_lax_in_forward
+
+
+def test_composed_autodiff_forward_in_training_mode_keeps_state_and_keys():
+    """BatchNorm's running statistics and Dropout's mask come out of both forms alike: serial hands each
+    layer the same state and the same key in both."""
+    net = serial(Conv2D(3, 3, padding="SAME", method="taps"), BatchNorm(), Relu(), Dropout(0.5),
+                 Residual(serial(Conv2D(3, 3, padding="SAME", method="im2col"), BatchNorm())), Flatten(), Dense(2))
+    params, state, x, _ = setup(net, GRAY)
+    key = jax.random.PRNGKey(3)
+    y, new_state, res = jax.jit(functools.partial(net.forward, train=True))(params, state, x, key=key)
+    y_ad, new_state_ad, res_ad = jax.jit(functools.partial(net.autodiff_forward, train=True))(params, state, x, key=key)
+    np.testing.assert_allclose(y_ad, y, rtol=1e-12, atol=1e-14)
+    for a, b in zip(jax.tree_util.tree_leaves(new_state_ad), jax.tree_util.tree_leaves(new_state)):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+    np.testing.assert_array_equal(res_ad[3], res[3])  # the dropout mask
+    assert not np.all(np.asarray(res[3]))
+
+
+@pytest.mark.parametrize("net", [
+    pytest.param(lambda: serial(Dense(3), Relu(), Dense(2)), id="mlp"),
+    pytest.param(lambda: serial(BatchNorm(), MaxPool2D(2), AvgPool2D(1), GlobalAvgPool(), Dense(2)), id="no-conv"),
+    pytest.param(lambda: serial(Conv2D(2, 3, method="conv"), Relu(), Flatten(), Dense(2)), id="conv-method-conv"),
+    pytest.param(lambda: Residual(Dense(3)), id="residual-dense"),
+    pytest.param(lambda: Residual(serial(Conv2D(2, 3, padding="SAME", method="conv")), Conv2D(2, 1, method="conv")),
+                 id="residual-conv-method-conv"),
+    pytest.param(lambda: serial(serial(Conv2D(2, 3, method="conv")), Residual(Relu())), id="nested-conv-method-conv"),
+])
+def test_autodiff_forward_is_none_when_forward_already_is_the_lax_form(net):
+    net = net()
+    assert net.autodiff_forward is None
+    assert layers.autodiff_forward(net) is net.forward
+
+
+def test_value_and_grad_autodiff_route_differentiates_autodiff_forward():
+    """The "autodiff" route runs jax.grad of autodiff_forward, through serial; "autodiff_same_forward" of
+    forward. A deliberately different autodiff form (doubled outputs) shows which one ran."""
+    dense = Dense(2, dtype=jnp.float64)
+
+    def doubled(params, state, x, *, train=False, key=None):
+        y, s, r = dense.forward(params, state, x, train=train, key=key)
+        return 2 * y, s, r
+
+    net = serial(dense._replace(autodiff_forward=doubled), Relu())
+    assert net.autodiff_forward is not None
+    params, state, x, _ = setup(net, (3, 4))
+    target = jnp.zeros((3, 2))
+    (loss_m, _), g_m = gradients.value_and_grad(net, gradients.mse, "manual")(params, state, x, target)
+    (loss_s, _), g_s = gradients.value_and_grad(net, gradients.mse, "autodiff_same_forward")(params, state, x, target)
+    (loss_a, (pred_a, _)), g_a = gradients.value_and_grad(net, gradients.mse, "autodiff")(params, state, x, target)
+    assert loss_s == loss_m
+    np.testing.assert_allclose(loss_a, 4 * loss_m, rtol=1e-14)  # mse of doubled outputs
+    np.testing.assert_allclose(pred_a, 2 * net.forward(params, state, x)[0], rtol=1e-14)
+    np.testing.assert_allclose(g_s[0]["w"], g_m[0]["w"], rtol=1e-13)
+    np.testing.assert_allclose(g_a[0]["w"], 4 * g_m[0]["w"], rtol=1e-13)
+
+
 @pytest.mark.parametrize("make, shape, match", [
     (lambda: Conv2D(4, 3, groups=2), (1, 5, 5, 3), "groups=2 does not divide the 3 input channels"),
     (lambda: Conv2D(3, 3, groups=2), (1, 5, 5, 4), "groups=2 does not divide the 3 output features"),
@@ -349,6 +486,59 @@ def test_residual_forward_is_block_plus_shortcut():
 def test_init_rejects_bad_shapes_with_a_message(make, shape, match):
     with pytest.raises(ValueError, match=match):
         make().init(KEY, shape)
+
+
+# A pooling layer that its op would reject fails at init, with the op's own message (named after the layer).
+POOL_INIT_ERRORS = [
+    (lambda: MaxPool2D(2, padding=2), ops.max_pool2d, dict(window=2, padding=2),
+     r"padding \(2, 2\) along the height must be smaller than the window height 2"),
+    (lambda: MaxPool2D(3, padding=((0, 3), (0, 0))), ops.max_pool2d, dict(window=3, padding=((0, 3), (0, 0))),
+     r"padding \(0, 3\) along the height must be smaller than the window height 3"),
+    (lambda: AvgPool2D(3, padding=(1, 3)), ops.avg_pool2d, dict(window=3, padding=(1, 3)),
+     r"padding \(3, 3\) along the width must be smaller than the window width 3"),
+    (lambda: AvgPool2D(2, stride=1, padding=((0, 0), (2, 0)), count_include_pad=False), ops.avg_pool2d,
+     dict(window=2, stride=1, padding=((0, 0), (2, 0)), count_include_pad=False),
+     r"padding \(2, 0\) along the width must be smaller than the window width 2"),
+    (lambda: MaxPool2D(7), ops.max_pool2d, dict(window=7), "window height 7 exceeds the padded input height 5"),
+    (lambda: AvgPool2D(2, stride=0), ops.avg_pool2d, dict(window=2, stride=0), "stride must be positive"),
+]
+
+
+@pytest.mark.parametrize("make, op, hyper, match", POOL_INIT_ERRORS)
+def test_pool_init_rejects_what_the_op_rejects_with_the_same_message(make, op, hyper, match):
+    layer = make()
+    shape = (1, 5, 5, 2)
+    with pytest.raises(ValueError, match=match) as from_op:
+        op(np.zeros(shape), **hyper)
+    with pytest.raises(ValueError, match=match) as from_init:
+        layer.init(KEY, shape)
+    layer_name, op_name = layer.name.split("(")[0], op.__name__
+    assert str(from_op.value).startswith(f"{op_name}: ")
+    assert str(from_init.value) == str(from_op.value).replace(f"{op_name}: ", f"{layer_name}: ", 1)
+    # Traced init (how models are usually initialised) fails the same way.
+    with pytest.raises(ValueError, match=match):
+        abstract_init(layer, shape)
+
+
+@pytest.mark.parametrize("make, op, hyper, out_hw", [
+    (lambda: MaxPool2D(2, padding=1), ops.max_pool2d, dict(window=2, padding=1), (3, 3)),
+    (lambda: MaxPool2D(3, stride=2, padding=((0, 2), (2, 0))), ops.max_pool2d,
+     dict(window=3, stride=2, padding=((0, 2), (2, 0))), (3, 3)),
+    (lambda: AvgPool2D(3, stride=1, padding=2), ops.avg_pool2d, dict(window=3, stride=1, padding=2), (7, 7)),
+    (lambda: AvgPool2D(3, padding=(2, 1), count_include_pad=False), ops.avg_pool2d,
+     dict(window=3, padding=(2, 1), count_include_pad=False), (3, 2)),
+    (lambda: MaxPool2D(2, padding="SAME"), ops.max_pool2d, dict(window=2, padding="SAME"), (3, 3)),
+])
+def test_pool_init_accepts_padding_smaller_than_the_window(make, op, hyper, out_hw):
+    layer = make()
+    x = tie_free(3, (2, 5, 5, 2))
+    params, state, out_shape = layer.init(KEY, (1, 5, 5, 2))
+    assert tuple(out_shape) == (1, *out_hw, 2) and params == {} and state == {}
+    y, _, residuals = layer.forward(params, state, x)
+    np.testing.assert_array_equal(y, op(x, **hyper))
+    assert y.shape == (2, *out_hw, 2)
+    _, dx = layer.backward(params, residuals, jnp.ones_like(y))
+    assert dx.shape == x.shape
 
 
 @pytest.mark.parametrize("make, match", [

@@ -1,5 +1,7 @@
-"""The model zoo: architecture (shapes, parameter counts), the three gradient routes of every model agree
-(float64), and the layer-by-layer three-way check of :func:`jaxcnn.modelcheck.check_model`."""
+"""The model zoo: architecture (shapes, parameter counts), the presets' targets, losses and accuracy rule,
+the gradient routes of every model agree (float64: hand-written, ``jax.grad`` of the same forward, ``jax.grad``
+of the ``lax`` forward, ``custom_vjp``), for the default convolution formulation and for each explicit
+one, and the layer-by-layer three-way check of :func:`jaxcnn.modelcheck.check_model`."""
 
 from __future__ import annotations
 
@@ -9,14 +11,19 @@ import numpy as np
 import pytest
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 
 from jaxcnn import data as jdata
 from jaxcnn import gradients, models
 from jaxcnn.modelcheck import check_model
 from jaxcnn.models import INPUT_SHAPE, MODELS, get_model
+from jaxcnn.ops.conv import DEFAULT_METHOD
 
 ZOO = ("seed_net", "lenet5", "small_cnn", "resnet_small")
+OUTPUTS = {"seed_net": 1, "lenet5": 10, "small_cnn": 10, "resnet_small": 10}
+# Explicit formulations; "auto" (the default, checked for every model) picks "taps" and "conv" per layer.
+CONV_METHODS = ("conv", "im2col", "taps")
 # Parameter counts worked out by hand from the architectures in the docstrings.
 PARAMETER_COUNTS = {
     # conv 5*5*1*3 + 3; dense 24*24*3 + 1
@@ -29,7 +36,7 @@ PARAMETER_COUNTS = {
     # 3*3*32*64 + 3*3*64*64 + 1*1*32*64 + 3 BN of 128; one block of 2 * (3*3*64*64 + BN 128); dense 64*10 + 10
     "resnet_small": 352 + 2 * 18560 + (18432 + 36864 + 2048 + 3 * 128) + 2 * (36864 + 128) + 650,
 }
-TOL = 1e-10  # float64, relative per parameter array (the issue's bound; measured: <= 1e-14)
+TOL = 1e-10  # float64, relative per parameter array (measured: <= 4e-15)
 
 
 def _f64(tree):
@@ -65,6 +72,7 @@ def test_zoo_names_and_unknown_model_error():
     for name in ZOO:
         spec = get_model(name)
         assert spec.name == name and spec.description
+        assert spec.input_shape == INPUT_SHAPE
     with pytest.raises(ValueError, match=r"unknown model 'vgg16'; choose one of seed_net, lenet5, small_cnn, resnet_small"):
         get_model("vgg16")
 
@@ -73,13 +81,58 @@ def test_zoo_names_and_unknown_model_error():
 def test_architecture_output_shape_and_parameter_count(name):
     spec = get_model(name)
     params, state, out_shape = _abstract_init(spec.build(), (3, 28, 28, 1))
-    assert tuple(out_shape) == ((3, 1) if spec.binary else (3, 10))
+    assert tuple(out_shape) == (3, OUTPUTS[name])
     assert sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(params)) == PARAMETER_COUNTS[name]
     assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves((params, state)))
     # The forward pass agrees with init's out_shape, for another batch size too.
     y = jax.eval_shape(lambda p, s, x: spec.build().forward(p, s, x, train=True)[0], params, state,
                        jax.ShapeDtypeStruct((5, 28, 28, 1), jnp.float32))
     assert y.shape == (5, out_shape[1])
+
+
+def _primitives(fn, *args) -> set[str]:
+    """Names of the primitives in the jaxpr of ``fn(*args)``, sub-jaxprs (``cond``, ``pjit``) included."""
+    names = set()
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            names.add(eqn.primitive.name)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                visit(sub)
+
+    visit(jax.make_jaxpr(fn)(*args).jaxpr)
+    return names
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_builders_default_to_the_default_conv_method(name):
+    """``spec.build()`` uses :data:`DEFAULT_METHOD` ("auto") for every Conv2D, and ``conv_method`` reaches them all."""
+    assert DEFAULT_METHOD == "auto"
+    spec = get_model(name)
+    default, auto, lax_conv = spec.build(), spec.build(conv_method="auto"), spec.build(conv_method="conv")
+    assert default.autodiff_forward is not None and auto.autodiff_forward is not None
+    assert lax_conv.autodiff_forward is None  # its forward already is the lax form
+    params, state, _ = _abstract_init(default, (2, 28, 28, 1))
+    x = jax.ShapeDtypeStruct((2, 28, 28, 1), jnp.float32)
+
+    def jaxpr_of(forward):
+        return jax.make_jaxpr(lambda p, s, x: forward(p, s, x, train=True)[0])(params, state, x)
+
+    assert str(jaxpr_of(default.forward)) == str(jaxpr_of(auto.forward))
+    assert str(jaxpr_of(default.autodiff_forward)) == str(jaxpr_of(lax_conv.forward))
+    assert str(jaxpr_of(default.forward)) != str(jaxpr_of(lax_conv.forward))  # "auto" takes taps for the 1-channel input
+
+
+def test_seed_net_default_forward_has_no_lax_convolution():
+    """seed_net's only convolution reads the 1-channel image: "auto" writes it as per-tap multiply-adds, and its
+    autodiff form is lax's convolution."""
+    model = get_model("seed_net").build()
+    params, state, _ = _abstract_init(model, (2, 28, 28, 1))
+    x = jax.ShapeDtypeStruct((2, 28, 28, 1), jnp.float32)
+    forward = _primitives(lambda p, s, x: model.forward(p, s, x)[0], params, state, x)
+    lax_form = _primitives(lambda p, s, x: model.autodiff_forward(p, s, x)[0], params, state, x)
+    assert "conv_general_dilated" not in forward
+    assert "conv_general_dilated" in lax_form
 
 
 def test_resnet_small_has_batchnorm_state_and_a_projection_shortcut():
@@ -92,20 +145,37 @@ def test_resnet_small_has_batchnorm_state_and_a_projection_shortcut():
     assert residuals[2]["shortcut"][0]["w"].shape == (1, 1, 32, 64)
 
 
-def test_model_spec_targets_and_predictions():
+def test_model_spec_fields_and_defaults():
+    assert models.ModelSpec._fields == ("name", "build", "loss", "description", "targets", "input_shape")
+    custom = models.ModelSpec("mine", models.lenet5, gradients.softmax_cross_entropy, "a custom preset")
+    assert custom.input_shape == INPUT_SHAPE
+    labels = np.array([3, 1], np.uint8)
+    np.testing.assert_array_equal(custom.targets(labels), [3, 1])
+    assert custom.targets(labels).dtype == jnp.int32
+
+
+def test_model_spec_targets_losses_and_correct():
     labels = np.array([0, 4, 5, 9], np.uint8)
     binary, multi = get_model("seed_net"), get_model("lenet5")
     np.testing.assert_array_equal(binary.targets(labels), [[0.0], [0.0], [1.0], [1.0]])  # "digit > 4"
     assert binary.targets(labels).dtype == jnp.float32
     np.testing.assert_array_equal(multi.targets(labels), labels)
     assert multi.targets(labels).dtype == jnp.int32
-    np.testing.assert_array_equal(binary.predictions(jnp.array([[0.2], [0.7]])), [0, 1])
-    np.testing.assert_array_equal(multi.predictions(jnp.eye(10)[jnp.array([3, 7])]), [3, 7])
     assert binary.loss is gradients.mse and multi.loss is gradients.softmax_cross_entropy
+    for spec in (get_model("small_cnn"), get_model("resnet_small")):
+        assert spec.loss is gradients.softmax_cross_entropy and spec.targets is multi.targets
+    # Accuracy: seed_net's one sigmoid output is thresholded at 0.5 (0.5 itself reads as "not > 4").
+    outputs = jnp.array([[0.2], [0.7], [0.5], [0.9]])
+    np.testing.assert_array_equal(binary.loss.correct(outputs, binary.targets(labels)), [True, False, False, True])
+    # ...the others' 10 logits by their argmax.
+    logits = jnp.eye(10)[jnp.array([0, 3, 5, 2])]
+    np.testing.assert_array_equal(multi.loss.correct(logits, multi.targets(labels)), [True, False, True, False])
 
 
 # ---------------------------------------------------------------------------------------------------
-# Manual, autodiff and custom_vjp gradients of every zoo model agree (float64)
+# Every gradient route of every zoo model agrees (float64): the hand-written backward ("manual"),
+# jax.grad of the same forward ("autodiff_same_forward"), jax.grad of the lax forward ("autodiff") and
+# jax.grad through with_manual_vjp.
 
 
 @pytest.fixture(scope="module")
@@ -115,64 +185,114 @@ def mnist_batch():
     return jnp.asarray(ds.train_images[:2], jnp.float64)[..., None] / 255.0, ds.train_labels[:2]
 
 
-def _three_gradients(spec, model, params, state, x, target):
-    apply = gradients.with_manual_vjp(model, train=True)
+def _problem(spec, model, mnist_batch):
+    """float64 mid-training parameters, the model's state and the batch's loss targets."""
+    params, state, _ = model.init(jax.random.PRNGKey(0), INPUT_SHAPE)
+    params, state = _f64(params), _f64(state)
+    # Mid-training parameters: biases away from 0 too, so ReLUs and max-pool windows see varied inputs.
+    params = jax.tree_util.tree_map(lambda p: p + 0.01 * jnp.sin(1.7 * jnp.arange(p.size).reshape(p.shape)), params)
+    images, labels = mnist_batch
+    target = spec.targets(labels)
+    if jnp.issubdtype(target.dtype, jnp.floating):
+        target = target.astype(jnp.float64)
+    return params, state, images, target
+
+
+def _all_routes(spec, model, params, state, x, target, *, train):
+    """Every route's ``((loss, (pred, new_state)), grads)`` and the custom_vjp gradient, in one jit."""
+    apply = gradients.with_manual_vjp(model, train=train)
 
     @jax.jit
     def run(params):
-        (loss_m, (pred_m, state_m)), g_manual = gradients.value_and_grad(model, spec.loss, "manual")(params, state, x, target)
-        (loss_a, (pred_a, state_a)), g_auto = gradients.value_and_grad(model, spec.loss, "autodiff")(params, state, x, target)
+        routes = {route: gradients.value_and_grad(model, spec.loss, route)(params, state, x, target, train=train)
+                  for route in gradients.ROUTES}
         g_vjp = jax.grad(lambda p: spec.loss.value(apply(p, state, x)[0], target))(params)
-        return (loss_m, loss_a), (state_m, state_a), g_manual, g_auto, g_vjp
+        return routes, g_vjp
 
     return run(params)
 
 
-@pytest.mark.parametrize("name", ZOO)
-def test_manual_autodiff_and_custom_vjp_gradients_agree_float64(name, mnist_batch):
-    spec = get_model(name)
-    model = spec.build()
-    params, state, _ = model.init(jax.random.PRNGKey(0), INPUT_SHAPE)
-    params, state = _f64(params), _f64(state)
-    images, labels = mnist_batch
-    target = spec.targets(labels)
-    target = target.astype(jnp.float64) if spec.binary else target
-    # Mid-training parameters: biases away from 0 too, so ReLUs and max-pool windows see varied inputs.
-    params = jax.tree_util.tree_map(lambda p: p + 0.01 * jnp.sin(1.7 * jnp.arange(p.size).reshape(p.shape)), params)
-    (loss_m, loss_a), (state_m, state_a), g_manual, g_auto, g_vjp = _three_gradients(spec, model, params, state, images, target)
+def _assert_routes_agree(spec, model, params, state, x, target, *, train=True):
+    assert gradients.ROUTES == ("manual", "autodiff", "autodiff_same_forward")
+    routes, g_vjp = _all_routes(spec, model, params, state, x, target, train=train)
+    (loss_m, (pred_m, state_m)), g_manual = routes["manual"]
+    (loss_s, (pred_s, state_s)), g_same = routes["autodiff_same_forward"]
+    (loss_a, (pred_a, state_a)), g_auto = routes["autodiff"]
 
-    assert loss_m == loss_a
-    for a, b in zip(jax.tree_util.tree_leaves(state_m), jax.tree_util.tree_leaves(state_a)):
+    # The same forward pass: identical values. The lax forward: the same function, to rounding.
+    assert loss_m == loss_s
+    np.testing.assert_array_equal(pred_m, pred_s)
+    for a, b in zip(jax.tree_util.tree_leaves(state_m), jax.tree_util.tree_leaves(state_s)):
         np.testing.assert_array_equal(a, b)
-    assert jax.tree_util.tree_structure(g_manual) == jax.tree_util.tree_structure(params)
-    manual_vs_auto = _max_rel_per_leaf(g_manual, g_auto)
-    vjp_vs_manual = _max_rel_per_leaf(g_vjp, g_manual)
-    vjp_vs_auto = _max_rel_per_leaf(g_vjp, g_auto)
-    assert len(manual_vs_auto) == len(jax.tree_util.tree_leaves(params))
-    assert max(manual_vs_auto.values()) <= TOL, manual_vs_auto
-    assert max(vjp_vs_manual.values()) <= TOL, vjp_vs_manual
-    assert max(vjp_vs_auto.values()) <= TOL, vjp_vs_auto
+    np.testing.assert_allclose(loss_a, loss_m, rtol=1e-13)
+    assert max(_max_rel_per_leaf(pred_a, pred_m).values()) <= 1e-13
+    assert jax.tree_util.tree_structure(state_a) == jax.tree_util.tree_structure(state)
+    for a, b in zip(jax.tree_util.tree_leaves(state_a), jax.tree_util.tree_leaves(state_m)):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+
+    n_leaves = len(jax.tree_util.tree_leaves(params))
+    for g in (g_manual, g_same, g_auto, g_vjp):
+        assert jax.tree_util.tree_structure(g) == jax.tree_util.tree_structure(params)
+    comparisons = {
+        "manual vs autodiff_same_forward": _max_rel_per_leaf(g_manual, g_same),
+        "manual vs autodiff": _max_rel_per_leaf(g_manual, g_auto),
+        "autodiff_same_forward vs autodiff": _max_rel_per_leaf(g_same, g_auto),
+        "custom_vjp vs manual": _max_rel_per_leaf(g_vjp, g_manual),
+        "custom_vjp vs autodiff": _max_rel_per_leaf(g_vjp, g_auto),
+    }
+    for what, errors in comparisons.items():
+        assert len(errors) == n_leaves
+        assert max(errors.values()) <= TOL, (what, errors)
     # No gradient is trivially zero (which would make the comparison vacuous).
     assert all(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree_util.tree_leaves(g_auto))
 
 
+@pytest.mark.parametrize("name", ZOO)
+def test_gradient_routes_agree_float64_default_conv_method(name, mnist_batch):
+    """Each zoo model as ``spec.build()`` builds it (conv "auto"), in training mode (BatchNorm batch statistics)."""
+    spec = get_model(name)
+    model = spec.build()
+    assert model.autodiff_forward is not None  # the "autodiff" route really runs another forward
+    _assert_routes_agree(spec, model, *_problem(spec, model, mnist_batch), train=True)
+
+
+@pytest.mark.parametrize("method", CONV_METHODS)
+def test_gradient_routes_agree_float64_lenet5_each_conv_method(method, mnist_batch):
+    spec = get_model("lenet5")
+    model = spec.build(conv_method=method)
+    assert (model.autodiff_forward is None) == (method == "conv")
+    _assert_routes_agree(spec, model, *_problem(spec, model, mnist_batch), train=True)
+
+
+def test_gradient_routes_agree_float64_resnet_small_evaluation_mode(mnist_batch):
+    """BatchNorm with running statistics (a per-channel affine map): the routes agree in evaluation mode too."""
+    spec = get_model("resnet_small")
+    model = spec.build()
+    params, state, images, target = _problem(spec, model, mnist_batch)
+    # Non-trivial running statistics, so that evaluation differs from the identity-like initial state.
+    state = jax.tree_util.tree_map(lambda s: s + 0.1 * jnp.cos(jnp.arange(s.size, dtype=s.dtype)).reshape(s.shape) ** 2,
+                                   state)
+    _assert_routes_agree(spec, model, params, state, images, target, train=False)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ("lenet5", "resnet_small"))
-def test_conv_backward_method_gives_the_same_model_gradients(name, mnist_batch):
+def test_conv_method_gives_the_same_model_gradients(name, mnist_batch):
     spec = get_model(name)
     images, labels = mnist_batch
-    grads = []
-    for method in ("im2col", "conv"):
-        model = spec.build(method=method)
+    grads = {}
+    for method in (*CONV_METHODS, "auto"):
+        model = spec.build(conv_method=method)
         params, state, _ = model.init(jax.random.PRNGKey(0), INPUT_SHAPE)
         f = jax.jit(gradients.value_and_grad(model, spec.loss, "manual"))
-        grads.append(f(_f64(params), _f64(state), images, spec.targets(labels))[1])
-    assert max(_max_rel_per_leaf(*grads).values()) <= 1e-12
+        grads[method] = f(_f64(params), _f64(state), images, spec.targets(labels))[1]
+    for method in ("im2col", "taps", "auto"):
+        assert max(_max_rel_per_leaf(grads[method], grads["conv"]).values()) <= 1e-12, method
 
 
 def test_resnet_small_evaluation_mode_uses_running_statistics(mnist_batch):
     spec = get_model("resnet_small")
-    model = spec.build(method="conv")
+    model = spec.build(conv_method="conv")
     params, state, _ = model.init(jax.random.PRNGKey(0), INPUT_SHAPE)
     images, _ = mnist_batch
     images = images.astype(jnp.float32)
@@ -189,7 +309,7 @@ def test_resnet_small_evaluation_mode_uses_running_statistics(mnist_batch):
 # modelcheck: every layer alone, then the whole model with its loss
 
 
-def _assert_model_check(name, results):
+def _assert_model_check(name, results, dtype="float64"):
     model = get_model(name).build()
     assert len(results) == len(model.children) + 1
     for i, (layer, result) in enumerate(zip(model.children, results)):
@@ -198,14 +318,23 @@ def _assert_model_check(name, results):
     failures = [r.table() for r in results if not r.ok]
     assert not failures, "\n\n".join(failures)
     for r in results:
-        assert r.dtype == "float64"
-        assert r.worst.autodiff <= 1e-12 and r.worst.finite_difference <= 1e-6 and r.adjoint <= 1e-12
+        assert r.dtype == dtype
+        if dtype == "float64":
+            assert r.worst.autodiff <= 1e-12 and r.worst.finite_difference <= 1e-6 and r.adjoint <= 1e-12
         # Every array took part; at most a few finite-difference directions were skipped at a kink.
         assert all(row.fd_directions > 0 for row in r.rows)
+    # The whole model's check covers every parameter array and the input.
+    assert len(results[-1].rows) == len(jax.tree_util.tree_leaves(_abstract_init(model)[0])) + 1
 
 
 def test_check_model_seed_net_float64():
+    """seed_net's targets are float ("digit > 4" as 0/1): they follow the check's dtype."""
     _assert_model_check("seed_net", check_model("seed_net", dtype="float64", batch=2))
+
+
+@pytest.mark.slow
+def test_check_model_seed_net_float32():
+    _assert_model_check("seed_net", check_model("seed_net", dtype="float32", batch=2), dtype="float32")
 
 
 @pytest.mark.slow

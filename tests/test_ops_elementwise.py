@@ -1,5 +1,6 @@
 """dense, the activations and the losses: forward against NumPy formulas, ``jax.nn`` and the loop
-reference; backward against ``jax.vjp`` and finite differences; stability for large logits."""
+reference; backward against ``jax.vjp`` and finite differences; stability for large logits; the
+per-example losses (whose mean is the loss) and the accuracy rule (``correct``) of each ``gradients.Loss``."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 
-from jaxcnn import ops
+from jaxcnn import gradients, ops
 from jaxcnn import reference as ref
 from jaxcnn.gradcheck import gradcheck
 
@@ -395,3 +396,141 @@ def test_loss_bad_input():
             call(np.zeros(3), np.zeros(3, np.int32))
         with pytest.raises(TypeError, match=rf"{fn}: logits must be floating point, got dtype int64"):
             call(np.zeros((2, 3), np.int64), np.zeros(2, np.int32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-example losses and the accuracy rule of each gradients.Loss
+# ----------------------------------------------------------------------------------------------
+
+
+# name -> (per_example(pred, target), NumPy per-example formula (float64), loss in gradients)
+PER_EXAMPLE = {
+    "mse": (ops.mse_per_example, lambda p, t: 0.5 * ((p - t) ** 2).reshape(len(p), -1).mean(axis=1), "mse"),
+    "bce_with_logits": (ops.binary_cross_entropy_with_logits_per_example,
+                        lambda z, y: (-y * _np_log_sigmoid(z) - (1 - y) * _np_log_sigmoid(-z)).reshape(len(z), -1).mean(axis=1),
+                        "binary_cross_entropy_with_logits"),
+    "softmax_cross_entropy": (ops.softmax_cross_entropy_per_example,
+                              lambda z, y: -np.log(_np_softmax(z, -1))[np.arange(len(y)), y], "softmax_cross_entropy"),
+}
+# Prediction shapes: (N, features) for all; a rank-4 map (N, H, W, C) and one output column for the elementwise losses.
+PER_EXAMPLE_SHAPES = {"mse": [(4, 5), (3, 2, 2, 3), (6, 1)], "bce_with_logits": [(4, 5), (3, 2, 2, 3), (6, 1)],
+                      "softmax_cross_entropy": [(4, 5), (1, 3)]}
+
+
+@functools.lru_cache(maxsize=None)
+def _per_example_suite(name):
+    loss, per_example = LOSSES[name][0], PER_EXAMPLE[name][0]
+    return jax.jit(lambda p, t: (per_example(p, t), loss(p, t)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name, shape", [(n, s) for n, shapes in PER_EXAMPLE_SHAPES.items() for s in shapes])
+def test_loss_per_example_mean_is_the_value(name, shape, dtype):
+    dt = np.dtype(dtype).name
+    target_maker = LOSSES[name][3]
+    np_per_example = PER_EXAMPLE[name][1]
+    rng = np.random.default_rng(5)
+    pred = 2 * normal(rng, shape, dtype)
+    t = target_maker(rng, shape, dtype)
+    per, value = _per_example_suite(name)(pred, t)
+    assert per.shape == (shape[0],) and per.dtype == dtype
+    assert_close(per, np_per_example(pred.astype(np.float64), t), FWD_TOL[dt], op=f"{name}_per_example", dtype=dt,
+                 kind="fwd vs numpy")
+    # The mean over examples is the scalar loss (every example holds as many elements), to a few roundings.
+    rtol = 1e-15 if dt == "float64" else 1e-6
+    np.testing.assert_allclose(np.mean(np.asarray(per, np.float64)), float(value), rtol=rtol)
+    np.testing.assert_allclose(float(jnp.mean(per)), float(value), rtol=rtol)
+
+
+def test_loss_per_example_eager_and_literal():
+    pred = np.array([[1.0, 2.0], [0.0, 0.0], [3.0, -1.0]])
+    target = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]])
+    np.testing.assert_array_equal(ops.mse_per_example(pred, target), [0.5 * 4 / 2, 0.0, 0.5 * 13 / 2])
+    # softplus(0) - 0 = log 2 for each element of the second example.
+    np.testing.assert_allclose(ops.binary_cross_entropy_with_logits_per_example(pred, target)[1], np.log(2.0), rtol=1e-15)
+    logits = np.array([[0.0, 0.0], [10.0, -10.0]])
+    np.testing.assert_allclose(ops.softmax_cross_entropy_per_example(logits, np.array([1, 1])),
+                               [np.log(2.0), 20.0 + np.log1p(np.exp(-20.0))], rtol=1e-15)
+
+
+def test_loss_per_example_finite_for_logits_1e4():
+    z = np.array([[1e4, -1e4, 0.0], [-1e4, 1e4, 1e4]])
+    y = np.array([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    np.testing.assert_allclose(ops.binary_cross_entropy_with_logits_per_example(z, y),
+                               [(1e4 + np.log(2.0)) / 3, 1e4 / 3], rtol=1e-14)
+    np.testing.assert_allclose(ops.softmax_cross_entropy_per_example(z, np.array([1, 0])), [2e4, 2e4 + np.log(2.0)],
+                               rtol=1e-14)
+
+
+def test_gradients_losses_bundle_the_ops():
+    assert gradients.Loss._fields == ("value", "backward", "name", "per_example", "correct")
+    expected = {
+        "mse": (ops.mse, ops.mse_backward, ops.mse_per_example),
+        "binary_cross_entropy_with_logits": (ops.binary_cross_entropy_with_logits,
+                                             ops.binary_cross_entropy_with_logits_backward,
+                                             ops.binary_cross_entropy_with_logits_per_example),
+        "softmax_cross_entropy": (ops.softmax_cross_entropy, ops.softmax_cross_entropy_backward,
+                                  ops.softmax_cross_entropy_per_example),
+    }
+    for name, (value, backward, per_example) in expected.items():
+        loss = getattr(gradients, name)
+        assert loss.name == name
+        assert (loss.value, loss.backward, loss.per_example) == (value, backward, per_example)
+        assert callable(loss.correct)
+
+
+def _correct(loss_name, pred, target):
+    out = getattr(gradients, loss_name).correct(jnp.asarray(pred), jnp.asarray(target))
+    assert out.dtype == jnp.bool_ and out.shape == (np.shape(pred)[0],)
+    return np.asarray(out)
+
+
+def test_correct_softmax_cross_entropy_is_the_argmax():
+    logits = np.array([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0], [0.0, 0.0, -1.0], [-5.0, -4.0, -6.0]])
+    np.testing.assert_array_equal(_correct("softmax_cross_entropy", logits, np.array([1, 2, 0, 1])),
+                                  [True, False, True, True])  # a tie goes to the first class
+    np.testing.assert_array_equal(_correct("softmax_cross_entropy", logits, np.array([1, 2, 1, 1])),
+                                  [True, False, False, True])
+    # Under jit too, and on float32 logits.
+    out = jax.jit(gradients.softmax_cross_entropy.correct)(logits.astype(np.float32), np.array([1, 0, 0, 2]))
+    np.testing.assert_array_equal(out, [True, True, True, False])
+
+
+@pytest.mark.parametrize("loss_name, threshold", [("mse", 0.5), ("binary_cross_entropy_with_logits", 0.0)])
+def test_correct_one_column_thresholds(loss_name, threshold):
+    """One output column: a probability thresholded at 0.5 (mse on a sigmoid) or a logit at 0 (BCE), against
+    targets in {0, 1}; exactly the threshold reads as class 0."""
+    t = threshold
+    pred = np.array([[t - 0.3], [t + 0.2], [t], [t + 1e-9], [t - 1e-9], [t + 5.0]])
+    target = np.array([[0.0], [1.0], [1.0], [0.0], [0.0], [1.0]])
+    np.testing.assert_array_equal(_correct(loss_name, pred, target), [True, True, False, False, True, True])
+    # A map of one-column outputs (N, H, W, 1) is correct when every position is.
+    maps = np.full((2, 2, 2, 1), t + 1.0)
+    maps[1, 0, 1, 0] = t - 1.0
+    np.testing.assert_array_equal(_correct(loss_name, maps, np.ones((2, 2, 2, 1))), [True, False])
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "binary_cross_entropy_with_logits"])
+def test_correct_several_columns_compare_argmax_with_one_hot_targets(loss_name):
+    pred = np.array([[0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [-2.0, -1.0, -3.0], [0.2, 0.2, 0.6]])
+    target = np.eye(3)[[1, 2, 1, 2]]
+    np.testing.assert_array_equal(_correct(loss_name, pred, target), [True, False, True, True])
+
+
+def test_loss_per_example_bad_input():
+    with pytest.raises(ValueError, match=r"mse_per_example: prediction \(2, 3\) and target \(3, 2\) differ in shape"):
+        ops.mse_per_example(np.zeros((2, 3)), np.zeros((3, 2)))
+    with pytest.raises(ValueError, match=r"mse_per_example: prediction \(4, 1\) and target \(4,\) differ in shape"):
+        ops.mse_per_example(np.zeros((4, 1)), np.zeros(4))
+    with pytest.raises(ValueError, match=r"binary_cross_entropy_with_logits_per_example: prediction \(4,\) and target "
+                                         r"\(4, 1\) differ in shape"):
+        ops.binary_cross_entropy_with_logits_per_example(np.zeros(4), np.zeros((4, 1)))
+    fn = "softmax_cross_entropy_per_example"
+    with pytest.raises(TypeError, match=rf"{fn}: labels must be integer class indices, got dtype float64"):
+        ops.softmax_cross_entropy_per_example(np.zeros((2, 3)), np.zeros(2))
+    with pytest.raises(ValueError, match=rf"{fn}: labels must have shape \(2,\) for logits \(2, 3\), got \(2, 1\)"):
+        ops.softmax_cross_entropy_per_example(np.zeros((2, 3)), np.zeros((2, 1), np.int32))
+    with pytest.raises(ValueError, match=rf"{fn}: logits must have rank 2 \(\(N, classes\)\), got shape \(3,\)"):
+        ops.softmax_cross_entropy_per_example(np.zeros(3), np.zeros(3, np.int32))
+    with pytest.raises(TypeError, match=rf"{fn}: logits must be floating point, got dtype int64"):
+        ops.softmax_cross_entropy_per_example(np.zeros((2, 3), np.int64), np.zeros(2, np.int32))

@@ -134,3 +134,30 @@ def format_markdown(report: dict) -> str:
     for n in report.get("notes", []):
         lines.append(f"- {n}")
     return "\n".join(lines)
+
+
+README_FAMILIES = (("manual", "hand-written"), ("autodiff", "`jax.grad`, lax forward"),
+                   ("autodiff_same_forward", "`jax.grad`, same forward"), ("flax", "Flax"),
+                   ("torch", "PyTorch eager"), ("torch.compile", "`torch.compile`"))
+
+
+def readme_speed_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+    """The README's speed table: per model, ms per train step of each family's best contender (its best
+    structure and compile options) and the hand-written step against the best autodiff contender, as the
+    median of per-round ratios. Families the run did not measure are left out."""
+    recs, ratios = report["results"], report["ratios"]
+    families = [(f, label) for f, label in README_FAMILIES if any(r["family"] == f and r.get("median_ms") for r in recs)]
+    headers = ["train step, ms (batch)", *[label for _, label in families], "hand-written / best autodiff"]
+    rows = []
+    for model in report["config"]["models"]:
+        mine = [r for r in recs if r["benchmark"] == f"step/{model}"]
+        if not mine:
+            continue
+        best = {f: best_of(mine, f) for f, _ in families}
+        batch = next(r["batch"] for r in mine if r.get("batch"))
+        ms = [_fmt(best[f]["median_ms"]) if best[f] else "" for f, _ in families]  # per step
+        fastest = min((i for i, v in enumerate(ms) if v), key=lambda i: float(ms[i]))
+        ms[fastest] = f"**{ms[fastest]}**"
+        ratio = ratios.get(f"step/{model}", {}).get("manual/best_autodiff")
+        rows.append([f"`{model}` ({batch})", *ms, _fmt(ratio)])
+    return headers, rows
