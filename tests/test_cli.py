@@ -1,5 +1,6 @@
-"""The ``jaxcnn`` command: ``train --help``, a small training run, one-line errors with exit status 2,
-signals (130/143) and stopped runs (1), and ``gradcheck`` tables and exit status."""
+"""The ``jaxcnn`` command: ``train --help`` (one flag per TrainConfig field, with its help text), a small
+training run (its files, the logged --train-limit subset, --conv-method reaching the network), one-line
+errors with exit status 2, signals (130/143) and stopped runs (1), and ``gradcheck`` tables and exit status."""
 
 from __future__ import annotations
 
@@ -21,14 +22,59 @@ import pytest
 
 import jax
 
-from jaxcnn import cli, gradients, models
-from jaxcnn import train as jtrain
-from jaxcnn.layers import AvgPool2D, Conv2D, Dense, Flatten, Relu, Sigmoid, serial
-from jaxcnn.train import CHECKPOINT, TrainConfig
+import jax.numpy as jnp
+
+from jaxcnn import cli, models
+from jaxcnn.layers import AvgPool2D, Dense, Flatten, Sigmoid, serial
+from jaxcnn.train import CHECKPOINT, TrainConfig, loop, zoo
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_RUN = ["--model", "seed_net", "--dataset", "mnist-offline", "--train-limit", "256", "--batch-size", "32",
-             "--epochs", "1", "--progress", "off"]
+             "--epochs", "1", "--conv-method", "im2col", "--progress", "off"]
+# 16 steps of 16 per epoch, all in the first chunk (--chunk-steps 50).
+TWO_EPOCHS = ["--model", "seed_net", "--dataset", "mnist-offline", "--train-limit", "256", "--batch-size", "16",
+              "--epochs", "2", "--progress", "off"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache private to this module: a program compiled again (the same preset and
+    flags in another in-process run) is read back instead of recompiled. The previous settings are restored."""
+    from jax._src import compilation_cache as cc
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {name: getattr(jax.config, name) for name in names}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla-cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    cc.reset_cache()
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+    cc.reset_cache()
+
+
+def patch_trainer(monkeypatch, after_call):
+    """Makes the training loop's ``Trainer`` call ``after_call(trainer, call, args)`` around each compiled chunk:
+    before it (returning the arguments to use) and, with ``call`` negated, after it."""
+    calls = [0]
+
+    class Patched(loop.Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            real = self.run_steps
+
+            def run_steps(*a):
+                calls[0] += 1
+                a = after_call(self, calls[0], a) or a
+                out = real(*a)
+                after_call(self, -calls[0], a)
+                return out
+
+            self.run_steps = run_steps
+
+    monkeypatch.setattr(loop, "Trainer", Patched)
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -86,7 +132,27 @@ def test_train_help_documents_every_flag_with_its_default():
             assert action.default == getattr(defaults, action.dest), flag
     assert {"--check-every", "--out", "--resume", "--precision", "--grad", "--train-limit"} <= set(blocks)
     args = parser.parse_args([])
-    assert args.offline is False and defaults.download is True
+    assert args.offline is False and defaults.offline is False
+
+
+def test_every_train_config_field_is_a_flag_with_its_help_text():
+    """The flags are generated from TrainConfig: each field is ``--name-with-dashes`` with the field's own help
+    text, and parsing no flags gives TrainConfig's defaults."""
+    from jaxcnn.train.config import from_flags
+
+    parser = train_parser()
+    blocks = option_blocks(parser.format_help())
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        assert flag in blocks, f"{field.name} has no {flag}"
+        assert actions[field.name].option_strings == [flag]
+        help_text = re.sub(r"\s+", " ", field.metadata["help"].replace("%%", "%"))
+        assert help_text and help_text in blocks[flag], (help_text, blocks[flag])
+    assert from_flags(parser.parse_args([])) == TrainConfig()
+    config = from_flags(parser.parse_args(["--conv-method", "im2col", "--offline", "--normalize", "--lr", "0.1",
+                                           "--train-limit", "100", "--devices", "1"]))
+    assert config == TrainConfig(conv_method="im2col", offline=True, normalize=True, lr=0.1, train_limit=100, devices=1)
 
 
 def test_train_help_runs_as_a_module():
@@ -101,32 +167,61 @@ def test_train_help_runs_as_a_module():
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
+    """``jaxcnn train`` in this process, recording the keyword arguments the preset's network is built with."""
     out = tmp_path_factory.mktemp("cli-run")
     stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
+    built = []
+    real_get_model = zoo.get_model
+
+    def recording_get_model(name):
+        spec = real_get_model(name)
+
+        def build(**kwargs):
+            built.append(kwargs)
+            return spec.build(**kwargs)
+
+        return spec._replace(build=build)
+
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+        mp.setattr(zoo, "get_model", recording_get_model)
         status = cli.main(["train", *SMALL_RUN, "--out", str(out)])
-    return status, out, stdout.getvalue().splitlines()
+    return dict(status=status, out=out, stdout=stdout.getvalue().splitlines(), built=built)
 
 
 def test_small_training_run(small_run):
-    status, out, stdout = small_run
+    status, out, stdout = small_run["status"], small_run["out"], small_run["stdout"]
     assert status == 0
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "config.json", "metrics.jsonl"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["epoch"] == 1
-    assert {"epoch", "train_loss", "test_loss", "test_accuracy", "images_per_s", "wall_s"} <= set(records[0])
+    assert list(records[0]) == ["epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+                                "images_per_s", "wall_s"]
     saved = json.loads((out / "config.json").read_text())
-    assert saved["model"] == "seed_net" and saved["train_limit"] == 256 and saved["epochs"] == 1
-    assert any("8 steps of 32 per epoch" in line for line in stdout), stdout
+    # jaxcnn train records every setting, its presets included.
+    assert saved == TrainConfig(model="seed_net", dataset="mnist-offline", train_limit=256, batch_size=32, epochs=1,
+                                conv_method="im2col").to_json()
+    # The class-balanced --train-limit subset is drawn by digit and logged.
+    assert stdout[0] == ("train_limit 256: a class-balanced subset (seed 0): class 0: 26, class 1: 26, class 2: 26, "
+                         "class 3: 26, class 4: 26, class 5: 26, class 6: 25, class 7: 25, class 8: 25, class 9: 25")
+    assert any("256 train / 1,000 test images, 8 steps of 32 per epoch" in line for line in stdout), stdout
     assert re.fullmatch(r"final test accuracy 0\.\d{4} after 1 epoch \(\d+\.\d s\)", stdout[-1]), stdout
 
 
+def test_conv_method_reaches_the_network(small_run):
+    assert small_run["built"] == [{"conv_method": "im2col"}]
+    assert json.loads((small_run["out"] / "config.json").read_text())["conv_method"] == "im2col"
+    with np.load(small_run["out"] / CHECKPOINT) as z:
+        assert json.loads(bytes(z["meta"]).decode())["config"]["conv_method"] == "im2col"
+
+
 def test_second_invocation_needs_resume_and_the_same_settings(small_run, capsys):
-    _, out, _ = small_run
+    out = small_run["out"]
     assert cli.main(["train", *SMALL_RUN, "--out", str(out)]) == 2
     assert "already holds a checkpoint; pass --resume" in one_line_error(capsys.readouterr().err)
     assert cli.main(["train", *SMALL_RUN, "--out", str(out), "--resume", "--lr", "0.1"]) == 2
     assert "other settings (lr 0.05 -> 0.1)" in one_line_error(capsys.readouterr().err)
+    assert cli.main(["train", *SMALL_RUN, "--out", str(out), "--resume", "--conv-method", "taps"]) == 2
+    assert "other settings (conv_method 'im2col' -> 'taps')" in one_line_error(capsys.readouterr().err)
     # Resuming a finished run trains nothing and reports the recorded result.
     assert cli.main(["train", *SMALL_RUN, "--out", str(out), "--resume"]) == 0
     captured = capsys.readouterr()
@@ -181,40 +276,34 @@ def test_unparsable_flag_value_exits_2_with_a_usage_message(capsys):
 
 
 def test_sigint_saves_and_exits_130(tmp_path, monkeypatch, capsys):
-    original = jtrain.Trainer
+    def interrupt(trainer, call, args):
+        if call < 0:
+            os.kill(os.getpid(), signal.SIGINT)
 
-    class Interrupting(original):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            real = self.run_steps
-
-            def run_steps(*a):
-                out = real(*a)
-                os.kill(os.getpid(), signal.SIGINT)
-                return out
-
-            self.run_steps = run_steps
-
-    monkeypatch.setattr(jtrain, "Trainer", Interrupting)
+    patch_trainer(monkeypatch, interrupt)
     # 16 steps per epoch, all in the first chunk: the signal stops the run at the end of epoch 1 of 2.
-    argv = ["--model", "seed_net", "--dataset", "mnist-offline", "--train-limit", "256", "--batch-size", "16",
-            "--epochs", "2", "--progress", "off", "--out", str(tmp_path)]
-    assert cli.main(["train", *argv]) == 130
+    assert cli.main(["train", *TWO_EPOCHS, "--out", str(tmp_path)]) == 130
     err = capsys.readouterr().err
     assert re.search(r"SIGINT: checkpoint saved to .*checkpoint\.npz at epoch 2, step 0; "
                      r"continue with the same command plus --resume", err), err
     assert (tmp_path / CHECKPOINT).exists()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 def test_non_finite_loss_exits_1(tmp_path, monkeypatch, capsys):
-    net = lambda **_: serial(Conv2D(4, 3, stride=2), Relu(), Flatten(), Dense(10), name="tiny_nobn")  # noqa: E731
-    monkeypatch.setitem(models.MODELS, "tiny_nobn",
-                        models.ModelSpec("tiny_nobn", net, gradients.softmax_cross_entropy, False, "test model"))
-    argv = ["--model", "tiny_nobn", "--dataset", "mnist-offline", "--train-limit", "64", "--batch-size", "16",
-            "--epochs", "1", "--lr", "1e30", "--progress", "off"]
-    assert cli.main(["train", *argv]) == 1
+    """The parameters are poisoned before the first chunk: the step computes a NaN loss and the command stops."""
+
+    def poison(trainer, call, args):
+        if call == 1:
+            state = args[0]
+            params = jax.tree_util.tree_map(lambda p: jnp.full_like(p, jnp.nan), state.params)
+            return (trainer.placement.put(state._replace(params=params)), *args[1:])
+
+    patch_trainer(monkeypatch, poison)
+    assert cli.main(["train", *TWO_EPOCHS, "--out", str(tmp_path)]) == 1
     line = one_line_error(capsys.readouterr().err)
-    assert re.match(r"jaxcnn train: loss became (nan|inf) at step \d+ of epoch 1 \(global step \d+\); try a lower --lr$", line)
+    assert re.match(r"jaxcnn train: loss became nan at step 0 of epoch 1 \(global step 0\); try a lower --lr$", line), line
+    assert not (tmp_path / CHECKPOINT).exists()
 
 
 def test_sigterm_to_a_running_jaxcnn_train_saves_a_checkpoint_and_exits_143(tmp_path):

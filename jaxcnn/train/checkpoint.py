@@ -44,13 +44,18 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
         os.close(dir_fd)
 
 
-def save_checkpoint(workdir: Path, state, *, epoch: int, step: int, config: TrainConfig,
+def _settings(config: TrainConfig | dict) -> dict:
+    return config.to_json() if isinstance(config, TrainConfig) else dict(config)
+
+
+def save_checkpoint(workdir: Path, state, *, epoch: int, step: int, config: TrainConfig | dict,
                     partial_epoch: dict | None = None) -> Path:
-    """Saves every array of ``state`` plus the position ``(epoch, step)`` (the next step to run) and, mid-epoch,
+    """Saves every array of ``state`` plus the position ``(epoch, step)`` (the next step to run), the run's
+    settings (``config``: a :class:`TrainConfig` or the dict written to ``config.json``) and, mid-epoch,
     ``partial_epoch``: the epoch's statistics so far, so that a resumed run reports the same epoch metrics."""
     leaves = jax.tree_util.tree_leaves(state)
     arrays = {f"leaf_{i:05d}": host(x) for i, x in enumerate(leaves)}
-    meta = {"epoch": epoch, "step": step, "config": config.to_json(), "leaves": len(leaves)}
+    meta = {"epoch": epoch, "step": step, "config": _settings(config), "leaves": len(leaves)}
     if partial_epoch is not None:
         meta["partial_epoch"] = partial_epoch
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
@@ -59,7 +64,7 @@ def save_checkpoint(workdir: Path, state, *, epoch: int, step: int, config: Trai
     return path
 
 
-def restore_checkpoint(workdir: Path, template, config: TrainConfig | None = None) -> tuple[Any, dict]:
+def restore_checkpoint(workdir: Path, template, config: TrainConfig | dict | None = None) -> tuple[Any, dict]:
     """Restores a checkpoint into the structure of ``template``; :class:`ConfigError` if it does not fit, or if
     ``config`` differs from the checkpoint's in a setting of :data:`RESUME_SETTINGS`."""
     path = workdir / CHECKPOINT
@@ -68,8 +73,9 @@ def restore_checkpoint(workdir: Path, template, config: TrainConfig | None = Non
     with np.load(path) as z:
         meta = json.loads(bytes(z["meta"]).decode())
         if config is not None:
-            saved, now = meta["config"], config.to_json()
-            changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in RESUME_SETTINGS if k in saved and saved[k] != now[k]]
+            saved, now = meta["config"], _settings(config)
+            changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in RESUME_SETTINGS + ("network", "loss")
+                       if k in saved and k in now and saved[k] != now[k]]
             if changed:
                 raise ConfigError(f"--resume: {path} was written with other settings ({', '.join(changed)}); "
                                   "resume with the same settings, or choose another --out")

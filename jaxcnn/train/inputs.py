@@ -110,7 +110,9 @@ def balanced_subset(classes, n: int, seed: int) -> tuple[np.ndarray, dict[int, i
     quota = dict.fromkeys(members, 0)
     left = n
     while left:
-        open_classes = [v for v in members if quota[v] < len(members[v])]
+        # The classes with the fewest examples so far first, so that the remainder's extra examples keep the
+        # counts of the classes that have enough within 1 of each other.
+        open_classes = sorted((v for v in members if quota[v] < len(members[v])), key=quota.get)
         share, extra = divmod(left, len(open_classes))
         for i, v in enumerate(open_classes):
             take = min(share + (i < extra), len(members[v]) - quota[v])

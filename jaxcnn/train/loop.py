@@ -301,7 +301,7 @@ def train_arrays(model: Layer, loss: Loss, train, test, config: TrainConfig, *, 
             raise ConfigError(f"--out {workdir} is a file, not a directory")
         workdir.mkdir(parents=True, exist_ok=True)
         if resume:
-            state, meta = ckpt.restore_checkpoint(workdir, state, config)
+            state, meta = ckpt.restore_checkpoint(workdir, state, recorded)
             state = trainer.placement.put(state)
             start_epoch, start_step, partial = meta["epoch"], meta["step"], meta.get("partial_epoch")
             history = ckpt.read_metrics(workdir / ckpt.METRICS, upto_epoch=start_epoch)
@@ -356,7 +356,7 @@ def train_arrays(model: Layer, loss: Loss, train, test, config: TrainConfig, *, 
                 if interrupt.signal is not None and begin + chunk < spe:
                     if bar is not None:
                         bar.close()
-                    _save_interrupted(interrupt.signal, workdir, state, epoch, begin + chunk, config, partial_epoch={
+                    _save_interrupted(interrupt.signal, workdir, state, epoch, begin + chunk, recorded, partial_epoch={
                         "losses": np.concatenate(losses).tolist(), "correct": correct, "seen": seen,
                         "train_time": train_time, "checked": np.concatenate(checked).tolist(),
                         "wall_s": time.perf_counter() - wall_start})
@@ -379,9 +379,9 @@ def train_arrays(model: Layer, loss: Loss, train, test, config: TrainConfig, *, 
                 # The epoch's record first, then its checkpoint: a crash in between leaves an extra record that
                 # --resume drops (it keeps records up to the checkpoint's epoch), never a checkpoint without one.
                 ckpt.append_metrics(workdir / ckpt.METRICS, record)
-                ckpt.save_checkpoint(workdir, state, epoch=epoch + 1, step=0, config=config)
+                ckpt.save_checkpoint(workdir, state, epoch=epoch + 1, step=0, config=recorded)
             if interrupt.signal is not None and epoch + 1 < config.epochs:
-                _save_interrupted(interrupt.signal, workdir, state, epoch + 1, 0, config)
+                _save_interrupted(interrupt.signal, workdir, state, epoch + 1, 0, recorded)
     return FitResult(state.params, state.model_state, state.opt_state, history)
 
 
