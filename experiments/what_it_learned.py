@@ -155,7 +155,8 @@ def run(out_dir, *, smoke: bool = False, command: str | None = None, log=None, *
     mistakes = wrong[np.argsort(-probs[wrong, pred[wrong]])][: config.n_mistakes]
 
     # First convolution: its filters, and its feature maps (after the ReLU/sigmoid that follows) for a few digits.
-    first = next(i for i, layer in enumerate(model.children) if layer.name.startswith("Conv2D"))
+    # The first layer whose parameters hold a 4-D (HWIO) kernel: found by structure, not by name.
+    first = next(i for i, p in enumerate(params) if isinstance(p, dict) and np.ndim(p.get("w")) == 4)
     kernel = np.asarray(params[first]["w"])  # (kh, kw, 1, O)
     digits = [int(np.flatnonzero(labels == d)[0]) for d in _spread_digits(labels, config.n_digits)]
 

@@ -284,15 +284,15 @@ def train_arrays(model: Layer, loss: Loss, train, test, config: TrainConfig, *, 
     """:func:`fit` with a whole :class:`TrainConfig` (``presets``: whether its preset fields describe this run,
     as in ``jaxcnn train``; they are left out of ``config.json`` otherwise)."""
     config.validate()
+    # With several processes (multi-host), process 0 alone logs and writes; every process reads --resume.
+    writer = jax.process_index() == 0
+    if not writer:
+        log = lambda message: None  # noqa: E731
     trainer = Trainer(model, loss, train, test, config, log=log)
     workdir = Path(out) if out is not None else None
     recorded = config.to_json() if presets else {k: v for k, v in config.to_json().items() if k in array_settings()}
     if not presets:
         recorded = {"network": model.name, "loss": loss.name, **recorded}
-    # With several processes (multi-host), process 0 alone logs and writes; every process reads --resume.
-    writer = jax.process_index() == 0
-    if not writer:
-        log = lambda message: None  # noqa: E731
     progress = sys.stderr.isatty() if progress is None else progress
     state = trainer.init_state()
     start_epoch, start_step, history, partial = 0, 0, [], None

@@ -7,6 +7,8 @@ from typing import Callable
 
 import numpy as np
 
+import jax
+
 from jaxcnn import data as jdata
 from jaxcnn.models import get_model
 from jaxcnn.train.config import ConfigError, TrainConfig
@@ -34,7 +36,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None = 
     if config.train_limit is not None and config.train_limit < len(labels):
         keep, counts = balanced_subset(labels, config.train_limit, config.seed)
         images, labels = images[keep], labels[keep]
-        log(f"train_limit {config.train_limit}: a class-balanced subset (seed {config.seed}): {describe_counts(counts)}")
+        if jax.process_index() == 0:
+            log(f"train_limit {config.train_limit}: a class-balanced subset (seed {config.seed}): "
+                f"{describe_counts(counts)}")
     train = (images, np.asarray(spec.targets(labels)))
     test = (dataset.test_images, np.asarray(spec.targets(dataset.test_labels)))
     return train_arrays(spec.build(conv_method=config.conv_method), spec.loss, train, test, config, out=workdir,
