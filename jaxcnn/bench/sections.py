@@ -243,6 +243,10 @@ def epoch_runner(trainer) -> Callable[[], None]:
 
 
 EPOCH_FORMS = ("scan", "step")  # the loop forms of jaxcnn.train: a lax.scan per chunk, a compiled call per step
+# The forms timed per route over a whole epoch. The autodiff route's scanned form is left to the steps
+# section, which times it over 8 steps and prunes it there: XLA:CPU runs jax.grad's convolution gradients
+# so much slower inside lax.scan (about 100x for small_cnn) that one epoch of it would take minutes.
+EPOCH_FORMS_OF = {"manual": EPOCH_FORMS, "autodiff": ("step",)}
 
 
 def epoch_contenders(cfg: BenchConfig, model_name: str, train, opts: dict, grads=("manual", "autodiff"),
@@ -255,7 +259,7 @@ def epoch_contenders(cfg: BenchConfig, model_name: str, train, opts: dict, grads
     out = []
     for oname, o in opts.items():
         for grad in grads:
-            for form in forms:
+            for form in (f for f in forms if f in EPOCH_FORMS_OF[grad]):
                 trainer = epoch_trainer(cfg, model_name, train, o, grad=grad, loop=form)
                 spe, c = trainer.steps_per_epoch, trainer.config
                 auto = default_form(grad)
