@@ -37,22 +37,8 @@ TWO_EPOCHS = ["--model", "seed_net", "--dataset", "mnist-offline", "--train-limi
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache private to this module: a program compiled again (the same preset and
-    flags in another in-process run) is read back instead of recompiled. The previous settings are restored."""
-    from jax._src import compilation_cache as cc
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    saved = {name: getattr(jax.config, name) for name in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla-cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    cc.reset_cache()
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
+def _private_compilation_cache(compilation_cache):
+    """Every test of this module shares one persistent compilation cache (conftest.py)."""
 
 
 def patch_trainer(monkeypatch, after_call):

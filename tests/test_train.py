@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 
 import jaxcnn
-from jaxcnn import data as jdata
 from jaxcnn import gradients, models
 from jaxcnn.layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, Relu, serial
 from jaxcnn.train import (
@@ -68,27 +67,8 @@ def tiny_bad(*, method: str = "im2col"):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache private to this module: a program compiled again (the reference run's, in
-    the interrupted and the resumed runs) is read back instead of recompiled. The previous settings are restored."""
-    from jax._src import compilation_cache as cc
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    saved = {name: getattr(jax.config, name) for name in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla-cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    cc.reset_cache()
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
-
-
-@pytest.fixture(scope="module")
-def offline():
-    return jdata.load_dataset(jdata.OFFLINE_NAME, log=lambda s: None)
+def _private_compilation_cache(compilation_cache):
+    """Every test of this module shares one persistent compilation cache (conftest.py)."""
 
 
 @pytest.fixture(scope="module")
