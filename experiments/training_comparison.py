@@ -177,13 +177,13 @@ def _markdown(s: dict) -> str:
                  "runs' per-epoch values. The two runs compute the same function in different formulations and follow "
                  "the same trajectory up to float32 rounding (which grows along the steps), so the curves coincide; "
                  "what differs is speed.\n")
-    lines.append("\nWhere the speed differs, the cause is in the backward pass of the convolutions: the training loop runs "
-                 "its steps inside `lax.scan`, and there XLA:CPU can compile the kernel gradient that `jax.grad` derives "
-                 "for a convolution (a filter-gradient convolution) into a far slower loop than the same program outside "
-                 "a scan. The hand-written backward computes each gradient in the formulation measured fastest for its "
-                 "shape (`auto`: the kernel gradient as a convolution in a layout that keeps its speed inside the scan, "
-                 "per-tap products for a handful of channels; `docs/benchmarks.md`). The per-op and per-step timings "
-                 "inside and outside the loop are in the speed experiment (`experiments/speed.py`).\n")
+    lines.append("\nEach route trains in the loop form measured fastest for it (`jaxcnn train --loop auto`): the "
+                 "hand-written step scanned over chunks of steps (`lax.scan`), the autodiff step as one compiled call "
+                 "per batch, since inside `lax.scan` XLA:CPU compiles the kernel gradient that `jax.grad` derives for "
+                 "a convolution into a far slower loop. The hand-written backward computes each gradient in the "
+                 "formulation measured fastest for its shape (`auto`; `docs/benchmarks.md`), which is where the speed "
+                 "difference comes from. Per-step timings of both routes in both forms are in the speed experiment "
+                 "(`experiments/speed.py`) and the benchmark report (`docs/bench/cpu.md`).\n")
     lines.append("\n## Per epoch\n")
     rows = [[r["dataset"], r["model"], r["grad"], h["epoch"], f"{h['train_loss']:.4f}", f"{h['train_accuracy']:.4f}",
              f"{h['test_loss']:.4f}", f"{h['test_accuracy']:.4f}", f"{h['images_per_s']:,.0f}"]

@@ -25,8 +25,10 @@ from conftest import REPO
 sys.path.insert(0, str(REPO))  # ``experiments`` is a directory of scripts beside the package, not installed
 
 from experiments import (  # noqa: E402
+    check_tolerance,
     common,
     gradient_report,
+    readme_numbers,
     speed,
     training_comparison,
     tutorial_cnn,
@@ -41,7 +43,8 @@ try:
 except ImportError:
     HAVE_MATPLOTLIB = False
 
-SCRIPTS = {m.NAME: m for m in (tutorial_cnn, worked_examples, gradient_report, training_comparison, what_it_learned, speed)}
+SCRIPTS = {m.NAME: m for m in (tutorial_cnn, worked_examples, gradient_report, training_comparison, what_it_learned, speed,
+                                check_tolerance, readme_numbers)}
 EXPERIMENTS_README = (REPO / "experiments" / "README.md").read_text()
 
 
@@ -344,6 +347,27 @@ def test_committed_results_match_the_readme():
         assert not load_json(stored).get("failed"), f"{name}: the committed results record failures"
         for png in (results / name).glob("*.png"):
             assert png.stat().st_size < 200_000, f"{png.name} is {png.stat().st_size:,} bytes; keep committed figures small"
+
+
+def test_check_tolerance_smoke(tmp_path):
+    """A short measurement on seed_net: correct gradients far below the tolerance, a 0.1% error far above."""
+    assert check_tolerance.main(["--smoke", "--models", "seed_net", "--out", str(tmp_path)]) == 0
+    report = load_json(tmp_path / "check_tolerance.json")
+    (model,) = report["models"]
+    assert model["model"] == "seed_net" and len(model["rows"]) == 2
+    assert model["max"]["manual_vs_autodiff"] < 1e-5 and model["perturbed_min"] > 9e-4
+    assert (tmp_path / "check_tolerance.md").read_text() == check_tolerance.render(report)
+
+
+@pytest.mark.slow
+def test_readme_numbers_smoke(tmp_path):
+    """One real jaxcnn train run into the results layout; the README's blocks render from it."""
+    assert readme_numbers.main(["--smoke", "--out", str(tmp_path)]) == 0
+    results = load_json(tmp_path / "readme_numbers.json")
+    row = results["rows"]["smoke"]
+    records = [json.loads(line) for line in (tmp_path / "smoke" / "metrics.jsonl").read_text().splitlines()]
+    assert row["test_accuracy"] == records[-1]["test_accuracy"] and 0.5 < row["test_accuracy"] <= 1.0
+    assert not (tmp_path / "smoke" / "checkpoint.npz").exists()
 
 
 def test_matplotlib_hint_names_the_extra():
