@@ -366,7 +366,8 @@ def test_readme_numbers_smoke(tmp_path):
     results = load_json(tmp_path / "readme_numbers.json")
     row = results["rows"]["smoke"]
     records = [json.loads(line) for line in (tmp_path / "smoke" / "metrics.jsonl").read_text().splitlines()]
-    assert row["test_accuracy"] == records[-1]["test_accuracy"] and 0.5 < row["test_accuracy"] <= 1.0
+    # 4 steps of lenet5: above the 10-class chance level, not yet trained.
+    assert row["test_accuracy"] == records[-1]["test_accuracy"] and 0.15 < row["test_accuracy"] <= 1.0
     assert not (tmp_path / "smoke" / "checkpoint.npz").exists()
 
 
