@@ -69,6 +69,10 @@ def measure_model(name: str, dataset, *, steps: int, every: int, batch: int, log
             fn = jax.jit(lambda p, s, x, t: autodiff(p, s, x, t, train=True, key=key)[1])
             return jax.tree_util.tree_map(np.asarray, fn(cast(params), cast(state), cast(x), t64))
 
+    def batch(idx):
+        """The examples ``idx`` as the step sees them before augmentation: NHWC, scaled; their targets."""
+        return trainer.scaling(jnp.asarray(images[idx])[..., None]), jnp.asarray(spec.targets(labels[idx]))
+
     leaf_names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(trainer.init_state().params)[0]]
     state = trainer.init_state()
     rows = []
@@ -78,9 +82,7 @@ def measure_model(name: str, dataset, *, steps: int, every: int, batch: int, log
         for begin in range(0, len(batches), every):
             if done >= steps:
                 break
-            idx = batches[begin]
-            x = trainer.scaling(jnp.asarray(images[idx]))[..., None] if images.ndim == 3 else trainer.scaling(images[idx])
-            target = jnp.asarray(spec.targets(labels[idx]))
+            x, target = batch(batches[begin])
             key = jax.random.fold_in(jax.random.PRNGKey(1), done)
             g_manual, g_auto = float32_grads(state.params, state.model_state, x, target, key)
             g64 = float64_grads(state.params, state.model_state, x, target, key)
@@ -94,9 +96,7 @@ def measure_model(name: str, dataset, *, steps: int, every: int, batch: int, log
             done += every
         epoch += 1
     # A 0.1%-wrong backward in each array in turn, at the last parameters: what the check would see.
-    idx = trainer.epoch_batches(epoch)[0]
-    x = trainer.scaling(jnp.asarray(images[idx]))[..., None]
-    target = jnp.asarray(spec.targets(labels[idx]))
+    x, target = batch(trainer.epoch_batches(epoch)[0])
     key = jax.random.PRNGKey(7)
     g_manual, g_auto = float32_grads(state.params, state.model_state, x, target, key)
     leaves, treedef = jax.tree_util.tree_flatten(g_manual)

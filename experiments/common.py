@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
-import json
 import math
 import os
 import platform

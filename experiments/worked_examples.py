@@ -28,7 +28,6 @@ import itertools
 import sys
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make ``experiments`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

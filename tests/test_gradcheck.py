@@ -4,7 +4,6 @@ and its table names the arrays. Also: no hand-written backward uses JAX's own di
 from __future__ import annotations
 
 import ast
-import functools
 from pathlib import Path
 
 import numpy as np

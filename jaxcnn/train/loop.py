@@ -122,16 +122,19 @@ class Trainer:
 
     ``train`` and ``test`` are ``(images, targets)`` pairs: images NHWC (or ``(N, H, W)``) of any size,
     uint8 (scaled to [0, 1]) or float; targets whatever ``loss`` compares predictions with (integer labels
-    for softmax cross-entropy, float arrays for MSE). ``test`` may be ``None``.
+    for softmax cross-entropy, float arrays for MSE). ``test`` may be ``None``. ``classes`` (one per training
+    example) is what ``train_limit`` balances its subset over; by default each target's class
+    (:func:`~jaxcnn.train.inputs.classes_of`).
     """
 
     def __init__(self, model: Layer, loss: Loss, train, test, config: TrainConfig, *,
-                 compiler_options: dict | None = None, log: Callable[[str], None] = print):
+                 compiler_options: dict | None = None, log: Callable[[str], None] = print, classes=None):
         self.config = config.validate()
         self.model, self.loss = model, loss
         images, targets = _pair(train, "train")
         if config.train_limit is not None and config.train_limit < len(images):
-            keep, counts = balanced_subset(classes_of(targets), config.train_limit, config.seed)
+            keep, counts = balanced_subset(classes_of(targets) if classes is None else classes, config.train_limit,
+                                           config.seed)
             images, targets = images[keep], targets[keep]
             log(f"train_limit {config.train_limit}: a class-balanced subset (seed {config.seed}): {describe_counts(counts)}")
         self.train_count, self.input_shape = len(images), (1, *images.shape[1:])
@@ -206,12 +209,12 @@ class Trainer:
 # steps and epoch; docs/benchmarks.md): the hand-written step runs fastest scanned over a chunk of steps,
 # while XLA:CPU runs ``jax.grad``'s convolution gradients many times slower inside ``lax.scan`` than in a
 # program of their own, so the autodiff route calls its jitted step once per batch, as Flax's examples do.
-LOOP_FORMS = {"manual": "scan", "autodiff": "step"}
+DEFAULT_LOOP_FORM = {"manual": "scan", "autodiff": "step"}
 
 
 def loop_form(config: TrainConfig) -> str:
-    """``"scan"`` or ``"step"``: ``config.loop``, or with ``"auto"`` the form of :data:`LOOP_FORMS`."""
-    return LOOP_FORMS[config.grad] if config.loop == "auto" else config.loop
+    """``"scan"`` or ``"step"``: ``config.loop``, or with ``"auto"`` the form of :data:`DEFAULT_LOOP_FORM`."""
+    return DEFAULT_LOOP_FORM[config.grad] if config.loop == "auto" else config.loop
 
 
 def _pair(data, what: str):
@@ -280,15 +283,15 @@ def fit(model: Layer, loss: Loss, /, train, test=None, *, out: str | os.PathLike
 
 def train_arrays(model: Layer, loss: Loss, train, test, config: TrainConfig, *, out=None, resume: bool = False,
                  log: Callable[[str], None] = print, progress: bool | None = None, source: str = "the given arrays",
-                 presets: bool = True) -> FitResult:
+                 presets: bool = True, classes=None) -> FitResult:
     """:func:`fit` with a whole :class:`TrainConfig` (``presets``: whether its preset fields describe this run,
-    as in ``jaxcnn train``; they are left out of ``config.json`` otherwise)."""
+    as in ``jaxcnn train``; they are left out of ``config.json`` otherwise; ``classes``: see :class:`Trainer`)."""
     config.validate()
     # With several processes (multi-host), process 0 alone logs and writes; every process reads --resume.
     writer = jax.process_index() == 0
     if not writer:
         log = lambda message: None  # noqa: E731
-    trainer = Trainer(model, loss, train, test, config, log=log)
+    trainer = Trainer(model, loss, train, test, config, log=log, classes=classes)
     workdir = Path(out) if out is not None else None
     recorded = config.to_json() if presets else {k: v for k, v in config.to_json().items() if k in array_settings()}
     if not presets:

@@ -7,12 +7,9 @@ from typing import Callable
 
 import numpy as np
 
-import jax
-
 from jaxcnn import data as jdata
 from jaxcnn.models import get_model
 from jaxcnn.train.config import ConfigError, TrainConfig
-from jaxcnn.train.inputs import balanced_subset, describe_counts
 from jaxcnn.train.loop import FitResult, train_arrays
 
 
@@ -22,8 +19,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None = 
     """Trains the zoo preset ``config.model`` (built with ``config.conv_method``) on ``config.dataset``
     (or on ``dataset`` when given) and evaluates it after every epoch; see :func:`jaxcnn.fit`.
 
-    ``train_limit`` draws its class-balanced subset by digit label, before labels become the preset's
-    targets (so ``seed_net``'s binary task still sees every digit).
+    ``train_limit`` balances its subset over the digit labels, not the preset's targets (so ``seed_net``'s
+    binary task still sees every digit).
     """
     config.validate()
     try:
@@ -32,14 +29,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None = 
         raise ConfigError(str(e)) from None
     if dataset is None:
         dataset = jdata.load_dataset(config.dataset, data_dir=config.data_dir, download=not config.offline, log=log)
-    images, labels = dataset.train_images, dataset.train_labels
-    if config.train_limit is not None and config.train_limit < len(labels):
-        keep, counts = balanced_subset(labels, config.train_limit, config.seed)
-        images, labels = images[keep], labels[keep]
-        if jax.process_index() == 0:
-            log(f"train_limit {config.train_limit}: a class-balanced subset (seed {config.seed}): "
-                f"{describe_counts(counts)}")
-    train = (images, np.asarray(spec.targets(labels)))
+    train = (dataset.train_images, np.asarray(spec.targets(dataset.train_labels)))
     test = (dataset.test_images, np.asarray(spec.targets(dataset.test_labels)))
     return train_arrays(spec.build(conv_method=config.conv_method), spec.loss, train, test, config, out=workdir,
-                        resume=resume, log=log, progress=progress, source=dataset.source)
+                        resume=resume, log=log, progress=progress, source=dataset.source,
+                        classes=dataset.train_labels)
