@@ -1,8 +1,13 @@
-"""The ``jaxcnn`` command: ``train``, ``gradcheck`` and ``bench``.
+"""The ``jaxcnn`` command: ``train``, ``evaluate``, ``predict``, ``gradcheck`` and ``bench``.
 
-Problems a user can fix (missing data, a bad flag value, an existing checkpoint) print one line to
-stderr and exit with status 2; a stopped run (non-finite loss, failed gradient check) exits with 1;
-SIGINT/SIGTERM save a checkpoint and exit with 130/143.
+``train`` writes a run (``config.json``, ``metrics.jsonl``, ``checkpoint.npz``) to ``--out``; ``evaluate``
+scores that checkpoint on a test set and ``predict`` classifies PNG, ``.npy`` and IDX image files with it
+(:mod:`jaxcnn.inference_cli`). ``jaxcnn --version`` prints the version.
+
+Every failure a user can cause prints one line to stderr, never a traceback: a problem the user can fix
+(missing data, a bad flag value, an existing or unreadable checkpoint, an unreadable file) exits with
+status 2, as do argparse's usage errors; a stopped run (non-finite loss, failed gradient check, the device
+out of memory) exits with 1; SIGINT/SIGTERM save a checkpoint and exit with 130/143.
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ import os
 import sys
 from pathlib import Path
 
+from jaxcnn import __version__
 from jaxcnn.bench import BenchError
 from jaxcnn.bench import add_parser as add_bench_parser
 from jaxcnn.bench import run as run_bench
+
+GRADCHECK_MAX_BATCH = 256  # finite differences in float64 over every parameter: a larger batch adds only time
 
 
 def _train_parser(sub) -> None:
@@ -59,9 +67,16 @@ def _init_distributed(args) -> None:
         raise ConfigError("--coordinator needs --num-processes and --process-id (or JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
     if not 0 <= args.process_id < args.num_processes:
         raise ConfigError(f"--process-id must be in 0..{args.num_processes - 1}, got {args.process_id}")
+    host, _, port = args.coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"--coordinator must be HOST:PORT with a port in 1..65535, got {args.coordinator!r}")
     import jax
 
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    try:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    except (RuntimeError, ValueError) as e:  # XLA's errors are RuntimeErrors
+        raise ConfigError(f"--coordinator {args.coordinator}: cannot join the run "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 def _run_train(args) -> int:
@@ -112,7 +127,12 @@ def _gradcheck_parser(sub) -> None:
 
 def _run_gradcheck(args) -> int:
     from jaxcnn.modelcheck import check_model
+    from jaxcnn.train import ConfigError
 
+    if not 1 <= args.batch <= GRADCHECK_MAX_BATCH:
+        raise ConfigError(f"--batch must be between 1 and {GRADCHECK_MAX_BATCH}, got {args.batch}")
+    if not 0 <= args.seed < 2**63:
+        raise ConfigError(f"--seed must be an integer in 0..2**63-1, got {args.seed}")
     results = check_model(args.model, dtype=args.dtype, batch=args.batch, seed=args.seed)
     for r in results:
         print(r.table())
@@ -120,35 +140,77 @@ def _run_gradcheck(args) -> int:
     failed = [r.name for r in results if not r.ok]
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps([
             {"name": r.name, "dtype": r.dtype, "ok": r.ok, "adjoint": r.adjoint,
              "rows": [row._asdict() for row in r.rows]} for r in results], indent=2))
     return 1 if failed else 0
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the device (or host) running out of memory: XLA's ``RESOURCE_EXHAUSTED``."""
+    if isinstance(error, MemoryError):
+        return True
+    message = str(error)
+    return "RESOURCE_EXHAUSTED" in message or "Out of memory" in message or "out of memory" in message
+
+
+_BATCH_HINT = {"train": "--batch-size / --eval-batch-size", "evaluate": "--eval-batch-size",
+               "predict": "--eval-batch-size", "gradcheck": "--batch", "bench": "--batch"}
+
+
+def _batch_flags(args) -> str:
+    """The batch-size flags of a command as given (for the out-of-memory line)."""
+    flags = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in ("batch_size", "eval_batch_size", "batch")
+             if getattr(args, name, None) is not None]
+    return ", ".join(flags) if flags else "default batch sizes"
+
+
+def _os_error(error: OSError) -> str:
+    where = error.filename if error.filename is not None else ""
+    return f"{where}: {error.strerror}" if where and error.strerror else str(error)
+
+
 def main(argv=None) -> int:
+    from jaxcnn.inference_cli import add_parsers as add_inference_parsers
+    from jaxcnn.inference_cli import run_evaluate, run_predict
+
     parser = argparse.ArgumentParser(prog="jaxcnn", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"jaxcnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    add_inference_parsers(sub)
     _gradcheck_parser(sub)
     add_bench_parser(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any("\0" in str(a) for a in argv):  # only possible from Python: a C argv cannot hold NUL
+        print("jaxcnn: arguments cannot contain NUL characters", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
 
     from jaxcnn.data import DataError
     from jaxcnn.train import ConfigError
 
+    commands = {"train": _run_train, "evaluate": run_evaluate, "predict": run_predict, "gradcheck": _run_gradcheck,
+                "bench": run_bench}
+    name = f"jaxcnn {args.command}"
     try:
-        if args.command == "train":
-            return _run_train(args)
-        if args.command == "bench":
-            return run_bench(args)
-        return _run_gradcheck(args)
+        return commands[args.command](args)
     except (DataError, ConfigError, BenchError) as e:
-        print(f"jaxcnn {args.command}: {e}", file=sys.stderr)
+        print(f"{name}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"{name}: {_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"jaxcnn {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not _out_of_memory(e):
+            raise
+        print(f"{name}: out of memory ({_batch_flags(args)}): {str(e).splitlines()[0][:200]}; "
+              f"lower {_BATCH_HINT[args.command]}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

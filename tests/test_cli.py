@@ -183,7 +183,8 @@ def test_small_training_run(small_run):
     assert list(records[0]) == ["epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
                                 "images_per_s", "wall_s"]
     saved = json.loads((out / "config.json").read_text())
-    # jaxcnn train records every setting, its presets included.
+    # jaxcnn train records every setting, its presets included, and the data actually used.
+    assert saved.pop("data")["source"].startswith("the bundled MNIST subset")
     assert saved == TrainConfig(model="seed_net", dataset="mnist-offline", train_limit=256, batch_size=32, epochs=1,
                                 conv_method="im2col").to_json()
     # The class-balanced --train-limit subset is drawn by digit and logged.

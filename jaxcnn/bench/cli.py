@@ -11,6 +11,8 @@ from jaxcnn import provenance
 from jaxcnn.bench.report import format_markdown
 from jaxcnn.bench.suite import run_benchmarks
 
+MAX_ROUNDS = 1000  # medians settle within tens of rounds; a thousand is already hours for the larger sections
+
 
 def add_parser(sub) -> None:
     """Registers ``jaxcnn bench`` on an ``argparse`` subparsers object."""
@@ -39,6 +41,8 @@ def run(args) -> int:
     """Runs ``jaxcnn bench`` from parsed arguments; returns the exit status."""
     if args.rounds is not None and args.rounds < 1:
         raise BenchError(f"--rounds must be >= 1, got {args.rounds}")
+    if args.rounds is not None and args.rounds > MAX_ROUNDS:
+        raise BenchError(f"--rounds must be at most {MAX_ROUNDS}, got {args.rounds}")
     if args.batch is not None and args.batch < 1:
         raise BenchError(f"--batch must be >= 1, got {args.batch}")
     if args.json:

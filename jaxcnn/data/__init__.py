@@ -7,6 +7,8 @@
   missing, and verified against published checksums.
 * :func:`preprocess` and :func:`epoch_permutation`: network inputs and the seeded shuffle.
 * :func:`seed_task`: the tutorial's 200-image binary task (digit > 4).
+* :func:`read_image_file`: a PNG, ``.npy`` or IDX file of images (``jaxcnn predict``); :func:`read_png`
+  and :func:`write_png`, a small zlib-only PNG codec.
 
 Every problem a user can fix raises :class:`DataError`, whose message says which file, what was
 expected, what was found and what to do. See ``docs/data.md``.
@@ -15,13 +17,16 @@ expected, what was found and what to do. See ``docs/data.md``.
 from .datasets import Dataset, check_split, load_dataset, load_directory, seed_task
 from .errors import DataError
 from .idx import read_idx, write_idx
+from .imagefiles import ImageFile, read_image_file
 from .offline import OFFLINE_NAME
+from .png import read_png, write_png
 from .preprocessing import epoch_permutation, pixel_statistics, preprocess
 
 __all__ = [
+    "OFFLINE_NAME",
     "DataError",
     "Dataset",
-    "OFFLINE_NAME",
+    "ImageFile",
     "check_split",
     "epoch_permutation",
     "load_dataset",
@@ -29,6 +34,9 @@ __all__ = [
     "pixel_statistics",
     "preprocess",
     "read_idx",
+    "read_image_file",
+    "read_png",
     "seed_task",
     "write_idx",
+    "write_png",
 ]
