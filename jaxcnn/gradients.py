@@ -14,6 +14,17 @@ All formulations compute the same function, so all three routes agree to roundin
 :func:`with_manual_vjp`, wraps the model as a ``jax.custom_vjp`` function so that ``jax.grad`` of any JAX
 code calling it runs the hand-written backward. All take and return the same pytrees; the routes share one
 signature, so a training loop switches between them with one setting.
+
+Owning the backward pass gives more than the batch gradient (``docs/per_example.md``):
+
+* :func:`per_example_grads`: every example's gradient from one forward and one backward pass, the layers'
+  batch sums left open (``Layer.per_example_backward``);
+* :func:`per_example_grad_norms`: their L2 norms, for dense and most conv layers without forming them
+  (``Layer.per_example_sq_norms``: ``‖x_n‖²‖dy_n‖²``, the conv ghost norm);
+* :func:`clipped_grad_sum`: ``Σ_n clip_n(g_n)``, each example's gradient scaled to norm at most ``clip``
+  (DP-SGD), from the norms and a second backward pass with each example's cotangent scaled;
+* :func:`hvp`: Hessian-vector products, forward-mode differentiation (``jax.jvp``) of the hand-written
+  gradient.
 """
 
 from __future__ import annotations
@@ -26,9 +37,9 @@ import jax.numpy as jnp
 from jaxcnn import ops
 from jaxcnn.ops.losses import _check_labels, _check_pair
 from jaxcnn.gradcheck import GradCheckResult, gradcheck
-from jaxcnn.layers import Layer, autodiff_forward
+from jaxcnn.layers import Layer, autodiff_forward, per_example_backward, per_example_sq_norms
 
-ROUTES = ("manual", "autodiff", "autodiff_same_forward")
+ROUTES = ("manual", "autodiff", "autodiff_same_forward")  # the gradient routes of value_and_grad (module docstring)
 
 
 def _correct_softmax(logits, labels):
@@ -68,11 +79,14 @@ class Loss(NamedTuple):
     correct: Callable
 
 
+# Half the mean squared error, for outputs read as probabilities (thresholded at 0.5 for accuracy).
 mse = Loss(ops.mse, ops.mse_backward, "mse", ops.mse_per_example, _correct_threshold(0.5))
+# Binary cross-entropy of logits against {0, 1} targets (a logit above 0 reads as class 1).
 binary_cross_entropy_with_logits = Loss(
     ops.binary_cross_entropy_with_logits, ops.binary_cross_entropy_with_logits_backward,
     "binary_cross_entropy_with_logits", ops.binary_cross_entropy_with_logits_per_example, _correct_threshold(0.0),
 )
+# Softmax cross-entropy of (N, classes) logits against integer labels (N,).
 softmax_cross_entropy = Loss(ops.softmax_cross_entropy, ops.softmax_cross_entropy_backward, "softmax_cross_entropy",
                              ops.softmax_cross_entropy_per_example, _correct_softmax)
 
@@ -117,6 +131,13 @@ def with_manual_vjp(model: Layer, *, train: bool = False) -> Callable:
     ``jax.grad`` (and ``jax.vjp``, under ``jax.jit`` too) of any function of ``y`` then runs
     ``model.backward`` for ``params`` and ``x``; ``state`` and ``key`` get zero cotangents and the
     cotangent of ``new_state`` is ignored (running statistics are not differentiated).
+
+    Forward mode over reverse mode works: ``jax.jvp(jax.grad(f))`` and ``jax.hessian(f)`` differentiate the
+    hand-written backward itself (as :func:`hvp` does). Forward mode of ``apply`` itself (``jax.jvp``,
+    ``jax.jacfwd``) does not: a ``jax.custom_vjp`` function has no forward-mode rule, and giving it one
+    (``jax.custom_jvp``) would make reverse mode transpose that rule instead of running ``model.backward``.
+    It raises ``TypeError`` (eagerly with a message pointing to :func:`hvp`; under ``jax.jit`` JAX's own,
+    when lowering).
     """
 
     @jax.custom_vjp
@@ -138,7 +159,16 @@ def with_manual_vjp(model: Layer, *, train: bool = False) -> Callable:
     apply.defvjp(fwd, bwd)
 
     def call(params, state, x, key=None):
-        return apply(params, state, x, key)
+        try:
+            return apply(params, state, x, key)  # forward mode (jax.jvp) is undefined here: see the docstring
+        except TypeError as error:  # eager jax.jvp raises here; under jax.jit, JAX raises the same when lowering
+            if "forward-mode autodiff" not in str(error):
+                raise
+            raise TypeError(
+                "with_manual_vjp: the wrapped model has a reverse-mode rule only (its hand-written backward), so "
+                "forward-mode differentiation of it (jax.jvp, jax.jacfwd) is undefined; for Hessian-vector "
+                "products use jaxcnn.gradients.hvp, or jax.jvp of jax.grad (forward over reverse), which "
+                "differentiates the hand-written backward") from error
 
     return call
 
@@ -173,3 +203,133 @@ def gradcheck_layer(
         return layer.backward(params, residuals, dy)
 
     return gradcheck(f, backward, (params, x), names=("params", "x"), name=name or layer.name, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the hand-written backward makes possible beyond the batch gradient
+
+
+def _sum_cotangent(loss: Loss, pred, target):
+    """``∂(Σ_n loss_n)/∂pred = N · loss.backward(1, pred, target)``, shaped like ``pred``.
+
+    ``loss.value`` is the mean of ``loss.per_example`` and example ``n``'s loss reads only ``pred[n]``, so
+    row ``n`` of this cotangent is ``∂loss_n/∂pred[n]``, the cotangent of example ``n``'s loss alone.
+    """
+    return loss.backward(jnp.asarray(pred.shape[0], pred.dtype), pred, target)
+
+
+def _forward_for_examples(model: Layer, loss: Loss, params, state, x, target, train, key):
+    """The forward pass and the per-example loss cotangent: ``(residuals, dpred (N, ...))``."""
+    pred, _, residuals = model.forward(params, state, x, train=train, key=key)
+    return residuals, _sum_cotangent(loss, pred, target)
+
+
+def per_example_grads(model: Layer, loss: Loss, params, state, x, target, *, train: bool = True, key=None):
+    """Each example's gradient ``∂loss_n/∂params``: ``params``' pytree, every leaf ``(N, *leaf.shape)``.
+
+    ``loss_n = loss.per_example(pred, target)[n]``, the loss of example ``n`` in the batch's forward pass.
+
+    One forward pass, then the model's ``per_example_backward`` (:func:`jaxcnn.layers.per_example_backward`)
+    on ``dpred = ∂(Σ_n loss_n)/∂pred``: each layer's parameter gradient is a sum over the batch whose
+    ``n``-th term is example ``n``'s, and the layers leave that sum open (dense ``x_nᵀ dy_n``, conv
+    ``Σ_p patch_npᵀ dy_np``, BatchNorm in evaluation mode). Their mean over ``n`` is the batch gradient of
+    :func:`value_and_grad` (``loss.value`` being the mean of the per-example losses).
+
+    Args:
+      model, loss: the network and its loss.
+      params, state: the model's parameters and state.
+      x: inputs ``(N, ...)``; target: what ``loss`` compares the predictions with, ``(N, ...)``.
+      train, key: as for the forward pass. In training mode a ``BatchNorm`` layer couples the examples
+        through its batch statistics and its rule raises ``ValueError``; dropout uses one mask for the batch.
+
+    To compile it, close over ``model`` and ``loss`` (or make them static) and mark ``train`` static.
+    """
+    residuals, dpred = _forward_for_examples(model, loss, params, state, x, target, train, key)
+    grads, _ = per_example_backward(model)(params, residuals, dpred)
+    return grads
+
+
+def per_example_grad_norms(model: Layer, loss: Loss, params, state, x, target, *, train: bool = True, key=None):
+    """``‖∂loss_n/∂params‖₂`` over all parameters, for each example: ``(N,)``.
+
+    One forward pass, then the model's ``per_example_sq_norms`` (:func:`jaxcnn.layers.per_example_sq_norms`):
+    a dense layer contributes ``‖x_n‖² ‖dy_n‖² (+ ‖dy_n‖²)``, a conv layer the ghost norm
+    ``Σ_{p,q} (patch_np · patch_nq)(dy_np · dy_nq)`` or the norm of its per-example kernel gradient, whichever
+    costs less (:func:`jaxcnn.per_example.conv2d_norm_method`); other layers with params the norms of
+    :func:`per_example_grads`' terms. Arguments as for :func:`per_example_grads`.
+    """
+    residuals, dpred = _forward_for_examples(model, loss, params, state, x, target, train, key)
+    sq, _ = per_example_sq_norms(model)(params, residuals, dpred)
+    return jnp.sqrt(jnp.maximum(sq, 0))  # the ghost norm is a sum of products: rounding can leave -0.0 at 0
+
+
+def clipped_grad_sum(model: Layer, loss: Loss, params, state, x, target, clip, *, train: bool = True, key=None):
+    """``(Σ_n c_n g_n, norms)`` with ``g_n = ∂loss_n/∂params``, ``norms[n] = ‖g_n‖`` and ``c_n = min(1, clip / ‖g_n‖)``.
+
+    Each example's gradient is scaled to norm at most ``clip`` and the results are summed, the gradient
+    of DP-SGD, without forming ``g_n``: the backward pass is linear in the cotangent, and ``g_n`` is the
+    backward of row ``n`` of ``dpred = ∂(Σ_n loss_n)/∂pred``, so
+
+        Σ_n c_n g_n = backward(dpred with row n scaled by c_n)
+
+    One forward pass, the norm pass of :func:`per_example_grad_norms` on its residuals, then one ordinary
+    backward pass on the rescaled cotangent (the reweighting trick). A DP-SGD step adds noise to the sum
+    and averages: ``(sum + σ · clip · normal(shape)) / N``, per parameter leaf.
+
+    Args:
+      clip: the largest norm an example's gradient keeps, ``> 0`` (a scalar).
+      model, loss, params, state, x, target, train, key: as for :func:`per_example_grads`.
+
+    Returns:
+      ``(grad_sum, norms)``: ``params``' pytree and ``(N,)`` (the norms before clipping).
+    """
+    (_, _), (grad_sum, norms) = value_and_clipped_grad_sum(model, loss, params, state, x, target, clip, train=train,
+                                                           key=key)
+    return grad_sum, norms
+
+
+def value_and_clipped_grad_sum(model: Layer, loss: Loss, params, state, x, target, clip, *, train: bool = True,
+                               key=None):
+    """:func:`clipped_grad_sum` with what its forward pass computed, in the layout of :func:`value_and_grad`:
+    ``((loss, (pred, new_state)), (grad_sum, norms))``, ``loss`` being the batch's mean (unclipped) loss.
+    This is what a DP-SGD train step calls (:func:`jaxcnn.train.train_step` with ``dp_clip``)."""
+    if isinstance(clip, (int, float)) and not clip > 0:
+        raise ValueError(f"clipped_grad_sum: clip must be positive, got {clip}")
+    pred, new_state, residuals = model.forward(params, state, x, train=train, key=key)
+    dpred = _sum_cotangent(loss, pred, target)
+    sq, _ = per_example_sq_norms(model)(params, residuals, dpred)
+    norms = jnp.sqrt(jnp.maximum(sq, 0))  # (N,)
+    over = norms > clip
+    factor = jnp.where(over, clip / jnp.where(over, norms, 1), 1).astype(dpred.dtype)  # c_n, exactly 1 when unclipped
+    grad_sum, _ = model.backward(params, residuals, dpred * factor.reshape((-1,) + (1,) * (dpred.ndim - 1)))
+    return (loss.value(pred, target), (pred, new_state)), (grad_sum, norms)
+
+
+def hvp(model: Layer, loss: Loss, params, state, x, target, v, *, train: bool = True, key=None):
+    """The Hessian of the batch loss with respect to ``params`` applied to ``v``: ``H v``, ``params``' pytree.
+
+    ``jax.jvp`` (forward mode) of the ``"manual"`` route's gradient ``g(params)`` in the direction ``v``:
+    ``H v = d/dt g(params + t v)`` at ``t = 0``. The tangent runs through the forward pass, the loss's
+    hand-written gradient and every layer's hand-written backward, so the second derivative is that of the
+    code that trains the model. Piecewise-linear selections (ReLU's mask, max-pool's winners, the tie
+    policy) have zero derivative and keep the values of the point ``params``; BatchNorm's batch statistics
+    (training mode) are differentiated like any other function of ``params``. Costs about two gradients.
+
+    Args:
+      v: the direction, a pytree with the structure, shapes and dtypes of ``params``.
+      model, loss, params, state, x, target, train, key: as for :func:`value_and_grad`.
+    """
+    structure, v_structure = jax.tree_util.tree_structure(params), jax.tree_util.tree_structure(v)
+    if structure != v_structure:  # type: ignore[operator]  # (jaxlib's stub leaves PyTreeDef unresolved)
+        raise ValueError(f"hvp: v must have the structure of params, {structure}; got {v_structure}")
+    for (path, p), t in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_leaves(v), strict=True):
+        if jnp.shape(p) != jnp.shape(t) or jnp.result_type(p) != jnp.result_type(t):
+            raise ValueError(f"hvp: v{jax.tree_util.keystr(path)} has shape {tuple(jnp.shape(t))} and dtype "
+                             f"{jnp.result_type(t)} but params{jax.tree_util.keystr(path)} has "
+                             f"{tuple(jnp.shape(p))} and {jnp.result_type(p)}")
+    grad = value_and_grad(model, loss, "manual")
+
+    def gradient(p):
+        return grad(p, state, x, target, train=train, key=key)[1]
+
+    return jax.jvp(gradient, (params,), (v,))[1]

@@ -15,6 +15,10 @@ Everything is a pytree of arrays; hyperparameters are captured by the factory fu
 kernel=3)``) and never stored in params, so ``forward`` and ``backward`` can be jit-compiled with the
 layer closed over. :func:`serial` composes layers into a layer; :func:`Residual` adds a skip connection.
 Layouts: NHWC activations, HWIO kernels, ``(in, out)`` dense weights.
+
+Owning the backward pass lets a layer also leave its batch sum open: ``per_example_backward`` returns every
+example's parameter gradient and ``per_example_sq_norms`` their squared norms (:mod:`jaxcnn.per_example`,
+``docs/per_example.md``); :func:`per_example_backward` and :func:`per_example_sq_norms` read them.
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ import jax.numpy as jnp
 from jax.nn import initializers
 
 from jaxcnn import ops
+from jaxcnn import per_example as pe
 from jaxcnn.ops.pool import pool_geometry
 from jaxcnn.shapes import pair, window_geometry
 
-Shape = tuple[int, ...]
-EMPTY: dict = {}
+Shape = tuple[int, ...]  # a shape with its batch dimension, e.g. ``(N, H, W, C)``
+EMPTY: dict = {}  # the params, state and parameter gradients of a layer that has none
 
 
 class Layer(NamedTuple):
@@ -41,6 +46,16 @@ class Layer(NamedTuple):
     writes it (``lax`` convolutions, as Flax does), for ``jax.grad`` to differentiate: the formulations
     that make the hand-written backward fast are not the ones ``jax.grad`` differentiates fastest. ``None``
     means ``forward`` is already that form. :func:`autodiff_forward` reads it.
+
+    ``per_example_backward(params, residuals, dy) -> (dparams, dx)`` is ``backward`` with the batch sum of
+    the parameter gradients left open: every leaf of ``dparams`` has a leading axis ``N``, entry ``n`` being
+    the contribution of ``dy[n]`` (which, for ``dy`` the cotangent of a sum of per-example losses, is example
+    ``n``'s gradient); ``dx`` is ``backward``'s. ``per_example_sq_norms(params, residuals, dy) -> (sq, dx)``
+    returns instead the ``(N,)`` squared L2 norms of those gradients over all the layer's params, where the
+    algebra gives them without forming the gradients. ``None`` (layers without params, and layers with no
+    rule of their own) means :func:`per_example_backward` and :func:`per_example_sq_norms` derive them from
+    ``backward``. A layer whose ``backward`` is replaced (``layer._replace(backward=...)``) keeps these
+    fields: replace them too, or set them to ``None``.
     """
 
     init: Callable[..., tuple[Any, Any, Shape]]
@@ -49,6 +64,8 @@ class Layer(NamedTuple):
     name: str = "layer"
     children: tuple = ()  # the layers a combinator is made of, for inspection (e.g. ``jaxcnn gradcheck``)
     autodiff_forward: Callable[..., tuple[jax.Array, Any, Any]] | None = None
+    per_example_backward: Callable[..., tuple[Any, jax.Array]] | None = None
+    per_example_sq_norms: Callable[..., tuple[jax.Array, jax.Array]] | None = None
 
 
 def autodiff_forward(layer: Layer) -> Callable[..., tuple[jax.Array, Any, Any]]:
@@ -57,6 +74,50 @@ def autodiff_forward(layer: Layer) -> Callable[..., tuple[jax.Array, Any, Any]]:
     Same signature and the same function as ``layer.forward``; only the formulation of each op may differ.
     """
     return layer.autodiff_forward if layer.autodiff_forward is not None else layer.forward
+
+
+def _has_params(params) -> bool:
+    return bool(jax.tree_util.tree_leaves(params))
+
+
+def per_example_backward(layer: Layer) -> Callable[..., tuple[Any, jax.Array]]:
+    """``per_example_backward(params, residuals, dy) -> (dparams with a leading N axis, dx)`` of ``layer``.
+
+    ``layer.per_example_backward`` when set. Otherwise, for a layer without params, ``layer.backward`` (its
+    ``dparams`` has no leaves to give a batch axis); for a layer with params but no rule,
+    :func:`jaxcnn.per_example.masked_per_example_backward` (``N`` backward passes, exact for any layer that
+    does not mix examples).
+    """
+    if layer.per_example_backward is not None:
+        return layer.per_example_backward
+    masked = pe.masked_per_example_backward(layer.backward)
+
+    def derived(params, residuals, dy):
+        if not _has_params(params):
+            return layer.backward(params, residuals, dy)
+        return masked(params, residuals, dy)
+
+    return derived
+
+
+def per_example_sq_norms(layer: Layer) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """``per_example_sq_norms(params, residuals, dy) -> ((N,) squared gradient norms, dx)`` of ``layer``.
+
+    ``layer.per_example_sq_norms`` when set; zeros for a layer without params; otherwise the squared norms
+    of :func:`per_example_backward`'s gradients.
+    """
+    if layer.per_example_sq_norms is not None:
+        return layer.per_example_sq_norms
+    grads_of = per_example_backward(layer)
+
+    def derived(params, residuals, dy):
+        if not _has_params(params):
+            _, dx = layer.backward(params, residuals, dy)
+            return jnp.zeros((dy.shape[0],), dy.dtype), dx
+        grads, dx = grads_of(params, residuals, dy)
+        return pe.sq_norms(grads, dy.shape[0], dy.dtype), dx
+
+    return derived
 
 
 def _check_in_shape(name: str, in_shape, rank: int, layout: str) -> Shape:
@@ -115,6 +176,10 @@ def Conv2D(
     ``lax``'s convolution, with the kernel gradient in the layout that keeps its speed inside
     ``lax.scan`` (the training loop). The layer's :func:`autodiff_forward` is always ``lax``'s
     convolution, the form ``jax.grad`` differentiates best.
+
+    Per example: ``dw[n]`` contracts only the output positions of example ``n``
+    (:func:`jaxcnn.per_example.conv2d_per_example_grads`); the squared norms use the ghost norm or the
+    gradients themselves, whichever costs less (:func:`jaxcnn.per_example.conv2d_norm_method`).
     """
     name = f"Conv2D({features}, kernel={kernel})"
     kh, kw = pair(kernel, fn="Conv2D", name="kernel")
@@ -146,7 +211,20 @@ def Conv2D(
         dx, dw, db = ops.conv2d_backward(dy, x, params["w"], method=method, **hyper)
         return ({"w": dw, "b": db} if use_bias else {"w": dw}), dx
 
-    return Layer(init, forward, backward, name, autodiff_forward=None if method == "conv" else lax_forward)
+    def input_grad(params, x, dy):
+        # conv2d_backward's dx alone: under jit its unused dw and db are dead code and never computed.
+        return ops.conv2d_backward(dy, x, params["w"], method=method, **hyper)[0]
+
+    def per_example_backward(params, x, dy):
+        dw, db = pe.conv2d_per_example_grads(dy, x, params["w"], **hyper)  # (N, kh, kw, Cg, O), (N, O)
+        return ({"w": dw, "b": db} if use_bias else {"w": dw}), input_grad(params, x, dy)
+
+    def per_example_sq_norms(params, x, dy):
+        sq = pe.conv2d_per_example_sq_norms(dy, x, params["w"], use_bias=use_bias, **hyper)  # (N,)
+        return sq, input_grad(params, x, dy)
+
+    return Layer(init, forward, backward, name, autodiff_forward=None if method == "conv" else lax_forward,
+                 per_example_backward=per_example_backward, per_example_sq_norms=per_example_sq_norms)
 
 
 def Dense(
@@ -156,7 +234,11 @@ def Dense(
     kernel_init: Callable = initializers.he_normal(),
     dtype=jnp.float32,
 ) -> Layer:
-    """Fully connected ``(N, in) -> (N, features)``; params ``{"w": (in, features), "b": (features,)}``."""
+    """Fully connected ``(N, in) -> (N, features)``; params ``{"w": (in, features), "b": (features,)}``.
+
+    Per example: ``dw[n] = x[n]ᵀ dy[n]``, ``db[n] = dy[n]``, with squared norm ``‖x_n‖² ‖dy_n‖² + ‖dy_n‖²``
+    (:mod:`jaxcnn.per_example`).
+    """
     name = f"Dense({features})"
     if features < 1:
         raise ValueError(f"Dense: features must be positive, got {features}")
@@ -176,7 +258,15 @@ def Dense(
         dx, dw, db = ops.dense_backward(dy, x, params["w"])
         return ({"w": dw, "b": db} if use_bias else {"w": dw}), dx
 
-    return Layer(init, forward, backward, name)
+    def per_example_backward(params, x, dy):
+        dw, db = pe.dense_per_example_grads(dy, x)  # (N, in, features), (N, features)
+        return ({"w": dw, "b": db} if use_bias else {"w": dw}), dy @ params["w"].T
+
+    def per_example_sq_norms(params, x, dy):
+        return pe.dense_per_example_sq_norms(dy, x, use_bias=use_bias), dy @ params["w"].T
+
+    return Layer(init, forward, backward, name, per_example_backward=per_example_backward,
+                 per_example_sq_norms=per_example_sq_norms)
 
 
 def _at_least_float32(dtype):
@@ -195,6 +285,11 @@ def BatchNorm(*, momentum: float = 0.9, epsilon: float = 1e-5, dtype=jnp.float32
         dγ = Σ dy · x̂,   dβ = Σ dy,   dx = γ / (m · sqrt(σ²_B + ε)) · (m · dy - dβ - x̂ · dγ)
 
     and in evaluation mode, where ``y`` is affine in ``x``: ``dx = γ · dy / sqrt(r_var + ε)``.
+
+    Per example (evaluation mode only): ``dγ[n] = Σ dy[n] · x̂[n]``, ``dβ[n] = Σ dy[n]``, the sums over every
+    axis but the batch and the channel. In training mode every output depends on every example through
+    the batch statistics: the cotangent of one example's loss reaches every row of ``dx``, so the terms of
+    the batch sum are not the examples' gradients, and ``per_example_backward`` raises ``ValueError``.
 
     Inputs narrower than float32 (bfloat16 compute) are normalised and differentiated in float32, as
     mixed-precision training does: the batch statistics and the sums of the backward pass cancel, which
@@ -252,7 +347,22 @@ def BatchNorm(*, momentum: float = 0.9, epsilon: float = 1e-5, dtype=jnp.float32
         pdt = params["scale"].dtype
         return {"scale": d_scale.astype(pdt), "bias": d_bias.astype(pdt)}, dx.astype(out_dtype)
 
-    return Layer(init, forward, backward, name)
+    def per_example_backward(params, residuals, dy):
+        if "train" in residuals:
+            raise ValueError("BatchNorm: per-example gradients are not available in training mode, where the batch "
+                             "statistics couple the examples; use evaluation mode (train=False) or a model without "
+                             "batch normalisation (e.g. a per-example normalisation such as GroupNorm)")
+        x_hat, inv_std = residuals["eval"]
+        out_dtype = dy.dtype
+        dy = dy.astype(x_hat.dtype)
+        axes = tuple(range(1, dy.ndim - 1))  # every axis but the batch and the channel
+        d_bias = jnp.sum(dy, axis=axes)  # (N, C)
+        d_scale = jnp.sum(dy * x_hat, axis=axes)  # (N, C)
+        dx = dy * (params["scale"] * inv_std)
+        pdt = params["scale"].dtype
+        return {"scale": d_scale.astype(pdt), "bias": d_bias.astype(pdt)}, dx.astype(out_dtype)
+
+    return Layer(init, forward, backward, name, per_example_backward=per_example_backward)
 
 
 def Dropout(rate: float) -> Layer:
@@ -410,6 +520,9 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
 
     ``params`` and ``state`` are tuples with one entry per layer. The forward pass stacks each layer's
     residuals; the backward pass walks them in reverse, feeding each layer's ``dx`` to the layer before.
+    ``per_example_backward`` and ``per_example_sq_norms`` walk them the same way with each layer's
+    per-example rule (:func:`per_example_backward`); the squared norms of the layers add up, their params
+    being disjoint.
     """
     if not layers:
         raise ValueError("serial: needs at least one layer")
@@ -433,22 +546,34 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
 
         return forward
 
-    def backward(params, residuals, dy):
-        grads = [None] * len(layers)
+    def backward_with(backward_of):
+        def backward(params, residuals, dy):
+            grads = [None] * len(layers)
+            for i in reversed(range(len(layers))):
+                grads[i], dy = backward_of(layers[i])(params[i], residuals[i], dy)
+            return tuple(grads), dy
+
+        return backward
+
+    def sq_norms(params, residuals, dy):
+        total = jnp.zeros((dy.shape[0],), dy.dtype)  # (N,); the layers' params are disjoint, so squared norms add
         for i in reversed(range(len(layers))):
-            grads[i], dy = layers[i].backward(params[i], residuals[i], dy)
-        return tuple(grads), dy
+            sq, dy = per_example_sq_norms(layers[i])(params[i], residuals[i], dy)
+            total = total + sq
+        return total, dy
 
     differs = any(layer.autodiff_forward is not None for layer in layers)
-    return Layer(init, forward_with(lambda layer: layer.forward), backward, name, tuple(layers),
-                 forward_with(autodiff_forward) if differs else None)
+    return Layer(init, forward_with(lambda layer: layer.forward), backward_with(lambda layer: layer.backward), name,
+                 tuple(layers), forward_with(autodiff_forward) if differs else None,
+                 backward_with(per_example_backward), sq_norms)
 
 
 def Residual(block: Layer, shortcut: Layer | None = None, *, name: str = "Residual") -> Layer:
     """``y = block(x) + shortcut(x)``, the shortcut being the identity by default (ResNet).
 
     Backward: the cotangent ``dy`` flows into both branches and their input gradients add,
-    ``dx = block.backward(dy) + shortcut.backward(dy)``. Params ``{"block", "shortcut"}``.
+    ``dx = block.backward(dy) + shortcut.backward(dy)``. Params ``{"block", "shortcut"}``. The per-example
+    rules combine the branches the same way (per-example gradients side by side, squared norms added).
     """
     skip = shortcut if shortcut is not None else _stateless("Identity", lambda s: s, lambda x: (x, None), lambda r, dy: dy)
 
@@ -470,12 +595,22 @@ def Residual(block: Layer, shortcut: Layer | None = None, *, name: str = "Residu
 
         return forward
 
-    def backward(params, residuals, dy):
+    def backward_with(backward_of):
+        def backward(params, residuals, dy):
+            rb, rs = residuals
+            gb, dxb = backward_of(block)(params["block"], rb, dy)
+            gs, dxs = backward_of(skip)(params["shortcut"], rs, dy)
+            return {"block": gb, "shortcut": gs}, dxb + dxs
+
+        return backward
+
+    def sq_norms(params, residuals, dy):
         rb, rs = residuals
-        gb, dxb = block.backward(params["block"], rb, dy)
-        gs, dxs = skip.backward(params["shortcut"], rs, dy)
-        return {"block": gb, "shortcut": gs}, dxb + dxs
+        sq_b, dxb = per_example_sq_norms(block)(params["block"], rb, dy)
+        sq_s, dxs = per_example_sq_norms(skip)(params["shortcut"], rs, dy)
+        return sq_b + sq_s, dxb + dxs
 
     differs = block.autodiff_forward is not None or skip.autodiff_forward is not None
-    return Layer(init, forward_with(lambda layer: layer.forward), backward, name, (block, skip),
-                 forward_with(autodiff_forward) if differs else None)
+    return Layer(init, forward_with(lambda layer: layer.forward), backward_with(lambda layer: layer.backward), name,
+                 (block, skip), forward_with(autodiff_forward) if differs else None,
+                 backward_with(per_example_backward), sq_norms)

@@ -114,4 +114,7 @@ def avg_pool2d_backward(dy, x, *, window=2, stride=None, padding=0, count_includ
     (ph, pw), (sh, sw) = transpose_padding(geom), geom.stride
     # Dilate by the stride and pad (negative pads crop rows no window reads) in one lax.pad.
     g = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (*ph, sh - 1), (*pw, sw - 1), (0, 0, 0)))
-    return lax.reduce_window(g, jnp.zeros((), g.dtype), lax.add, (1, *geom.window, 1), (1, 1, 1, 1), "VALID")
+    # The Python-scalar init, as in _window_op: with an array init (a tracer under jit) lax falls back to its
+    # generic reduce_window, whose forward-mode derivative batches the primal along with the tangent, so that
+    # jax.jacfwd / jax.vmap of a Hessian-vector product through this backward fails under jit.
+    return lax.reduce_window(g, 0.0, lax.add, (1, *geom.window, 1), (1, 1, 1, 1), "VALID")
