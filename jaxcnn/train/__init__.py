@@ -5,10 +5,12 @@
 * :mod:`~jaxcnn.train.loop`: :func:`fit`, the epoch loop over :func:`run_steps` (``lax.scan`` of the step);
 * :mod:`~jaxcnn.train.inputs`: image scaling, augmentation, class-balanced subsets;
 * :mod:`~jaxcnn.train.checkpoint`: atomic checkpoints, resume, the metrics log;
+* :mod:`~jaxcnn.train.privacy`: the epsilon a DP-SGD run has spent (``dp_clip``, ``dp_noise_multiplier``);
 * :mod:`~jaxcnn.train.runtime`: the device mesh, XLA options, signals, progress;
 * :mod:`~jaxcnn.train.zoo`: ``jaxcnn train``'s presets on named datasets.
 """
 
+from jaxcnn.train import privacy
 from jaxcnn.train.checkpoint import CHECKPOINT, RESUME_SETTINGS, restore_checkpoint, save_checkpoint
 from jaxcnn.train.config import (
     CHECK_TOLERANCE,
@@ -29,6 +31,6 @@ __all__ = [
     "CHECKPOINT", "CHECK_TOLERANCE", "CPU_COMPILER_OPTIONS", "ConfigError", "FitResult", "Interrupted", "OPTIMIZERS",
     "PRECISIONS", "Placement", "RESUME_SETTINGS", "SCHEDULES", "Step", "TrainConfig", "TrainState", "Trainer",
     "TrainingStopped", "balanced_subset", "default_compiler_options", "eval_step", "fit", "make_optimizer",
-    "make_step", "random_shift", "restore_checkpoint", "run_step", "run_steps", "save_checkpoint", "train_and_evaluate",
+    "make_step", "privacy", "random_shift", "restore_checkpoint", "run_step", "run_steps", "save_checkpoint", "train_and_evaluate",
     "train_arrays", "train_step",
 ]

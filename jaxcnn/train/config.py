@@ -18,9 +18,9 @@ import optax
 from jaxcnn.gradients import ROUTES
 from jaxcnn.ops.conv import DEFAULT_METHOD, METHODS as CONV_METHODS
 
-OPTIMIZERS = ("sgd", "nesterov", "adam")
-SCHEDULES = ("constant", "cosine", "step")
-PRECISIONS = ("float32", "bfloat16")
+OPTIMIZERS = ("sgd", "nesterov", "adam")  # the choices of --optimizer
+SCHEDULES = ("constant", "cosine", "step")  # the choices of --schedule
+PRECISIONS = ("float32", "bfloat16")  # the choices of --precision
 LOOP_FORMS = ("auto", "scan", "step")
 GRAD_ROUTES = ("manual", "autodiff")  # the training routes; "autodiff_same_forward" is the check's witness
 assert set(GRAD_ROUTES) <= set(ROUTES)
@@ -34,7 +34,8 @@ CHECK_TOLERANCE = 3e-4
 
 
 class ConfigError(ValueError):
-    """A setting or a ``--resume`` that cannot work; the message says which and why."""
+    """A setting, a ``--resume`` or an output file that cannot work (a damaged checkpoint, a directory that cannot
+    be written, a full disk); the message is one line saying which, why and what to do."""
 
 
 def _setting(default, help: str, *, preset: bool = False, **flag) -> Any:
@@ -71,6 +72,12 @@ class TrainConfig:
                                 "more than --check-tolerance (0: never)", type=int, metavar="N")
     check_tolerance: float = _setting(CHECK_TOLERANCE, "largest max-relative difference per parameter array "
                                       "that --check-every accepts", type=float)
+    dp_clip: float | None = _setting(None, "DP-SGD: clip each example's gradient to this L2 norm (per-example rules of "
+                                     "the hand-written backward), sum, add noise, average", type=float, metavar="C")
+    dp_noise_multiplier: float = _setting(0.0, "DP-SGD: Gaussian noise of std SIGMA * C added to the sum of clipped "
+                                          "gradients; the epsilon spent is logged every epoch (needs --dp-clip)",
+                                          type=float, metavar="SIGMA")
+    dp_delta: float = _setting(1e-5, "DP-SGD: the delta at which the epsilon spent is reported", type=float)
     train_limit: int | None = _setting(None, "train on a seeded, class-balanced subset of N training examples",
                                        type=int, metavar="N")
     precision: str = _setting("float32", "compute dtype; bfloat16 keeps float32 parameters, loss and updates",
@@ -86,6 +93,10 @@ class TrainConfig:
     chunk_steps: int = _setting(50, "steps per compiled lax.scan call (between progress updates and interrupt "
                                 "checks)", type=int, metavar="N")
     eval_batch_size: int = _setting(1000, "examples per evaluation batch", type=int, metavar="N")
+    checkpoint_every: int | None = _setting(None, "also save a checkpoint mid-epoch every STEPS training steps: at "
+                                            "the end of the chunk of --chunk-steps (counted from the epoch's start) "
+                                            "that reaches each multiple of STEPS; every epoch's end is saved anyway",
+                                            type=int, metavar="STEPS")
 
     def validate(self) -> "TrainConfig":
         """Returns ``self``; raises :class:`ConfigError` naming the first setting that cannot work."""
@@ -103,13 +114,26 @@ class TrainConfig:
             (_is_number(self.momentum) and 0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
             (_is_number(self.weight_decay) and self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
-            (_is_int(self.seed) and self.seed >= 0, f"--seed must be a non-negative integer, got {self.seed}"),
+            (_is_int(self.seed) and 0 <= self.seed < 2**63, f"--seed must be an integer in 0..2**63-1, got {self.seed}"),
             (self.grad in GRAD_ROUTES, f"--grad must be manual or autodiff, got {self.grad!r}"),
             (_is_int(self.check_every) and self.check_every >= 0, f"--check-every must be >= 0, got {self.check_every}"),
+            (not _is_int(self.check_every) or self.check_every < 2**31, f"--check-every must be below 2**31 (the int32 step counter), got {self.check_every}"),
             (self.check_every == 0 or self.grad == "manual",
              "--check-every compares hand-written with autodiff gradients; it needs --grad manual"),
             (_is_number(self.check_tolerance) and self.check_tolerance > 0,
              f"--check-tolerance must be a positive number, got {self.check_tolerance}"),
+            (self.dp_clip is None or (_is_number(self.dp_clip) and self.dp_clip > 0),
+             f"--dp-clip must be a positive number, got {self.dp_clip}"),
+            (_is_number(self.dp_noise_multiplier) and self.dp_noise_multiplier >= 0,
+             f"--dp-noise-multiplier must be >= 0, got {self.dp_noise_multiplier}"),
+            (self.dp_noise_multiplier == 0 or self.dp_clip is not None,
+             "--dp-noise-multiplier scales the noise by the clipping norm; it needs --dp-clip"),
+            (_is_number(self.dp_delta) and 0 < self.dp_delta < 1, f"--dp-delta must be in (0, 1), got {self.dp_delta}"),
+            (self.dp_clip is None or self.grad == "manual",
+             "--dp-clip clips per-example gradients with the hand-written per-example rules; it needs --grad manual"),
+            (self.dp_clip is None or self.check_every == 0,
+             "--check-every compares batch gradients, but with --dp-clip the step's gradient is clipped and noised; "
+             "check the per-example rules with jaxcnn.gradients instead"),
             (self.train_limit is None or (_is_int(self.train_limit) and self.train_limit >= 1),
              f"--train-limit must be >= 1, got {self.train_limit}"),
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
@@ -119,6 +143,8 @@ class TrainConfig:
             (_is_int(self.chunk_steps) and self.chunk_steps >= 1, f"--chunk-steps must be >= 1, got {self.chunk_steps}"),
             (_is_int(self.eval_batch_size) and self.eval_batch_size >= 1,
              f"--eval-batch-size must be >= 1, got {self.eval_batch_size}"),
+            (self.checkpoint_every is None or (_is_int(self.checkpoint_every) and self.checkpoint_every >= 1),
+             f"--checkpoint-every must be a positive number of steps, got {self.checkpoint_every}"),
         ]
         for ok, message in checks:
             if not ok:

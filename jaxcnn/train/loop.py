@@ -6,6 +6,12 @@ so no Python runs between steps. Chunks are aligned to the epoch start, which ma
 interrupted-and-resumed run compute exactly what an uninterrupted one computes. The benchmark times this
 same function (``jaxcnn bench``, section ``epoch``).
 
+Faults: with ``out``, a checkpoint is saved (atomically, :mod:`~jaxcnn.train.checkpoint`) after every epoch,
+after the chunk that reaches each multiple of ``checkpoint_every`` steps, and on SIGINT/SIGTERM, so a
+``kill -9`` loses at most the steps since the last one and never the checkpoint itself. ``resume`` checks that
+the checkpoint continues this run (settings, data fingerprint, steps per epoch, parameter structure), removes
+temporary files a killed write left behind and repairs a torn last line of ``metrics.jsonl``.
+
 Determinism: parameters are initialised from ``fold_in(PRNGKey(seed), 0)``, the batch order of epoch
 ``e`` is :func:`jaxcnn.data.epoch_permutation` ``(seed, e, n)``, the dropout key of global step ``t`` is
 ``fold_in(fold_in(PRNGKey(seed), 1), t)`` and its augmentation key ``fold_in(fold_in(PRNGKey(seed), 2), t)``.
@@ -33,6 +39,7 @@ from jaxcnn import data as jdata
 from jaxcnn.gradients import Loss
 from jaxcnn.layers import Layer
 from jaxcnn.train import checkpoint as ckpt
+from jaxcnn.train import privacy
 from jaxcnn.train.config import ConfigError, TrainConfig, array_settings, make_optimizer
 from jaxcnn.train.inputs import Scaling, as_images, balanced_subset, classes_of, describe_counts, random_shift, scaling_for
 from jaxcnn.train.runtime import Interrupt, Placement, default_compiler_options, host, progress_bar
@@ -148,8 +155,13 @@ class Trainer:
         self.steps_per_epoch = self.train_count // config.batch_size
         self.tx = make_optimizer(config, self.steps_per_epoch)
         self.step = make_step(model, loss, self.tx, grad=config.grad, precision=config.precision,
-                              check_every=config.check_every)
+                              check_every=config.check_every, dp_clip=config.dp_clip,
+                              dp_noise_multiplier=config.dp_noise_multiplier)
+        if config.dp_clip is not None:
+            _check_per_example(model, loss, self.input_shape, targets[:2])
         self.scaling = scaling_for(images, config.normalize)
+        # What a checkpoint of this run was trained on (checked by --resume): hashed once, on the host.
+        self.fingerprints = {"train": ckpt.data_fingerprint(images, targets), "test": None}
         self.root_key = jax.random.PRNGKey(config.seed)
         self.train_images, self.train_targets = p.put(images), p.put(targets)
         self.test_count = 0
@@ -158,6 +170,7 @@ class Trainer:
             if test_images.shape[1:] != images.shape[1:]:
                 raise ConfigError(f"test images {test_images.shape[1:]} and train images {images.shape[1:]} differ in shape")
             self.test_count = len(test_images)
+            self.fingerprints["test"] = ckpt.data_fingerprint(test_images, test_targets)
             self.test_images, self.test_targets = p.put(test_images), p.put(test_targets)
         rep = p.replicated
         fixed = (self.step, self.scaling, config.augment, self.root_key)
@@ -168,8 +181,9 @@ class Trainer:
         self.run_step = jax.jit(functools.partial(run_step, *fixed), donate_argnums=(0,),
                                 in_shardings=(rep, rep, rep, p.rows_sharded, rep), out_shardings=rep,
                                 compiler_options=self.compiler_options)
-        eval_sharding = p.batch_sharded if config.eval_batch_size % p.size == 0 else None
-        self.evaluate_fn = jax.jit(functools.partial(evaluate, self.step, self.scaling, config.eval_batch_size, eval_sharding),
+        eval_batch = min(config.eval_batch_size, max(self.test_count, 1))  # a larger batch would only pad the test set
+        eval_sharding = p.batch_sharded if eval_batch % p.size == 0 else None
+        self.evaluate_fn = jax.jit(functools.partial(evaluate, self.step, self.scaling, eval_batch, eval_sharding),
                                    in_shardings=rep, out_shardings=rep)
 
     def init_state(self) -> TrainState:
@@ -217,6 +231,22 @@ def loop_form(config: TrainConfig) -> str:
     return DEFAULT_LOOP_FORM[config.grad] if config.loop == "auto" else config.loop
 
 
+def _check_per_example(model: Layer, loss: Loss, input_shape, targets) -> None:
+    """:class:`ConfigError` when DP-SGD cannot clip ``model``'s per-example gradients (a layer that mixes the
+    examples of a batch, such as BatchNorm in training mode), found by tracing it on two examples."""
+    from jaxcnn.gradients import per_example_grad_norms
+
+    def norms(key):
+        params, state, _ = model.init(key, input_shape)
+        x = jnp.zeros((len(targets), *input_shape[1:]), jnp.float32)
+        return per_example_grad_norms(model, loss, params, state, x, targets, train=True, key=key)
+
+    try:
+        jax.eval_shape(norms, jax.random.PRNGKey(0))
+    except ValueError as e:
+        raise ConfigError(f"--dp-clip: {str(e).splitlines()[0]}") from None
+
+
 def _pair(data, what: str):
     try:
         images, targets = data
@@ -251,14 +281,22 @@ def fit(model: Layer, loss: Loss, /, train, test=None, *, out: str | os.PathLike
         (scaled to [0, 1]) or float; targets as ``loss`` takes them (integer labels of any number of
         classes for cross-entropy, float arrays for MSE).
       test: an optional ``(images, targets)`` pair evaluated after every epoch.
-      out: a directory for ``config.json``, ``metrics.jsonl`` and ``checkpoint.npz`` (atomic, every epoch).
-      resume: continue from the checkpoint in ``out`` (also one saved on SIGINT/SIGTERM mid-epoch); the
-        resumed run computes exactly what the uninterrupted one would.
+      out: a directory for ``config.json`` (the settings, plus under ``data`` where the data came from and its
+        fingerprint), ``metrics.jsonl`` (one strict-JSON line per epoch) and ``checkpoint.npz``, saved atomically
+        after every epoch, every ``checkpoint_every`` steps when set, and on SIGINT/SIGTERM. A crash (even
+        ``kill -9``) loses at most the steps since the last checkpoint.
+      resume: continue from the checkpoint in ``out`` (also one saved mid-epoch); the resumed run computes
+        exactly what the uninterrupted one would. It is refused, in one line saying what changed, when the
+        checkpoint was written with other settings, other data (counts, shapes, dtypes or SHA-256 of the
+        arrays), another number of steps per epoch or another parameter structure; a checkpoint of another
+        jaxcnn version with the same parameter structure resumes with a logged note. Temporary files of a
+        killed write are removed and a torn last line of ``metrics.jsonl`` is dropped (logged).
       log: called with one line per epoch (and a few more).
       progress: a progress bar per epoch (default: when stderr is a terminal).
       **settings: fields of :class:`jaxcnn.train.TrainConfig` that apply to arrays: ``epochs``,
         ``batch_size``, ``lr``, ``optimizer`` (a name or an optax ``GradientTransformation``), ``schedule``,
-        ``seed``, ``grad``, ``check_every``, ``augment``, ``precision``, ``train_limit``, ``devices``, ...
+        ``seed``, ``grad``, ``check_every``, ``augment``, ``precision``, ``train_limit``, ``devices``,
+        ``checkpoint_every``, ...
 
     Returns:
       A :class:`FitResult` ``(params, state, opt_state, history)``; each ``history`` entry has ``epoch``,
@@ -266,9 +304,11 @@ def fit(model: Layer, loss: Loss, /, train, test=None, *, out: str | os.PathLike
       ``images_per_s`` and ``wall_s``.
 
     Raises:
-      ConfigError: a setting that cannot work (one line saying which); :class:`Interrupted` after saving
-      on SIGINT/SIGTERM; :class:`TrainingStopped` on a non-finite loss (keeping the last good checkpoint)
-      or a failed gradient check.
+      ConfigError: a setting that cannot work, a checkpoint that is damaged or does not continue this run,
+        an ``out`` that cannot be created or written, a full disk (one line naming the file; the previous
+        checkpoint stays intact).
+      Interrupted: SIGINT/SIGTERM stopped training, after saving a checkpoint into ``out``.
+      TrainingStopped: a non-finite loss (the last good checkpoint is kept) or a failed gradient check.
     """
     allowed = array_settings()
     for name in settings:
@@ -297,31 +337,46 @@ def train_arrays(model: Layer, loss: Loss, train, test, config: TrainConfig, *, 
     if not presets:
         recorded = {"network": model.name, "loss": loss.name, **recorded}
     progress = sys.stderr.isatty() if progress is None else progress
+    # What the checkpoints of this run continue: checked by --resume, recorded in config.json too.
+    # ``scaling`` and ``input_shape`` are what jaxcnn.load_checkpoint needs to feed new images as training did.
+    run = {"data": {"source": source, **trainer.fingerprints}, "steps_per_epoch": trainer.steps_per_epoch,
+           "scaling": {k: float(v) for k, v in trainer.scaling._asdict().items()},
+           "input_shape": list(trainer.input_shape)}
     state = trainer.init_state()
     start_epoch, start_step, history, partial = 0, 0, [], None
     if workdir is not None:
-        if workdir.exists() and not workdir.is_dir():
-            raise ConfigError(f"--out {workdir} is a file, not a directory")
-        workdir.mkdir(parents=True, exist_ok=True)
+        _make_out(workdir)
         if resume:
-            state, meta = ckpt.restore_checkpoint(workdir, state, recorded)
+            state, meta = ckpt.restore_checkpoint(workdir, state, recorded, run)
             state = trainer.placement.put(state)
             start_epoch, start_step, partial = meta["epoch"], meta["step"], meta.get("partial_epoch")
-            history = ckpt.read_metrics(workdir / ckpt.METRICS, upto_epoch=start_epoch)
+            for note in ckpt.resume_notes(meta):
+                log(note)
+            history = ckpt.read_metrics(workdir / ckpt.METRICS, upto_epoch=start_epoch, log=log)
             log(f"resuming from {workdir / ckpt.CHECKPOINT} at epoch {start_epoch + 1}, step {start_step}")
         elif (workdir / ckpt.CHECKPOINT).exists():
             raise ConfigError(f"{workdir} already holds a checkpoint; pass --resume to continue it or choose another --out")
         if writer:
-            ckpt.atomic_write(workdir / ckpt.CONFIG, lambda f: f.write(json.dumps(recorded, indent=2).encode()))
-            ckpt.atomic_write(workdir / ckpt.METRICS,
-                              lambda f: f.write("".join(json.dumps(h) + "\n" for h in history).encode()))
+            left = ckpt.remove_temporaries(workdir)
+            if left:
+                log(f"removed {len(left)} temporary file(s) of an interrupted write: {', '.join(p.name for p in left)}")
+            ckpt.atomic_write(workdir / ckpt.CONFIG,
+                              lambda f: f.write(json.dumps({**recorded, "data": run["data"]}, indent=2).encode()))
+            ckpt.atomic_write(workdir / ckpt.METRICS, lambda f: f.write("".join(map(ckpt.metrics_line, history)).encode()))
     elif resume:
         raise ConfigError("--resume needs --out DIR (the directory holding the checkpoint)")
 
-    spe, chunk = trainer.steps_per_epoch, config.chunk_steps
+    spe, chunk, every = trainer.steps_per_epoch, config.chunk_steps, config.checkpoint_every
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     log(f"{model.name} ({n_params:,} parameters, {config.grad} gradients, {config.precision}) on {source}: "
         f"{trainer.train_count:,} train / {trainer.test_count:,} test images, {spe} steps of {config.batch_size} per epoch")
+    if config.dp_clip is not None:
+        privacy.epsilon(noise_multiplier=config.dp_noise_multiplier, sample_rate=config.batch_size / trainer.train_count,
+                        steps=1, delta=config.dp_delta)  # fails now, not after an epoch, without dp-accounting
+        log(f"DP-SGD: each example's gradient clipped to norm {config.dp_clip:g}, noise multiplier "
+            f"{config.dp_noise_multiplier:g}, batch {config.batch_size} of {trainer.train_count:,} "
+            f"(q = {config.batch_size / trainer.train_count:.4g}); epsilon at delta {config.dp_delta:g} by "
+            f"{privacy.ACCOUNTANT}")
     wall_start = time.perf_counter() - (partial["wall_s"] if partial else history[-1]["wall_s"] if history else 0.0)
     leaf_names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
 
@@ -356,19 +411,29 @@ def train_arrays(model: Layer, loss: Loss, train, test, config: TrainConfig, *, 
                 if bar is not None:
                     bar.update(chunk_losses.size)
                     bar.set_postfix(loss=f"{chunk_losses.mean():.4f}")
-                if interrupt.signal is not None and begin + chunk < spe:
+                end = begin + chunk_losses.size
+                if end == spe:  # the epoch's end: its checkpoint is saved after its record, below
+                    continue
+                if interrupt.signal is not None:
                     if bar is not None:
                         bar.close()
-                    _save_interrupted(interrupt.signal, workdir, state, epoch, begin + chunk, recorded, partial_epoch={
-                        "losses": np.concatenate(losses).tolist(), "correct": correct, "seen": seen,
-                        "train_time": train_time, "checked": np.concatenate(checked).tolist(),
-                        "wall_s": time.perf_counter() - wall_start})
+                    _save_interrupted(interrupt.signal, workdir, state, epoch, end, recorded, run,
+                                      _partial_epoch(losses, correct, seen, train_time, checked, wall_start))
+                # --checkpoint-every: this chunk reached a multiple of ``every`` global steps.
+                if every and workdir is not None and writer and (epoch * spe + end) // every > (epoch * spe + begin) // every:
+                    ckpt.save_checkpoint(workdir, state, epoch=epoch, step=end, config=recorded, run=run,
+                                         partial_epoch=_partial_epoch(losses, correct, seen, train_time, checked, wall_start))
             if bar is not None:
                 bar.close()
             record = {"epoch": epoch + 1, "train_loss": float(np.concatenate(losses).mean()),
                       "train_accuracy": correct / max(seen, 1)}
             if test is not None:
                 record["test_loss"], record["test_accuracy"] = trainer.evaluate(state)
+            if config.dp_clip is not None:
+                record["dp_epsilon"] = privacy.epsilon(noise_multiplier=config.dp_noise_multiplier,
+                                                       sample_rate=config.batch_size / trainer.train_count,
+                                                       steps=(epoch + 1) * spe, delta=config.dp_delta)
+                record["dp_delta"] = config.dp_delta
             record["images_per_s"] = seen / train_time if train_time > 0 else float("nan")
             record["wall_s"] = time.perf_counter() - wall_start
             if config.check_every:
@@ -382,9 +447,9 @@ def train_arrays(model: Layer, loss: Loss, train, test, config: TrainConfig, *, 
                 # The epoch's record first, then its checkpoint: a crash in between leaves an extra record that
                 # --resume drops (it keeps records up to the checkpoint's epoch), never a checkpoint without one.
                 ckpt.append_metrics(workdir / ckpt.METRICS, record)
-                ckpt.save_checkpoint(workdir, state, epoch=epoch + 1, step=0, config=recorded)
+                ckpt.save_checkpoint(workdir, state, epoch=epoch + 1, step=0, config=recorded, run=run)
             if interrupt.signal is not None and epoch + 1 < config.epochs:
-                _save_interrupted(interrupt.signal, workdir, state, epoch + 1, 0, recorded)
+                _save_interrupted(interrupt.signal, workdir, state, epoch + 1, 0, recorded, run)
     return FitResult(state.params, state.model_state, state.opt_state, history)
 
 
@@ -393,6 +458,8 @@ def _epoch_line(record: dict, config: TrainConfig) -> str:
             f"acc {record['train_accuracy']:.4f}")
     if "test_loss" in record:
         line += f"  |  test loss {record['test_loss']:.4f}  acc {record['test_accuracy']:.4f}"
+    if "dp_epsilon" in record:
+        line += f"  |  epsilon {record['dp_epsilon']:.3g} (delta {record['dp_delta']:g})"
     line += f"  |  {record['images_per_s']:,.0f} images/s  {record['wall_s']:.1f} s"
     if "grad_check" in record:
         worst = max(record["grad_check"]["max_relative_error"].values(), default=0.0)
@@ -400,12 +467,30 @@ def _epoch_line(record: dict, config: TrainConfig) -> str:
     return line
 
 
-def _save_interrupted(signum, workdir, state, epoch, step, config, partial_epoch=None):
+def _make_out(workdir: Path) -> None:
+    """Creates the ``out`` directory; one line naming it when it is a file or cannot be created."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--out {workdir} is a file, not a directory")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent that is a file, no permission, a read-only file system, ...
+        raise ConfigError(f"--out {workdir}: cannot create the directory ({e.strerror or e}); choose another --out") from None
+
+
+def _partial_epoch(losses, correct, seen, train_time, checked, wall_start) -> dict:
+    """The statistics of an epoch's steps so far, saved with a mid-epoch checkpoint so that the resumed run
+    reports the same epoch metrics as an uninterrupted one."""
+    return {"losses": np.concatenate(losses).tolist(), "correct": correct, "seen": seen, "train_time": train_time,
+            "checked": np.concatenate(checked).tolist(), "wall_s": time.perf_counter() - wall_start}
+
+
+def _save_interrupted(signum, workdir, state, epoch, step, config, run, partial_epoch=None):
     name = signal.Signals(signum).name
     if workdir is None or jax.process_index() != 0:
         reason = "no --out" if workdir is None else f"process {jax.process_index()} does not write"
         raise Interrupted(signum, f"{name}: training stopped at epoch {epoch + 1}, step {step} ({reason}, nothing saved)")
-    path = ckpt.save_checkpoint(workdir, state, epoch=epoch, step=step, config=config, partial_epoch=partial_epoch)
+    path = ckpt.save_checkpoint(workdir, state, epoch=epoch, step=step, config=config, partial_epoch=partial_epoch,
+                                run=run)
     raise Interrupted(signum, f"{name}: checkpoint saved to {path} at epoch {epoch + 1}, step {step}; "
                               "continue with the same command plus --resume")
 

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxcnn.gradients import Loss, value_and_grad
-from jaxcnn.layers import Layer, autodiff_forward
+from jaxcnn.gradients import Loss, value_and_clipped_grad_sum, value_and_grad
+from jaxcnn.layers import Layer, autodiff_forward, per_example_backward, per_example_sq_norms
 
-PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # --precision -> the compute dtype
 
 
 class TrainState(NamedTuple):
@@ -36,7 +36,9 @@ class Step(NamedTuple):
     ``network`` is the model as the step runs it (in bfloat16 wrapped by :func:`compute_network`), ``grad``
     the gradient route (see :mod:`jaxcnn.gradients`), ``check_every`` how often (0: never) the step also
     compares its gradient with ``jax.grad`` of the same float32 forward (``check_network``) and reports the
-    largest relative difference per parameter array.
+    largest relative difference per parameter array. With ``dp_clip`` the step is DP-SGD's: each example's
+    gradient clipped to L2 norm ``dp_clip``, Gaussian noise of std ``dp_noise * dp_clip`` added to their sum,
+    divided by the batch size (:mod:`jaxcnn.train.privacy`).
     """
 
     network: Layer
@@ -46,13 +48,16 @@ class Step(NamedTuple):
     dtype: Any = jnp.float32
     check_every: int = 0
     check_network: Layer | None = None
+    dp_clip: float | None = None
+    dp_noise: float = 0.0
 
 
 def make_step(model: Layer, loss: Loss, tx: optax.GradientTransformation, *, grad: str = "manual",
-              precision: str = "float32", check_every: int = 0) -> Step:
-    """The :class:`Step` that trains ``model`` on ``loss`` with ``tx``."""
+              precision: str = "float32", check_every: int = 0, dp_clip: float | None = None,
+              dp_noise_multiplier: float = 0.0) -> Step:
+    """The :class:`Step` that trains ``model`` on ``loss`` with ``tx`` (DP-SGD with ``dp_clip``)."""
     return Step(compute_network(model, precision), loss, tx, grad, PRECISIONS[precision], check_every,
-                model if check_every else None)
+                model if check_every else None, dp_clip, float(dp_noise_multiplier))
 
 
 def _cast(tree, dtype):
@@ -68,17 +73,19 @@ def max_relative_errors(got, want) -> jax.Array:
 def train_step(step: Step, state: TrainState, x, target, key, t=0) -> tuple[TrainState, dict]:
     """One optimisation step on the batch ``x (B, H, W, C)`` (float), ``target`` (what ``step.loss`` takes).
 
-    ``key`` drives the layers that draw random numbers (dropout); ``t`` is the global step number, used
+    ``key`` drives the layers that draw random numbers (dropout) and DP-SGD's noise; ``t`` is the global step number, used
     only to decide whether this step runs the gradient check. Returns the new state and the metrics
     ``{"loss", "correct", "grad_errors"}``: the batch loss (float32), the number of examples predicted
     right, and per parameter array the largest relative difference between this step's gradient and
     ``jax.grad`` of the same forward pass in float32 (``-1`` where the step was not checked; an empty
     array without ``check_every``).
     """
-    grad_fn = value_and_grad(step.network, step.loss, step.grad)
-    x_c = x.astype(step.dtype)
-    (loss, (pred, model_state)), grads = grad_fn(_cast(state.params, step.dtype), state.model_state, x_c, target,
-                                                 train=True, key=key)
+    x_c, params_c = x.astype(step.dtype), _cast(state.params, step.dtype)
+    if step.dp_clip is None:
+        grad_fn = value_and_grad(step.network, step.loss, step.grad)
+        (loss, (pred, model_state)), grads = grad_fn(params_c, state.model_state, x_c, target, train=True, key=key)
+    else:
+        (loss, (pred, model_state)), grads = _private_grad(step, params_c, state.model_state, x_c, target, key)
     grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
     errors = jnp.zeros((0,), jnp.float32)
     if step.check_every:
@@ -89,6 +96,23 @@ def train_step(step: Step, state: TrainState, x, target, key, t=0) -> tuple[Trai
     correct = jnp.sum(step.loss.correct(pred.astype(jnp.float32), target), dtype=jnp.int32)
     return TrainState(params, model_state, opt_state), {"loss": loss.astype(jnp.float32), "correct": correct,
                                                         "grad_errors": errors}
+
+
+def _private_grad(step: Step, params, model_state, x, target, key):
+    """DP-SGD's gradient ``(Σ_n clip(g_n) + σ C ξ) / B`` with ``ξ ~ N(0, I)`` drawn per parameter array from
+    ``key`` (split from the dropout key), ``C = step.dp_clip``, ``σ = step.dp_noise``, in the value-and-grad
+    layout. The noise and the sum are float32 whatever the compute dtype."""
+    if key is None:
+        raise ValueError("train_step: a DP-SGD step (dp_clip) needs a PRNG key for its noise; pass key=")
+    dropout_key, noise_key = jax.random.split(key)
+    out, (grad_sum, _) = value_and_clipped_grad_sum(step.network, step.loss, params, model_state, x, target,
+                                                    step.dp_clip, train=True, key=dropout_key)
+    leaves, treedef = jax.tree_util.tree_flatten(grad_sum)
+    keys = jax.random.split(noise_key, max(len(leaves), 1))
+    scale, batch = step.dp_noise * step.dp_clip, x.shape[0]
+    noisy = [(g.astype(jnp.float32) + scale * jax.random.normal(k, g.shape, jnp.float32)) / batch
+             for g, k in zip(leaves, keys)]
+    return out, treedef.unflatten(noisy)
 
 
 def _check(step: Step, state: TrainState, x, target, key, grads):
@@ -106,12 +130,19 @@ def _check(step: Step, state: TrainState, x, target, key, grads):
     return max_relative_errors(grads, want)
 
 
-def eval_step(step: Step, params, model_state, x, target, mask) -> dict:
-    """Sums over the examples of one batch where ``mask`` is true: ``{"loss_sum", "correct"}``, the loss
-    being ``step.loss.per_example`` of the model's evaluation-mode output (float32 sums)."""
+def eval_outputs(step: Step, params, model_state, x):
+    """The model's evaluation-mode output for the batch ``x (B, H, W, C)`` (already scaled), as float32:
+    the forward of ``step.grad``'s route (the lax forward for ``"autodiff"``) in ``step.dtype``. What
+    :func:`eval_step` scores and what :func:`jaxcnn.predict` reads classes from."""
     forward = autodiff_forward(step.network) if step.grad == "autodiff" else step.network.forward
     pred, _, _ = forward(_cast(params, step.dtype), model_state, x.astype(step.dtype), train=False)
-    pred = pred.astype(jnp.float32)
+    return pred.astype(jnp.float32)
+
+
+def eval_step(step: Step, params, model_state, x, target, mask) -> dict:
+    """Sums over the examples of one batch where ``mask`` is true: ``{"loss_sum", "correct"}``, the loss
+    being ``step.loss.per_example`` of the model's evaluation-mode output (:func:`eval_outputs`; float32 sums)."""
+    pred = eval_outputs(step, params, model_state, x)
     per_example = step.loss.per_example(pred, target)
     hits = step.loss.correct(pred, target)
     # Explicit dtypes: with jax_enable_x64 the sums would be int64/float64 and break a scan's carry.
@@ -151,10 +182,14 @@ def compute_network(model: Layer, precision: str) -> Layer:
 
         return forward
 
-    def backward(params, residuals, dy):
-        residuals, marker = residuals
-        _, dy = cast.backward({}, marker, dy)
-        return model.backward(params, residuals, dy)
+    def through_cast(backward_of):  # a backward of ``model`` preceded by the cast's backward of ``dy``
+        def backward(params, residuals, dy):
+            residuals, marker = residuals
+            _, dy = cast.backward({}, marker, dy)
+            return backward_of(params, residuals, dy)
 
-    return Layer(model.init, with_cast(model.forward), backward, model.name, model.children,
-                 None if model.autodiff_forward is None else with_cast(model.autodiff_forward))
+        return backward
+
+    return Layer(model.init, with_cast(model.forward), through_cast(model.backward), model.name, model.children,
+                 None if model.autodiff_forward is None else with_cast(model.autodiff_forward),
+                 through_cast(per_example_backward(model)), through_cast(per_example_sq_norms(model)))
