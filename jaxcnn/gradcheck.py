@@ -28,11 +28,14 @@ import jax.numpy as jnp
 
 
 class Tolerance(NamedTuple):
+    """The largest accepted relative difference of each comparison a gradient check makes."""
+
     autodiff: float  # manual vs jax.vjp, in the primals' dtype
     finite_difference: float  # manual vs central differences, in float64
     adjoint: float  # <backward(dy), v> vs <dy, J v>, in the primals' dtype
 
 
+# The tolerances of each dtype: float64 checks every formula tightly; float32 allows its rounding.
 TOLERANCES = {
     "float64": Tolerance(autodiff=1e-12, finite_difference=1e-6, adjoint=1e-12),
     "float32": Tolerance(autodiff=1e-5, finite_difference=1e-6, adjoint=1e-5),
@@ -40,6 +43,8 @@ TOLERANCES = {
 
 
 class GradCheckRow(NamedTuple):
+    """One compared array (a parameter or the input gradient) of a gradient check, with its differences."""
+
     name: str
     shape: tuple
     max_abs: float  # max |manual - autodiff|
@@ -51,6 +56,8 @@ class GradCheckRow(NamedTuple):
 
 
 class GradCheckResult(NamedTuple):
+    """A gradient check of one layer or model: its rows, the adjoint identity and whether all passed."""
+
     name: str
     dtype: str
     rows: tuple[GradCheckRow, ...]

@@ -34,7 +34,7 @@ from jaxcnn.layers import (
 )
 from jaxcnn.ops.conv import DEFAULT_METHOD
 
-INPUT_SHAPE = (1, 28, 28, 1)
+INPUT_SHAPE = (1, 28, 28, 1)  # one MNIST image, NHWC: the input every zoo preset is built for
 
 
 def _digit_labels(labels):
@@ -115,6 +115,7 @@ def resnet_small(*, conv_method: str = DEFAULT_METHOD) -> Layer:
     )
 
 
+# The zoo: preset name -> its ModelSpec (what `jaxcnn train --model` chooses from).
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (

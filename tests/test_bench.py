@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import re
 import subprocess
 import sys
 import time
@@ -369,3 +371,27 @@ def test_formulations_match_vjp(x_shape, w_shape, hyper, method):
     for got, want in ((y, y_ref), (dx, dx_ref), (dw, dw_ref), (db, dy.sum((0, 1, 2)))):
         assert got.dtype == jnp.float32
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(want))))
+
+
+# The one-command GPU check: valid bash, it names test files that exist, and without a GPU it stops at once
+# with one line that says why (before running any test or benchmark).
+GPU_CHECK = REPO / "scripts" / "gpu_check.sh"
+
+
+def test_gpu_check_script_is_valid_and_names_real_tests():
+    subprocess.run(["bash", "-n", str(GPU_CHECK)], check=True)
+    text = GPU_CHECK.read_text()
+    named = set(re.findall(r"tests/test_\w+\.py", text))
+    assert {"tests/test_ops_conv.py", "tests/test_layers.py", "tests/test_models.py"} <= named
+    missing = [t for t in named if not (REPO / t).exists() and t not in ("tests/test_per_example.py", "tests/test_hvp.py")]
+    assert not missing, missing
+    assert "JAX_DEFAULT_MATMUL_PRECISION=highest" in text
+    assert "--device gpu" in text and "gpu.json" in text
+
+
+def test_gpu_check_script_refuses_a_machine_without_gpu(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run(["bash", str(GPU_CHECK), str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode != 0
+    assert "not 'gpu'" in run.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "gpu.json").exists()

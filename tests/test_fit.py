@@ -132,7 +132,8 @@ def test_history_has_exactly_the_documented_keys(mnist_fit, tmp_path):
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == result.history
     recorded = json.loads((tmp_path / "config.json").read_text())
     assert recorded["network"] == "colour_net" and recorded["loss"] == "softmax_cross_entropy"
-    assert set(recorded) == {"network", "loss", *array_settings()}
+    assert set(recorded) == {"network", "loss", "data", *array_settings()}
+    assert recorded["data"]["train"]["count"] == 120 and recorded["data"]["test"] is None
 
 
 # ---------------------------------------------------------------------------------------------------

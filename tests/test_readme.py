@@ -23,6 +23,9 @@ import jax
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from _docblocks import python_blocks, run_blocks  # noqa: E402
 
 from experiments import readme_numbers as rn  # noqa: E402
 
@@ -74,12 +77,10 @@ def test_no_measured_figure_outside_the_generated_blocks():
 
 
 def test_readme_python_blocks_run():
-    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    blocks = python_blocks(README, source="README.md")
     assert len(blocks) >= 4
-    namespace: dict = {}
-    with jax.enable_x64(False):  # a user's default configuration (the suite enables float64 globally)
-        for block in blocks:
-            exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own examples
+    # In order, in one namespace, with a user's default configuration (the suite enables float64 globally).
+    namespace = run_blocks(blocks, "README.md")
     # The tour's claims: the conv output shape, both backward formulations agree, the check passes.
     assert namespace["y"].shape == (2, 5, 5, 6)
     np.testing.assert_allclose(namespace["dx"], namespace["dx2"], rtol=1e-5, atol=1e-5)

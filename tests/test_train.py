@@ -196,7 +196,11 @@ def test_metrics_jsonl_config_json_and_checkpoint(reference):
     # config.json: the network, the loss and every array setting; not the presets of ``jaxcnn train``.
     recorded = json.loads((workdir / "config.json").read_text())
     expected = {k: v for k, v in TrainConfig(**settings()).to_json().items() if k in array_settings()}
+    data = recorded.pop("data")  # where the data came from and its fingerprint
     assert recorded == {"network": "tiny", "loss": "softmax_cross_entropy", **expected}
+    assert data["source"] == "the given arrays"
+    assert (data["train"]["count"], data["train"]["image_shape"], data["train"]["image_dtype"]) == (256, [28, 28, 1], "uint8")
+    assert (data["test"]["count"], data["test"]["target_dtype"]) == (200, "int32")
     assert not {"model", "conv_method", "dataset", "data_dir", "offline"} & set(recorded)
     arrays, meta = checkpoint_arrays(workdir)
     assert (meta["epoch"], meta["step"]) == (2, 0) and "partial_epoch" not in meta

@@ -6,17 +6,18 @@ from __future__ import annotations
 import dataclasses
 
 SCHEMA_VERSION = 2  # of the --json report; 2: autodiff and autodiff_same_forward families, best-baseline ratios
-MODELS = ("seed_net", "lenet5", "small_cnn")
+MODELS = ("seed_net", "lenet5", "small_cnn")  # the zoo models benchmarked by default
 BATCH = {"seed_net": 200, "lenet5": 128, "small_cnn": 128}  # the batch sizes of the reference measurements
-SECTIONS = ("peak", "ops", "steps", "epoch", "scaling")
+SECTIONS = ("peak", "ops", "steps", "epoch", "scaling")  # what --sections chooses from, in run order
 SCALING_DEVICES = (1, 2, 4, 8)  # data-parallel mesh sizes of the scaling section
-PEERS = ("torch", "torch.compile", "flax")
+PEERS = ("torch", "torch.compile", "flax")  # optional peers, timed when installed
 # The gradient routes of jaxcnn.gradients timed in the steps section, each its own contender family:
 # "autodiff" is jax.grad of the lax forward an autodiff user writes (what `--grad autodiff` trains),
 # "autodiff_same_forward" jax.grad of the very forward the manual route runs.
 ROUTES = ("manual", "autodiff", "autodiff_same_forward")
 # The families the hand-written backward is measured against; the headline ratio takes the fastest of them.
 BASELINES = ("autodiff", "autodiff_same_forward", "flax")
+# Every contender family a step benchmark can report.
 FAMILIES = (*ROUTES, "flax", "torch", "torch.compile")
 LR = 0.05  # SGD with momentum 0.9, the training default; the same for every contender and peer
 
