@@ -51,7 +51,9 @@ def measure_model(name: str, dataset, *, steps: int, every: int, batch: int, log
     spec = MODELS[name]
     model = spec.build()
     images, labels = dataset.train_images, dataset.train_labels
-    config = TrainConfig(model=name, batch_size=batch, chunk_steps=every, epochs=max(1, -(-steps * batch // len(labels))))
+    config = TrainConfig(
+        model=name, batch_size=batch, chunk_steps=every, epochs=max(1, -(-steps * batch // len(labels)))
+    )
     trainer = Trainer(model, spec.loss, (images, np.asarray(spec.targets(labels))), None, config, log=lambda s: None)
     manual = value_and_grad(model, spec.loss, "manual")
     autodiff = value_and_grad(model, spec.loss, "autodiff_same_forward")
@@ -64,7 +66,10 @@ def measure_model(name: str, dataset, *, steps: int, every: int, batch: int, log
 
     def float64_grads(params, state, x, target, key):
         with jax.enable_x64(True):
-            cast = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a), jnp.float64), t)  # noqa: E731
+
+            def cast(t):
+                return jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a), jnp.float64), t)
+
             t64 = target if np.issubdtype(np.asarray(target).dtype, np.integer) else cast(target)
             fn = jax.jit(lambda p, s, x, t: autodiff(p, s, x, t, train=True, key=key)[1])
             return jax.tree_util.tree_map(np.asarray, fn(cast(params), cast(state), cast(x), t64))
@@ -73,7 +78,9 @@ def measure_model(name: str, dataset, *, steps: int, every: int, batch: int, log
         """The examples ``idx`` as the step sees them before augmentation: NHWC, scaled; their targets."""
         return trainer.scaling(jnp.asarray(images[idx])[..., None]), jnp.asarray(spec.targets(labels[idx]))
 
-    leaf_names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(trainer.init_state().params)[0]]
+    leaf_names = [
+        jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(trainer.init_state().params)[0]
+    ]
     state = trainer.init_state()
     rows = []
     done, epoch = 0, 0
@@ -88,11 +95,17 @@ def measure_model(name: str, dataset, *, steps: int, every: int, batch: int, log
             g64 = float64_grads(state.params, state.model_state, x, target, key)
             g_manual_np = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), g_manual)
             g_auto_np = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), g_auto)
-            rows.append({"step": done,
-                         "manual_vs_autodiff": _errors(g_manual, g_auto).tolist(),
-                         "manual_vs_float64": _errors(g_manual_np, g64).tolist(),
-                         "autodiff_vs_float64": _errors(g_auto_np, g64).tolist()})
-            state, _ = trainer.train_chunk(state, batches[begin: begin + every], epoch * trainer.steps_per_epoch + begin)
+            rows.append(
+                {
+                    "step": done,
+                    "manual_vs_autodiff": _errors(g_manual, g_auto).tolist(),
+                    "manual_vs_float64": _errors(g_manual_np, g64).tolist(),
+                    "autodiff_vs_float64": _errors(g_auto_np, g64).tolist(),
+                }
+            )
+            state, _ = trainer.train_chunk(
+                state, batches[begin : begin + every], epoch * trainer.steps_per_epoch + begin
+            )
             done += every
         epoch += 1
     # A 0.1%-wrong backward in each array in turn, at the last parameters: what the check would see.
@@ -105,12 +118,26 @@ def measure_model(name: str, dataset, *, steps: int, every: int, batch: int, log
         bad = list(leaves)
         bad[i] = bad[i] * (1 + PERTURBATION)
         wrong.append(float(_errors(treedef.unflatten(bad), g_auto)[i]))
-    worst = {k: float(np.max([r[k] for r in rows])) for k in ("manual_vs_autodiff", "manual_vs_float64", "autodiff_vs_float64")}
-    log(f"{name}: max over {len(rows)} checked steps: manual vs jax.grad {worst['manual_vs_autodiff']:.2e}, "
+    worst = {
+        k: float(np.max([r[k] for r in rows]))
+        for k in ("manual_vs_autodiff", "manual_vs_float64", "autodiff_vs_float64")
+    }
+    log(
+        f"{name}: max over {len(rows)} checked steps: manual vs jax.grad {worst['manual_vs_autodiff']:.2e}, "
         f"manual vs float64 {worst['manual_vs_float64']:.2e}, jax.grad vs float64 {worst['autodiff_vs_float64']:.2e}; "
-        f"0.1%-wrong array seen as >= {min(wrong):.2e}")
-    return {"model": name, "leaves": leaf_names, "rows": rows, "max": worst, "perturbed_min": min(wrong),
-            "perturbed": wrong, "batch": batch, "every": every, "steps": len(rows) * every}
+        f"0.1%-wrong array seen as >= {min(wrong):.2e}"
+    )
+    return {
+        "model": name,
+        "leaves": leaf_names,
+        "rows": rows,
+        "max": worst,
+        "perturbed_min": min(wrong),
+        "perturbed": wrong,
+        "batch": batch,
+        "every": every,
+        "steps": len(rows) * every,
+    }
 
 
 def render(report: dict) -> str:
@@ -118,18 +145,43 @@ def render(report: dict) -> str:
     results = report["models"]
     batch, every = results[0]["batch"], results[0]["every"]
     table = common.markdown_table(
-        ["model", "steps", "manual vs jax.grad", "manual vs float64", "jax.grad vs float64",
-         f"{report['perturbation']:.1%}-wrong array (smallest)"],
-        [[r["model"], r["steps"], common.sci(r["max"]["manual_vs_autodiff"]), common.sci(r["max"]["manual_vs_float64"]),
-          common.sci(r["max"]["autodiff_vs_float64"]), common.sci(r["perturbed_min"])] for r in results])
-    return "\n".join([
-        "# How far apart correct float32 gradients are, and the --check-every tolerance", "",
-        f"Largest relative difference per parameter array (max over arrays and over the measured steps), "
-        f"float32, batch {batch}, one measurement every {every} steps on the bundled MNIST subset.", "", table, "",
-        f"`jaxcnn train --check-every N` stops at a relative difference above `--check-tolerance` (default "
-        f"{CHECK_TOLERANCE:g}, `jaxcnn.train.config.CHECK_TOLERANCE`), chosen between the two columns: above every "
-        "correct difference measured here, below a 0.1%-wrong array.", "",
-        "`python experiments/check_tolerance.py` regenerates this file.", ""])
+        [
+            "model",
+            "steps",
+            "manual vs jax.grad",
+            "manual vs float64",
+            "jax.grad vs float64",
+            f"{report['perturbation']:.1%}-wrong array (smallest)",
+        ],
+        [
+            [
+                r["model"],
+                r["steps"],
+                common.sci(r["max"]["manual_vs_autodiff"]),
+                common.sci(r["max"]["manual_vs_float64"]),
+                common.sci(r["max"]["autodiff_vs_float64"]),
+                common.sci(r["perturbed_min"]),
+            ]
+            for r in results
+        ],
+    )
+    return "\n".join(
+        [
+            "# How far apart correct float32 gradients are, and the --check-every tolerance",
+            "",
+            f"Largest relative difference per parameter array (max over arrays and over the measured steps), "
+            f"float32, batch {batch}, one measurement every {every} steps on the bundled MNIST subset.",
+            "",
+            table,
+            "",
+            f"`jaxcnn train --check-every N` stops at a relative difference above `--check-tolerance` (default "
+            f"{CHECK_TOLERANCE:g}, `jaxcnn.train.config.CHECK_TOLERANCE`), chosen between the two columns: above every "
+            "correct difference measured here, below a 0.1%-wrong array.",
+            "",
+            "`python experiments/check_tolerance.py` regenerates this file.",
+            "",
+        ]
+    )
 
 
 def main(argv=None) -> int:
@@ -147,8 +199,12 @@ def main(argv=None) -> int:
         steps, every, batch = (20, 10, 16) if args.smoke else (args.steps, args.every, 64)
         dataset = jdata.load_dataset(jdata.OFFLINE_NAME, log=log)
         results = [measure_model(m, dataset, steps=steps, every=every, batch=batch, log=log) for m in args.models]
-        report = {"tolerance_when_run": CHECK_TOLERANCE, "perturbation": PERTURBATION, "models": results,
-                  "environment": common.environment(common.command_line(NAME, argv))}
+        report = {
+            "tolerance_when_run": CHECK_TOLERANCE,
+            "perturbation": PERTURBATION,
+            "models": results,
+            "environment": common.environment(common.command_line(NAME, argv)),
+        }
         common.write_json(out / f"{NAME}.json", report)
     (out / f"{NAME}.md").write_text(render(report))
     log(f"wrote {out}")

@@ -17,8 +17,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +54,8 @@ def logger(name: str) -> Log:
 def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     """The flags every experiment has; ``--out`` defaults to ``experiments/results/<name>``."""
     parser = argparse.ArgumentParser(
-        prog=f"python experiments/{name}.py", description=description,
+        prog=f"python experiments/{name}.py",
+        description=description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--out", default=str(RESULTS / name), help="directory for tables, figures and raw numbers")
@@ -175,8 +177,17 @@ def pyplot(log: Log | None = None):
         if log is not None:
             log(f"matplotlib not found: no figures. {MATPLOTLIB_HINT}")
         return None
-    plt.rcParams.update({"figure.dpi": 100, "savefig.dpi": 100, "axes.grid": True, "grid.alpha": 0.3,
-                         "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9})
+    plt.rcParams.update(
+        {
+            "figure.dpi": 100,
+            "savefig.dpi": 100,
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "axes.titlesize": 11,
+            "axes.labelsize": 10,
+            "legend.fontsize": 9,
+        }
+    )
     return plt
 
 
@@ -212,8 +223,9 @@ def block(tree):
     return jax.block_until_ready(tree)
 
 
-def interleaved_times(contenders: Mapping[str, Callable[[], Any]], rounds: int,
-                      rounds_of: Mapping[str, int] | None = None) -> dict[str, list[float]]:
+def interleaved_times(
+    contenders: Mapping[str, Callable[[], Any]], rounds: int, rounds_of: Mapping[str, int] | None = None
+) -> dict[str, list[float]]:
     """Seconds per call of each contender, measured round-robin so that a change in machine load hits
     all of them alike. ``rounds_of[name]`` caps the rounds of a slow contender (it joins the first ones).
     Each callable must finish its work before returning (call :func:`block` on JAX results)."""
@@ -231,5 +243,10 @@ def interleaved_times(contenders: Mapping[str, Callable[[], Any]], rounds: int,
 
 def summarize_times(seconds: Sequence[float]) -> dict:
     s = np.asarray(seconds, np.float64)
-    return {"median_ms": float(np.median(s) * 1e3), "min_ms": float(s.min() * 1e3),
-            "q25_ms": float(np.percentile(s, 25) * 1e3), "q75_ms": float(np.percentile(s, 75) * 1e3), "n": int(s.size)}
+    return {
+        "median_ms": float(np.median(s) * 1e3),
+        "min_ms": float(s.min() * 1e3),
+        "q25_ms": float(np.percentile(s, 25) * 1e3),
+        "q75_ms": float(np.percentile(s, 75) * 1e3),
+        "n": int(s.size),
+    }

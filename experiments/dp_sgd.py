@@ -24,7 +24,6 @@ and ``dp_sgd.png`` (test accuracy against epsilon and against wall time).
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -35,15 +34,25 @@ from experiments import common
 from jaxcnn.train import TrainConfig, train_and_evaluate
 
 NAME = "dp_sgd"
-RECIPE = dict(model="lenet5", dataset="fashion-mnist", batch_size=512, epochs=30, lr=0.1, dp_clip=1.0,
-              dp_noise_multiplier=1.1, dp_delta=1e-5)
-SMOKE = dict(dataset="mnist-offline", train_limit=512, epochs=2, batch_size=64, eval_batch_size=500)
+RECIPE = dict(
+    model="lenet5",
+    dataset="fashion-mnist",
+    batch_size=512,
+    epochs=30,
+    lr=0.1,
+    dp_clip=1.0,
+    dp_noise_multiplier=1.1,
+    dp_delta=1e-5,
+)
+SMOKE = dict(dataset="mnist-offline", train_limit=256, epochs=1, batch_size=64)
 
 
 def command(settings: dict) -> str:
     """The ``jaxcnn train`` command that runs ``settings``."""
-    flags = [f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
-             for k, v in settings.items()]
+    flags = [
+        f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+        for k, v in settings.items()
+    ]
     return "jaxcnn train " + " ".join(flags)
 
 
@@ -53,9 +62,15 @@ def run(out_dir, *, smoke: bool = False, command_line: str | None = None, log=No
     config = TrainConfig(**settings)
     out = common.out_dir(out_dir)
     env = common.environment(command_line or f"dp_sgd.run(smoke={smoke}, {overrides})")
-    history = train_and_evaluate(config, out / "run", log=log, progress=False).history
-    summary = {"experiment": NAME, "environment": env, "config": config.to_json(), "jaxcnn_train": command(settings),
-               "accountant": "RDP (dp-accounting), Poisson subsampling at rate batch/N", "history": history}
+    history = train_and_evaluate(config, log=log, progress=False).history
+    summary = {
+        "experiment": NAME,
+        "environment": env,
+        "config": config.to_json(),
+        "jaxcnn_train": command(settings),
+        "accountant": "RDP (dp-accounting), Poisson subsampling at rate batch/N",
+        "history": history,
+    }
     common.write_json(out / f"{NAME}.json", summary)
     (out / f"{NAME}.md").write_text(report(summary))
     plot(summary, out, log)
@@ -64,15 +79,25 @@ def run(out_dir, *, smoke: bool = False, command_line: str | None = None, log=No
 
 def report(s: dict) -> str:
     final = s["history"][-1]
-    rows = [(h["epoch"], f"{h['dp_epsilon']:.2f}", f"{h['test_accuracy']:.4f}", f"{h['train_loss']:.4f}",
-             f"{h['wall_s']:.0f}") for h in s["history"]]
-    return (f"# DP-SGD on {s['config']['dataset']} ({s['config']['model']})\n\n"
-            f"Final test accuracy **{final['test_accuracy']:.4f}** at epsilon **{final['dp_epsilon']:.2f}** "
-            f"(delta {final['dp_delta']:g}; {s['accountant']}), {final['wall_s']:.0f} s.\n\n"
-            f"Command: `{s['jaxcnn_train']}`\n\n"
-            + common.markdown_table(["epoch", "epsilon", "test accuracy", "train loss", "wall s"], rows, "rrrrr")
-            + f"\nMachine: {s['environment']['cpu']} ({s['environment']['cpu_count']} cores), "
-              f"jax {s['environment']['jax']}.\n")
+    rows = [
+        (
+            h["epoch"],
+            f"{h['dp_epsilon']:.2f}",
+            f"{h['test_accuracy']:.4f}",
+            f"{h['train_loss']:.4f}",
+            f"{h['wall_s']:.0f}",
+        )
+        for h in s["history"]
+    ]
+    return (
+        f"# DP-SGD on {s['config']['dataset']} ({s['config']['model']})\n\n"
+        f"Final test accuracy **{final['test_accuracy']:.4f}** at epsilon **{final['dp_epsilon']:.2f}** "
+        f"(delta {final['dp_delta']:g}; {s['accountant']}), {final['wall_s']:.0f} s.\n\n"
+        f"Command: `{s['jaxcnn_train']}`\n\n"
+        + common.markdown_table(["epoch", "epsilon", "test accuracy", "train loss", "wall s"], rows, "rrrrr")
+        + f"\nMachine: {s['environment']['cpu']} ({s['environment']['cpu_count']} cores), "
+        f"jax {s['environment']['jax']}.\n"
+    )
 
 
 def plot(s: dict, out: Path, log) -> None:
@@ -87,8 +112,10 @@ def plot(s: dict, out: Path, log) -> None:
     a.set_title(f"DP-SGD, {s['config']['model']} on {s['config']['dataset']}")
     b.plot([r["wall_s"] for r in h], [r["test_accuracy"] for r in h], "o-", color=common.COLORS["manual"])
     b.set_xlabel("wall time (s)")
-    b.set_title(f"clip {s['config']['dp_clip']:g}, noise {s['config']['dp_noise_multiplier']:g}, "
-                f"batch {s['config']['batch_size']}")
+    b.set_title(
+        f"clip {s['config']['dp_clip']:g}, noise {s['config']['dp_noise_multiplier']:g}, "
+        f"batch {s['config']['batch_size']}"
+    )
     common.save_figure(fig, out / f"{NAME}.png", log)
 
 

@@ -32,8 +32,9 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 if __package__ in (None, ""):  # run as a script: make ``experiments`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,8 +48,8 @@ from experiments import common
 from jaxcnn import gradients, ops
 from jaxcnn import layers as L
 from jaxcnn.gradcheck import gradcheck
-from jaxcnn.models import MODELS, get_model
 from jaxcnn.modelcheck import check_model
+from jaxcnn.models import MODELS, get_model
 from jaxcnn.ops.conv import METHODS as CONV_METHODS
 
 NAME = "gradient_report"
@@ -108,68 +109,143 @@ def _distinct(rng, *shape):
 
 
 def _conv_case(label: str, x_shape, w_shape, method: str, **kw) -> Case:
-    """``conv2d`` and its backward in one formulation: ``jax.vjp`` differentiates the forward the backward belongs to."""
+    """``conv2d`` and its backward in one formulation: ``jax.vjp`` differentiates the forward the backward
+    belongs to."""
+
     def f(x, w, b):
         return ops.conv2d(x, w, b, method=method, **kw)
 
     def backward(dy, x, w, b):
         return ops.conv2d_backward(dy, x, w, method=method, **kw)
 
-    return Case("op", f"conv2d {label}, method={method}", f, backward,
-                lambda rng: (_normal(rng, *x_shape), _normal(rng, *w_shape) / np.sqrt(np.prod(w_shape[:3])),
-                             _normal(rng, w_shape[3])), ("x", "w", "b"))
+    return Case(
+        "op",
+        f"conv2d {label}, method={method}",
+        f,
+        backward,
+        lambda rng: (
+            _normal(rng, *x_shape),
+            _normal(rng, *w_shape) / np.sqrt(np.prod(w_shape[:3])),
+            _normal(rng, w_shape[3]),
+        ),
+        ("x", "w", "b"),
+    )
 
 
 def _activation_case(name, f, backward, from_output: bool, kink: bool = False) -> Case:
     def bwd(dy, x):
         return (backward(dy, f(x) if from_output else x),)
 
-    return Case("op", name, f, bwd, lambda rng: ((_away_from_zero if kink else _normal)(rng, 4, 10),), ("x",),
-                skip_kinks=kink)
+    return Case(
+        "op", name, f, bwd, lambda rng: ((_away_from_zero if kink else _normal)(rng, 4, 10),), ("x",), skip_kinks=kink
+    )
 
 
 def op_cases() -> list[Case]:
-    convs = [("3x3 VALID", (2, 7, 7, 3), (3, 3, 3, 4), {}),
-             ("3x3 stride 2 pad 1", (2, 8, 8, 3), (3, 3, 3, 4), dict(stride=2, padding=1)),
-             ("3x3 dilation 2 SAME", (2, 9, 9, 2), (3, 3, 2, 3), dict(dilation=2, padding="SAME")),
-             ("3x3 depthwise (groups 3)", (2, 6, 6, 3), (3, 3, 1, 6), dict(groups=3, padding=1)),
-             ("2x3 stride (2,1) pad ((1,0),(2,1))", (1, 7, 6, 2), (2, 3, 2, 3), dict(stride=(2, 1), padding=((1, 0), (2, 1)))),
-             ("5x5 stride 3 (rows unread)", (2, 10, 10, 1), (5, 5, 1, 2), dict(stride=3))]
+    convs = [
+        ("3x3 VALID", (2, 7, 7, 3), (3, 3, 3, 4), {}),
+        ("3x3 stride 2 pad 1", (2, 8, 8, 3), (3, 3, 3, 4), dict(stride=2, padding=1)),
+        ("3x3 dilation 2 SAME", (2, 9, 9, 2), (3, 3, 2, 3), dict(dilation=2, padding="SAME")),
+        ("3x3 depthwise (groups 3)", (2, 6, 6, 3), (3, 3, 1, 6), dict(groups=3, padding=1)),
+        (
+            "2x3 stride (2,1) pad ((1,0),(2,1))",
+            (1, 7, 6, 2),
+            (2, 3, 2, 3),
+            dict(stride=(2, 1), padding=((1, 0), (2, 1))),
+        ),
+        ("5x5 stride 3 (rows unread)", (2, 10, 10, 1), (5, 5, 1, 2), dict(stride=3)),
+    ]
     cases = [_conv_case(label, xs, ws, m, **kw) for label, xs, ws, kw in convs for m in CONV_METHODS]
 
     def pool(name, op, op_backward, shape, **kw):
-        return Case("op", name, lambda x: op(x, **kw), lambda dy, x: (op_backward(dy, x, **kw),),
-                    lambda rng: (_distinct(rng, *shape),), ("x",), skip_kinks=op is ops.max_pool2d)
+        return Case(
+            "op",
+            name,
+            lambda x: op(x, **kw),
+            lambda dy, x: (op_backward(dy, x, **kw),),
+            lambda rng: (_distinct(rng, *shape),),
+            ("x",),
+            skip_kinks=op is ops.max_pool2d,
+        )
 
     cases += [
         pool("max_pool2d 2x2", ops.max_pool2d, ops.max_pool2d_backward, (2, 6, 6, 3), window=2),
-        pool("max_pool2d 3x3 stride 2 pad 1 (overlapping)", ops.max_pool2d, ops.max_pool2d_backward, (2, 7, 7, 2),
-             window=3, stride=2, padding=1),
+        pool(
+            "max_pool2d 3x3 stride 2 pad 1 (overlapping)",
+            ops.max_pool2d,
+            ops.max_pool2d_backward,
+            (2, 7, 7, 2),
+            window=3,
+            stride=2,
+            padding=1,
+        ),
         pool("avg_pool2d 2x2", ops.avg_pool2d, ops.avg_pool2d_backward, (2, 6, 6, 3), window=2),
-        pool("avg_pool2d 3x3 stride 2 pad 1, count_include_pad=False", ops.avg_pool2d, ops.avg_pool2d_backward,
-             (2, 7, 7, 2), window=3, stride=2, padding=1, count_include_pad=False),
-        Case("op", "dense", lambda x, w, b: ops.dense(x, w, b), lambda dy, x, w, b: ops.dense_backward(dy, x, w),
-             lambda rng: (_normal(rng, 4, 10), _normal(rng, 10, 5) / 3, _normal(rng, 5)), ("x", "w", "b")),
+        pool(
+            "avg_pool2d 3x3 stride 2 pad 1, count_include_pad=False",
+            ops.avg_pool2d,
+            ops.avg_pool2d_backward,
+            (2, 7, 7, 2),
+            window=3,
+            stride=2,
+            padding=1,
+            count_include_pad=False,
+        ),
+        Case(
+            "op",
+            "dense",
+            lambda x, w, b: ops.dense(x, w, b),
+            lambda dy, x, w, b: ops.dense_backward(dy, x, w),
+            lambda rng: (_normal(rng, 4, 10), _normal(rng, 10, 5) / 3, _normal(rng, 5)),
+            ("x", "w", "b"),
+        ),
         _activation_case("relu", ops.relu, ops.relu_backward, False, kink=True),
         _activation_case("leaky_relu", ops.leaky_relu, ops.leaky_relu_backward, False, kink=True),
         _activation_case("sigmoid", ops.sigmoid, ops.sigmoid_backward, True),
         _activation_case("tanh", ops.tanh, ops.tanh_backward, True),
         _activation_case("softmax", ops.softmax, ops.softmax_backward, True),
         _activation_case("log_softmax", ops.log_softmax, ops.log_softmax_backward, True),
-        Case("op", "mse", ops.mse, lambda d, p, t: (ops.mse_backward(d, p, t),),
-             lambda rng: (_normal(rng, 8, 1), (rng.random((8, 1)) > 0.5).astype(np.float64)), ("pred",), argnums=(0,)),
-        Case("op", "binary_cross_entropy_with_logits", ops.binary_cross_entropy_with_logits,
-             lambda d, z, y: (ops.binary_cross_entropy_with_logits_backward(d, z, y),),
-             lambda rng: (3 * _normal(rng, 8, 1), (rng.random((8, 1)) > 0.5).astype(np.float64)), ("logits",), argnums=(0,)),
-        Case("op", "softmax_cross_entropy", ops.softmax_cross_entropy,
-             lambda d, z, y: (ops.softmax_cross_entropy_backward(d, z, y),),
-             lambda rng: (3 * _normal(rng, 8, 10), rng.integers(0, 10, 8).astype(np.int32)), ("logits",), argnums=(0,)),
+        Case(
+            "op",
+            "mse",
+            ops.mse,
+            lambda d, p, t: (ops.mse_backward(d, p, t),),
+            lambda rng: (_normal(rng, 8, 1), (rng.random((8, 1)) > 0.5).astype(np.float64)),
+            ("pred",),
+            argnums=(0,),
+        ),
+        Case(
+            "op",
+            "binary_cross_entropy_with_logits",
+            ops.binary_cross_entropy_with_logits,
+            lambda d, z, y: (ops.binary_cross_entropy_with_logits_backward(d, z, y),),
+            lambda rng: (3 * _normal(rng, 8, 1), (rng.random((8, 1)) > 0.5).astype(np.float64)),
+            ("logits",),
+            argnums=(0,),
+        ),
+        Case(
+            "op",
+            "softmax_cross_entropy",
+            ops.softmax_cross_entropy,
+            lambda d, z, y: (ops.softmax_cross_entropy_backward(d, z, y),),
+            lambda rng: (3 * _normal(rng, 8, 10), rng.integers(0, 10, 8).astype(np.int32)),
+            ("logits",),
+            argnums=(0,),
+        ),
     ]
     return cases
 
 
-def _layer_case(name: str, layer: L.Layer, in_shape, *, train: bool = False, inputs=_normal, kink: bool = False,
-                state_fn=None, float64_reference: bool = True) -> Case:
+def _layer_case(
+    name: str,
+    layer: L.Layer,
+    in_shape,
+    *,
+    train: bool = False,
+    inputs=_normal,
+    kink: bool = False,
+    state_fn=None,
+    float64_reference: bool = True,
+) -> Case:
     """A layer checked with respect to its params and its input, like :func:`jaxcnn.gradients.gradcheck_layer`.
     The layer is initialised when the inputs are first drawn (so unused cases cost nothing)."""
     key = jax.random.PRNGKey(7)
@@ -195,19 +271,25 @@ def _layer_case(name: str, layer: L.Layer, in_shape, *, train: bool = False, inp
 
 def layer_cases() -> list[Case]:
     img = (2, 6, 6, 3)
-    running = lambda s: {"mean": np.linspace(-0.5, 0.5, 3), "var": np.linspace(0.5, 2.0, 3)}  # noqa: E731
+
+    def running(s):
+        return {"mean": np.linspace(-0.5, 0.5, 3), "var": np.linspace(0.5, 2.0, 3)}
+
     cases = [
         _layer_case("Conv2D(4, 3, SAME), method auto (the default)", L.Conv2D(4, 3, padding="SAME"), img),
         _layer_case("BatchNorm (training: batch statistics)", L.BatchNorm(), img, train=True),
     ]
     # A convolution followed by BatchNorm has no bias (as in resnet_small): BatchNorm subtracts the batch mean,
     # so such a bias has an exactly zero gradient and its "relative error" would compare rounding noise.
-    block = L.serial(L.Conv2D(3, 3, padding="SAME", use_bias=False), L.BatchNorm(), L.Relu(), L.Conv2D(3, 3, padding="SAME"))
+    block = L.serial(
+        L.Conv2D(3, 3, padding="SAME", use_bias=False), L.BatchNorm(), L.Relu(), L.Conv2D(3, 3, padding="SAME")
+    )
     project = L.serial(L.Conv2D(6, 1, stride=2, use_bias=False), L.BatchNorm())
     body = L.serial(L.Conv2D(6, 3, stride=2, padding="SAME"), L.Relu(), L.Conv2D(6, 3, padding="SAME"))
     cases += [
-        _layer_case("Conv2D(4, 3, stride 2, SAME), method conv",
-                    L.Conv2D(4, 3, stride=2, padding="SAME", method="conv"), img),
+        _layer_case(
+            "Conv2D(4, 3, stride 2, SAME), method conv", L.Conv2D(4, 3, stride=2, padding="SAME", method="conv"), img
+        ),
         _layer_case("Conv2D(4, 3, SAME), method im2col", L.Conv2D(4, 3, padding="SAME", method="im2col"), img),
         _layer_case("Conv2D(4, 3, SAME), method taps", L.Conv2D(4, 3, padding="SAME", method="taps"), img),
         _layer_case("Dense(5)", L.Dense(5), (4, 10)),
@@ -223,8 +305,12 @@ def layer_cases() -> list[Case]:
         _layer_case("Tanh", L.Tanh(), img),
         _layer_case("Softmax", L.Softmax(), (4, 10)),
         _layer_case("LogSoftmax", L.LogSoftmax(), (4, 10)),
-        _layer_case("Residual (identity shortcut, BatchNorm in the block)", L.Residual(block), img, train=True, kink=True),
-        _layer_case("Residual (strided 1x1 projection shortcut)", L.Residual(body, project), img, train=True, kink=True),
+        _layer_case(
+            "Residual (identity shortcut, BatchNorm in the block)", L.Residual(block), img, train=True, kink=True
+        ),
+        _layer_case(
+            "Residual (strided 1x1 projection shortcut)", L.Residual(body, project), img, train=True, kink=True
+        ),
     ]
     return cases
 
@@ -235,12 +321,15 @@ def layer_cases() -> list[Case]:
 
 def _cast(tree, dtype):
     return jax.tree_util.tree_map(
-        lambda a: jnp.asarray(a, dtype) if np.issubdtype(np.asarray(a).dtype, np.floating) else jnp.asarray(a), tree)
+        lambda a: jnp.asarray(a, dtype) if np.issubdtype(np.asarray(a).dtype, np.floating) else jnp.asarray(a), tree
+    )
 
 
 def _leaves64(tree):
-    return [np.asarray(jnp.asarray(a, jnp.float32) if a.dtype == jnp.bfloat16 else a, np.float64)
-            for a in jax.tree_util.tree_leaves(tree)]
+    return [
+        np.asarray(jnp.asarray(a, jnp.float32) if a.dtype == jnp.bfloat16 else a, np.float64)
+        for a in jax.tree_util.tree_leaves(tree)
+    ]
 
 
 COMPARISONS = ("manual_vs_autodiff", "manual_vs_float64", "autodiff_vs_float64")
@@ -249,11 +338,19 @@ COMPARISONS = ("manual_vs_autodiff", "manual_vs_float64", "autodiff_vs_float64")
 def _compare(manual, auto, ref, names) -> dict:
     """Per-array max relative errors (and which array is worst) and every element's relative error (histograms).
     ``names``: one display name per array (leaf) of the cotangents."""
-    out = {k: 0.0 for k in COMPARISONS}
-    out.update(elements=0, worst_array={k: None for k in COMPARISONS},
-               hist={k: np.zeros(len(BINS) - 1, np.int64) for k in COMPARISONS}, exact={k: 0 for k in COMPARISONS})
-    for name, m, a, r in zip(names, _leaves64(manual), _leaves64(auto), _leaves64(ref)):
-        for key, got, want in (("manual_vs_autodiff", m, a), ("manual_vs_float64", m, r), ("autodiff_vs_float64", a, r)):
+    out = dict.fromkeys(COMPARISONS, 0.0)
+    out.update(
+        elements=0,
+        worst_array=dict.fromkeys(COMPARISONS),
+        hist={k: np.zeros(len(BINS) - 1, np.int64) for k in COMPARISONS},
+        exact=dict.fromkeys(COMPARISONS, 0),
+    )
+    for name, m, a, r in zip(names, _leaves64(manual), _leaves64(auto), _leaves64(ref), strict=True):
+        for key, got, want in (
+            ("manual_vs_autodiff", m, a),
+            ("manual_vs_float64", m, r),
+            ("autodiff_vs_float64", a, r),
+        ):
             scale = np.max(np.abs(want), initial=0.0)
             err = np.abs(got - want) / (scale if scale > 0 else 1.0)
             worst = float(np.max(err, initial=0.0))
@@ -280,7 +377,7 @@ def _elementwise(f, backward, primals, argnums, dtype, seed: int, names) -> dict
     def vjp_of(prims):
         def g(*diff):
             args = list(prims)
-            for i, d in zip(argnums, diff):
+            for i, d in zip(argnums, diff, strict=True):
                 args[i] = d
             return f(*args)
 
@@ -294,7 +391,9 @@ def _elementwise(f, backward, primals, argnums, dtype, seed: int, names) -> dict
     dy = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.standard_normal(s.shape), s.dtype), y)
     manual, auto = jax.jit(both)(low, dy)
     with jax.enable_x64(True):
-        ref = jax.jit(lambda prims, dy: vjp_of(prims)(dy))(_cast(_exact(low), jnp.float64), _cast(_exact(dy), jnp.float64))
+        ref = jax.jit(lambda prims, dy: vjp_of(prims)(dy))(
+            _cast(_exact(low), jnp.float64), _cast(_exact(dy), jnp.float64)
+        )
         return _compare(manual, auto, ref, names)
 
 
@@ -315,13 +414,17 @@ def _arg_names(tree, names) -> list[str]:
 
 def _param_names(model, params) -> list[str]:
     """``Conv2D(6, kernel=5)['w']``...: one name per parameter array of a serial model."""
-    return [model.children[p[0].idx].name + jax.tree_util.keystr(p[1:]) if model.children else jax.tree_util.keystr(p)
-            for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    return [
+        model.children[p[0].idx].name + jax.tree_util.keystr(p[1:]) if model.children else jax.tree_util.keystr(p)
+        for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+    ]
 
 
 def _exact(tree):
     """NumPy copies holding exactly the values of ``tree`` (bfloat16 goes through float32, which holds it)."""
-    return jax.tree_util.tree_map(lambda a: np.asarray(jnp.asarray(a, jnp.float32) if a.dtype == jnp.bfloat16 else a), tree)
+    return jax.tree_util.tree_map(
+        lambda a: np.asarray(jnp.asarray(a, jnp.float32) if a.dtype == jnp.bfloat16 else a), tree
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -342,7 +445,7 @@ def model_elementwise(name: str, dtype: str, seed: int, batch: int = 4) -> dict:
 def _max_relative(got, want) -> float:
     """The largest ``max|g - w| / max|w|`` over the arrays of two gradients (both as float64)."""
     worst = 0.0
-    for g, w in zip(_leaves64(got), _leaves64(want)):
+    for g, w in zip(_leaves64(got), _leaves64(want), strict=True):
         scale = np.max(np.abs(w), initial=0.0)
         worst = max(worst, float(np.max(np.abs(g - w), initial=0.0) / (scale if scale > 0 else 1.0)))
     return worst
@@ -364,15 +467,19 @@ def _model_elementwise(name: str, dtype: str, seed: int, batch: int) -> dict:
     network = compute_network(model, "bfloat16") if dtype == "bfloat16" else model
     p, s, x = _cast(params, dtype), _cast(state, dtype), jnp.asarray(images, dtype)
     t = target.astype(dtype) if floating and dtype != "bfloat16" else target
+
+    def jitted_grad(vg):
+        """The parameter gradient of the value-and-grad function ``vg`` in training mode, jitted."""
+        return jax.jit(lambda p, s, x, t: vg(p, s, x, t, train=True, key=dropout)[1])
+
     grads = {}
     for route in ("manual", "autodiff_same_forward", "autodiff"):
-        vg = gradients.value_and_grad(network, spec.loss, route)
-        grads[route] = jax.jit(lambda p, s, x, t: vg(p, s, x, t, train=True, key=dropout)[1])(p, s, x, t)
+        grads[route] = jitted_grad(gradients.value_and_grad(network, spec.loss, route))(p, s, x, t)
     with jax.enable_x64(True):  # the reference: autodiff of the same forward in float64 on exactly the same values
         vg64 = gradients.value_and_grad(model, spec.loss, "autodiff_same_forward")
         p64, s64, x64 = (_cast(_exact(v), jnp.float64) for v in (p, s, x))
         t64 = target.astype(jnp.float64) if floating else target
-        ref = jax.jit(lambda p, s, x, t: vg64(p, s, x, t, train=True, key=dropout)[1])(p64, s64, x64, t64)
+        ref = jitted_grad(vg64)(p64, s64, x64, t64)
         out = _compare(grads["manual"], grads["autodiff_same_forward"], ref, _param_names(model, params))
         out["manual_vs_autodiff_lax"] = _max_relative(grads["manual"], grads["autodiff"])
         out["autodiff_lax_vs_float64"] = _max_relative(grads["autodiff"], ref)
@@ -390,8 +497,11 @@ class Config:
     seed: int = 0
 
 
-SMOKE = dict(cases=("conv2d 3x3 stride 2 pad 1, method=im2col", "softmax_cross_entropy"), models=("seed_net",),
-             model_dtypes=("bfloat16",))
+SMOKE = dict(
+    cases=("conv2d 3x3 stride 2 pad 1, method=im2col", "softmax_cross_entropy"),
+    models=("seed_net",),
+    model_dtypes=("bfloat16",),
+)
 
 
 def make_config(smoke: bool = False, **overrides) -> Config:
@@ -401,9 +511,15 @@ def make_config(smoke: bool = False, **overrides) -> Config:
 def _gradcheck_row(result) -> dict:
     fd_ad = max((r.autodiff_vs_finite_difference for r in result.rows), default=0.0)
     w = result.worst
-    return {"manual_vs_autodiff": w.autodiff, "manual_vs_fd": w.finite_difference, "autodiff_vs_fd": fd_ad,
-            "adjoint": result.adjoint, "ok": result.ok, "failures": result.failures,
-            "arrays": [dict(r._asdict()) for r in result.rows]}
+    return {
+        "manual_vs_autodiff": w.autodiff,
+        "manual_vs_fd": w.finite_difference,
+        "autodiff_vs_fd": fd_ad,
+        "adjoint": result.adjoint,
+        "ok": result.ok,
+        "failures": result.failures,
+        "arrays": [dict(r._asdict()) for r in result.rows],
+    }
 
 
 def run(out_dir, *, smoke: bool = False, command: str | None = None, log=None, **overrides) -> dict:
@@ -412,10 +528,15 @@ def run(out_dir, *, smoke: bool = False, command: str | None = None, log=None, *
     out = common.out_dir(out_dir)
     env = common.environment(command or f"gradient_report.run(smoke={smoke}, {overrides})")
     rows: list[dict] = []
-    hist = {d: {k: np.zeros(len(BINS) - 1, np.int64) for k in ("manual_vs_autodiff", "manual_vs_float64", "autodiff_vs_float64")}
-            for d in DTYPES}
-    exact = {d: {k: 0 for k in ("manual_vs_autodiff", "manual_vs_float64", "autodiff_vs_float64")} for d in DTYPES}
-    elements = {d: 0 for d in DTYPES}
+    hist = {
+        d: {
+            k: np.zeros(len(BINS) - 1, np.int64)
+            for k in ("manual_vs_autodiff", "manual_vs_float64", "autodiff_vs_float64")
+        }
+        for d in DTYPES
+    }
+    exact = {d: dict.fromkeys(("manual_vs_autodiff", "manual_vs_float64", "autodiff_vs_float64"), 0) for d in DTYPES}
+    elements = dict.fromkeys(DTYPES, 0)
 
     def add_hist(dtype, cmp):
         for k in hist[dtype]:
@@ -439,20 +560,40 @@ def run(out_dir, *, smoke: bool = False, command: str | None = None, log=None, *
                 continue
             row = {"kind": case.kind, "case": case.name, "dtype": dtype}
             if dtype == "bfloat16":
-                cmp = elementwise(case.f, case.backward, values, case.argnums, jnp.bfloat16, config.seed + i, case.names)
+                cmp = elementwise(
+                    case.f, case.backward, values, case.argnums, jnp.bfloat16, config.seed + i, case.names
+                )
                 tol = 3e-2  # a few bfloat16 roundings (2^-8 = 3.9e-3 each), relative to the array's scale
                 row.update({k: cmp[k] for k in COMPARISONS}, worst_array=cmp["worst_array"])
                 row["ok"] = cmp["manual_vs_float64"] <= max(tol, 2 * cmp["autodiff_vs_float64"])
             else:
                 with jax.enable_x64(dtype == "float64"):
                     primals = _cast(values, jnp.float64 if dtype == "float64" else jnp.float32)
-                    result = gradcheck(case.f, case.backward, primals, argnums=case.argnums, names=case.names,
-                                       name=case.name, seed=config.seed + i, skip_kinks=case.skip_kinks,
-                                       raise_on_failure=False)
+                    result = gradcheck(
+                        case.f,
+                        case.backward,
+                        primals,
+                        argnums=case.argnums,
+                        names=case.names,
+                        name=case.name,
+                        seed=config.seed + i,
+                        skip_kinks=case.skip_kinks,
+                        raise_on_failure=False,
+                    )
                 row.update(_gradcheck_row(result))
-                cmp = elementwise(case.f, case.backward, values, case.argnums,
-                                  jnp.float64 if dtype == "float64" else jnp.float32, config.seed + i, case.names)
-                row["manual_vs_float64"], row["autodiff_vs_float64"] = cmp["manual_vs_float64"], cmp["autodiff_vs_float64"]
+                cmp = elementwise(
+                    case.f,
+                    case.backward,
+                    values,
+                    case.argnums,
+                    jnp.float64 if dtype == "float64" else jnp.float32,
+                    config.seed + i,
+                    case.names,
+                )
+                row["manual_vs_float64"], row["autodiff_vs_float64"] = (
+                    cmp["manual_vs_float64"],
+                    cmp["autodiff_vs_float64"],
+                )
             if not case.float64_reference:
                 cmp = _without_reference(cmp)
                 row.update(manual_vs_float64=None, autodiff_vs_float64=None, worst_array=None)
@@ -460,8 +601,11 @@ def run(out_dir, *, smoke: bool = False, command: str | None = None, log=None, *
             add_hist(dtype, cmp)
             rows.append(row)
             line.append(f"{dtype} {common.sci(row['manual_vs_autodiff'])}{'' if row['ok'] else ' FAIL'}")
-        log(f"[{i + 1}/{len(cases)}] {case.kind} {case.name}: manual vs autodiff " + ", ".join(line)
-            + f"  ({time.perf_counter() - t0:.1f} s)")
+        log(
+            f"[{i + 1}/{len(cases)}] {case.kind} {case.name}: manual vs autodiff "
+            + ", ".join(line)
+            + f"  ({time.perf_counter() - t0:.1f} s)"
+        )
 
     for name in config.models:
         for dtype in config.model_dtypes:
@@ -477,39 +621,71 @@ def run(out_dir, *, smoke: bool = False, command: str | None = None, log=None, *
                 else:
                     results = check_model(name, dtype=dtype, seed=config.seed)
                     worst = [_gradcheck_row(r) for r in results]
-                    row.update({k: max(w[k] for w in worst) for k in ("manual_vs_autodiff", "manual_vs_fd", "autodiff_vs_fd", "adjoint")})
+                    row.update(
+                        {
+                            k: max(w[k] for w in worst)
+                            for k in ("manual_vs_autodiff", "manual_vs_fd", "autodiff_vs_fd", "adjoint")
+                        }
+                    )
                     row["ok"] = all(r.ok for r in results)
                     row["failures"] = [f"{r.name}: {f}" for r in results for f in r.failures]
                     row["checks"] = [{"name": r.name, **_gradcheck_row(r)} for r in results]
                     cmp = model_elementwise(name, dtype, config.seed)
-                    row["manual_vs_float64"], row["autodiff_vs_float64"] = cmp["manual_vs_float64"], cmp["autodiff_vs_float64"]
+                    row["manual_vs_float64"], row["autodiff_vs_float64"] = (
+                        cmp["manual_vs_float64"],
+                        cmp["autodiff_vs_float64"],
+                    )
                     row["manual_vs_autodiff_lax"] = cmp["manual_vs_autodiff_lax"]
                     row["autodiff_lax_vs_float64"] = cmp["autodiff_lax_vs_float64"]
                     if not cmp["manual_vs_autodiff_lax"] <= LAX_TOLERANCE[dtype]:
                         row["ok"] = False
-                        row["failures"].append(f"{name}: manual vs autodiff (lax forward) "
-                                               f"{cmp['manual_vs_autodiff_lax']:.1e} > {LAX_TOLERANCE[dtype]:.0e}")
+                        row["failures"].append(
+                            f"{name}: manual vs autodiff (lax forward) "
+                            f"{cmp['manual_vs_autodiff_lax']:.1e} > {LAX_TOLERANCE[dtype]:.0e}"
+                        )
                 add_hist(dtype, cmp)
             except Exception as error:  # a model that cannot even be built or run is reported, not hidden
                 row.update({"ok": False, "error": f"{type(error).__name__}: {error}"})
                 log(f"model {name} [{dtype}] raised {type(error).__name__}: {error}")
             rows.append(row)
             extra = f", {len(row.get('checks', []))} checks (each layer, then model + loss)" if "checks" in row else ""
-            log(f"model {name} [{dtype}]: manual vs autodiff {common.sci(row.get('manual_vs_autodiff'))}, "
+            log(
+                f"model {name} [{dtype}]: manual vs autodiff {common.sci(row.get('manual_vs_autodiff'))}, "
                 f"vs autodiff (lax forward) {common.sci(row.get('manual_vs_autodiff_lax'))}"
-                f"{extra}{'' if row['ok'] else '  FAIL'}  ({time.perf_counter() - t0:.1f} s)")
+                f"{extra}{'' if row['ok'] else '  FAIL'}  ({time.perf_counter() - t0:.1f} s)"
+            )
 
     failed = [f"{r['case']} [{r['dtype']}]" for r in rows if not r["ok"]]
     summary = {
-        "experiment": NAME, "environment": env, "config": dataclasses.asdict(config),
-        "failed": failed, "rows": rows,
-        "elementwise": {d: {"elements": elements[d], "exactly_equal": exact[d],
-                            "log10_bins": BINS, "counts": hist[d]} for d in DTYPES},
+        "experiment": NAME,
+        "environment": env,
+        "config": dataclasses.asdict(config),
+        "failed": failed,
+        "rows": rows,
+        "elementwise": {
+            d: {"elements": elements[d], "exactly_equal": exact[d], "log10_bins": BINS, "counts": hist[d]}
+            for d in DTYPES
+        },
     }
     common.write_json(out / f"{NAME}.json", summary)
-    common.write_csv(out / f"{NAME}.csv", rows, ["kind", "case", "dtype", "manual_vs_autodiff", "manual_vs_fd",
-                                                 "autodiff_vs_fd", "adjoint", "manual_vs_float64", "autodiff_vs_float64",
-                                                 "manual_vs_autodiff_lax", "autodiff_lax_vs_float64", "ok"])
+    common.write_csv(
+        out / f"{NAME}.csv",
+        rows,
+        [
+            "kind",
+            "case",
+            "dtype",
+            "manual_vs_autodiff",
+            "manual_vs_fd",
+            "autodiff_vs_fd",
+            "adjoint",
+            "manual_vs_float64",
+            "autodiff_vs_float64",
+            "manual_vs_autodiff_lax",
+            "autodiff_lax_vs_float64",
+            "ok",
+        ],
+    )
     (out / f"{NAME}.md").write_text(_markdown(summary))
     log(f"{len(rows) - len(failed)}/{len(rows)} checks pass; wrote {NAME}.md, {NAME}.json, {NAME}.csv")
     plt = common.pyplot(log)
@@ -520,25 +696,30 @@ def run(out_dir, *, smoke: bool = False, command: str | None = None, log=None, *
 
 def _markdown(s: dict) -> str:
     rows, env = s["rows"], s["environment"]
-    lines = ["# Gradient agreement: manual vs autodiff vs finite differences\n",
-             f"Command: `{env['command']}` ({env['date_utc']}, jax {env['jax']}, {env['platform']}).\n",
-             "Every number is a maximum relative error `max |a − b| / max |b|` over an array, maximised over the arrays "
-             "(inputs and parameters) of the case. **manual** is the library's hand-written backward, **autodiff** is "
-             "`jax.vjp` of the very same forward pass, same formulation (both computed in the table's dtype; the route "
-             "`autodiff_same_forward` of `jaxcnn.gradients.value_and_grad`). Convolutions run in each formulation "
-             "(`method`), forward and backward alike. **FD**: central finite differences "
-             "in float64 on the same inputs, against the backward evaluated in float64 — they check the formula; the "
-             "dtype's rounding shows in the other columns. **adjoint**: `|<backward(dy), v> − <dy, J v>|` relative, with "
-             "`J v` from forward mode. **vs float64**: against `jax.vjp` in float64 on exactly the same (dtype-rounded) "
-             "inputs and cotangent, i.e. the error the dtype's arithmetic adds. **autodiff (lax)**, zoo models only: a "
-             "second witness, `jax.grad` of the forward pass an autodiff user writes (`lax` convolutions; the route "
-             "`autodiff` that `jaxcnn train --grad autodiff` trains with), which computes the same function in another "
-             "formulation.\n"]
+    lines = [
+        "# Gradient agreement: manual vs autodiff vs finite differences\n",
+        f"Command: `{env['command']}` ({env['date_utc']}, jax {env['jax']}, {env['platform']}).\n",
+        "Every number is a maximum relative error `max |a − b| / max |b|` over an array, maximised over the arrays "
+        "(inputs and parameters) of the case. **manual** is the library's hand-written backward, **autodiff** is "
+        "`jax.vjp` of the very same forward pass, same formulation (both computed in the table's dtype; the route "
+        "`autodiff_same_forward` of `jaxcnn.gradients.value_and_grad`). Convolutions run in each formulation "
+        "(`method`), forward and backward alike. **FD**: central finite differences "
+        "in float64 on the same inputs, against the backward evaluated in float64 — they check the formula; the "
+        "dtype's rounding shows in the other columns. **adjoint**: `|<backward(dy), v> − <dy, J v>|` relative, with "
+        "`J v` from forward mode. **vs float64**: against `jax.vjp` in float64 on exactly the same (dtype-rounded) "
+        "inputs and cotangent, i.e. the error the dtype's arithmetic adds. **autodiff (lax)**, zoo models only: a "
+        "second witness, `jax.grad` of the forward pass an autodiff user writes (`lax` convolutions; the route "
+        "`autodiff` that `jaxcnn train --grad autodiff` trains with), which computes the same function in another "
+        "formulation.\n",
+    ]
     n_fail = len(s["failed"])
-    lines.append(f"**{len(rows) - n_fail} of {len(rows)} checks pass**" + (f"; failing: {', '.join(s['failed'])}" if n_fail else "")
-                 + ". Tolerances: float64 1e-12 vs autodiff (either witness) and 1e-6 vs FD; float32 1e-5 vs autodiff, "
-                 "1e-4 vs autodiff (lax); bfloat16: the manual gradient's distance to float64 within 3e-2 or twice "
-                 "autodiff's.\n")
+    lines.append(
+        f"**{len(rows) - n_fail} of {len(rows)} checks pass**"
+        + (f"; failing: {', '.join(s['failed'])}" if n_fail else "")
+        + ". Tolerances: float64 1e-12 vs autodiff (either witness) and 1e-6 vs FD; float32 1e-5 vs autodiff, "
+        "1e-4 vs autodiff (lax); bfloat16: the manual gradient's distance to float64 within 3e-2 or twice "
+        "autodiff's.\n"
+    )
     lines.append("## Summary by kind and dtype (worst case)\n")
     summary_rows = []
     for kind in ("op", "layer", "model"):
@@ -547,57 +728,143 @@ def _markdown(s: dict) -> str:
             if not sel:
                 continue
 
-            def worst(key):
+            def worst(key, sel=sel):
                 vals = [r[key] for r in sel if r.get(key) is not None]
                 return common.sci(max(vals)) if vals else "—"
 
-            summary_rows.append([kind, dtype, len(sel), sum(r["ok"] for r in sel), worst("manual_vs_autodiff"),
-                                 worst("manual_vs_autodiff_lax"), worst("manual_vs_fd"), worst("autodiff_vs_fd"),
-                                 worst("manual_vs_float64"), worst("autodiff_vs_float64")])
-    lines.append(common.markdown_table(["kind", "dtype", "cases", "pass", "manual vs autodiff", "manual vs autodiff (lax)",
-                                        "manual vs FD", "autodiff vs FD", "manual vs float64", "autodiff vs float64"],
-                                       summary_rows, "llrrrrrrrr"))
+            summary_rows.append(
+                [
+                    kind,
+                    dtype,
+                    len(sel),
+                    sum(r["ok"] for r in sel),
+                    worst("manual_vs_autodiff"),
+                    worst("manual_vs_autodiff_lax"),
+                    worst("manual_vs_fd"),
+                    worst("autodiff_vs_fd"),
+                    worst("manual_vs_float64"),
+                    worst("autodiff_vs_float64"),
+                ]
+            )
+    lines.append(
+        common.markdown_table(
+            [
+                "kind",
+                "dtype",
+                "cases",
+                "pass",
+                "manual vs autodiff",
+                "manual vs autodiff (lax)",
+                "manual vs FD",
+                "autodiff vs FD",
+                "manual vs float64",
+                "autodiff vs float64",
+            ],
+            summary_rows,
+            "llrrrrrrrr",
+        )
+    )
     for dtype in DTYPES:
         sel = [r for r in rows if r["dtype"] == dtype]
         if not sel:
             continue
         lines.append(f"\n## {dtype}\n")
         if dtype == "bfloat16":
-            lines.append(common.markdown_table(
-                ["kind", "case", "manual vs autodiff", "manual vs float64", "autodiff vs float64",
-                 "autodiff (lax) vs float64", "worst array: manual; autodiff", "ok"],
-                [[r["kind"], r["case"], common.sci(r.get("manual_vs_autodiff")), common.sci(r.get("manual_vs_float64")),
-                  common.sci(r.get("autodiff_vs_float64")), common.sci(r.get("autodiff_lax_vs_float64")),
-                  "; ".join(f"`{(r.get('worst_array') or {}).get(k)}`" for k in ("manual_vs_float64", "autodiff_vs_float64")),
-                  "✓" if r["ok"] else f"✗ {r.get('error', '')}"] for r in sel],
-                "llrrrrll"))
-            lines.append("\nbfloat16 keeps 8 significant bits (unit roundoff 2⁻⁸ ≈ 3.9e-3). The largest errors are in "
-                         "gradients that are long sums — a kernel or bias gradient sums over the batch and every output "
-                         "position — and how large they get depends on how XLA accumulates that sum, which differs "
-                         "between the hand-written kernel gradient and the one `jax.vjp` derives from the same forward "
-                         "pass. The worst-array column names the worst array of each path.\n")
+            lines.append(
+                common.markdown_table(
+                    [
+                        "kind",
+                        "case",
+                        "manual vs autodiff",
+                        "manual vs float64",
+                        "autodiff vs float64",
+                        "autodiff (lax) vs float64",
+                        "worst array: manual; autodiff",
+                        "ok",
+                    ],
+                    [
+                        [
+                            r["kind"],
+                            r["case"],
+                            common.sci(r.get("manual_vs_autodiff")),
+                            common.sci(r.get("manual_vs_float64")),
+                            common.sci(r.get("autodiff_vs_float64")),
+                            common.sci(r.get("autodiff_lax_vs_float64")),
+                            "; ".join(
+                                f"`{(r.get('worst_array') or {}).get(k)}`"
+                                for k in ("manual_vs_float64", "autodiff_vs_float64")
+                            ),
+                            "✓" if r["ok"] else f"✗ {r.get('error', '')}",
+                        ]
+                        for r in sel
+                    ],
+                    "llrrrrll",
+                )
+            )
+            lines.append(
+                "\nbfloat16 keeps 8 significant bits (unit roundoff 2⁻⁸ ≈ 3.9e-3). The largest errors are in "
+                "gradients that are long sums — a kernel or bias gradient sums over the batch and every output "
+                "position — and how large they get depends on how XLA accumulates that sum, which differs "
+                "between the hand-written kernel gradient and the one `jax.vjp` derives from the same forward "
+                "pass. The worst-array column names the worst array of each path.\n"
+            )
         else:
-            lines.append(common.markdown_table(
-                ["kind", "case", "manual vs autodiff", "manual vs autodiff (lax)", "manual vs FD", "autodiff vs FD",
-                 "adjoint", "manual vs float64", "ok"],
-                [[r["kind"], r["case"] + (f" ({len(r['checks'])} checks)" if "checks" in r else ""),
-                  common.sci(r.get("manual_vs_autodiff")), common.sci(r.get("manual_vs_autodiff_lax")),
-                  common.sci(r.get("manual_vs_fd")), common.sci(r.get("autodiff_vs_fd")),
-                  common.sci(r.get("adjoint")), common.sci(r.get("manual_vs_float64")),
-                  "✓" if r["ok"] else "✗ " + (r.get("error") or "; ".join(r.get("failures", [])))] for r in sel],
-                "llrrrrrrl"))
-    lines.append("\nA model's row is the worst over its checks: each top-level layer on a random input of the shape it "
-                 "receives in the model, then the whole model with its loss (`jaxcnn.modelcheck.check_model`; "
-                 "`jaxcnn gradcheck --model NAME` prints them one by one). Its float64 and autodiff (lax) comparisons "
-                 "are of the parameter gradients of model + loss. The zoo models are built with their default "
-                 "convolution formulation (`auto`).\n")
+            lines.append(
+                common.markdown_table(
+                    [
+                        "kind",
+                        "case",
+                        "manual vs autodiff",
+                        "manual vs autodiff (lax)",
+                        "manual vs FD",
+                        "autodiff vs FD",
+                        "adjoint",
+                        "manual vs float64",
+                        "ok",
+                    ],
+                    [
+                        [
+                            r["kind"],
+                            r["case"] + (f" ({len(r['checks'])} checks)" if "checks" in r else ""),
+                            common.sci(r.get("manual_vs_autodiff")),
+                            common.sci(r.get("manual_vs_autodiff_lax")),
+                            common.sci(r.get("manual_vs_fd")),
+                            common.sci(r.get("autodiff_vs_fd")),
+                            common.sci(r.get("adjoint")),
+                            common.sci(r.get("manual_vs_float64")),
+                            "✓" if r["ok"] else "✗ " + (r.get("error") or "; ".join(r.get("failures", []))),
+                        ]
+                        for r in sel
+                    ],
+                    "llrrrrrrl",
+                )
+            )
+    lines.append(
+        "\nA model's row is the worst over its checks: each top-level layer on a random input of the shape it "
+        "receives in the model, then the whole model with its loss (`jaxcnn.modelcheck.check_model`; "
+        "`jaxcnn gradcheck --model NAME` prints them one by one). Its float64 and autodiff (lax) comparisons "
+        "are of the parameter gradients of model + loss. The zoo models are built with their default "
+        "convolution formulation (`auto`).\n"
+    )
     e = s["elementwise"]
     lines.append("\n## Element-wise (the histogram figure)\n")
-    lines.append(common.markdown_table(
-        ["dtype", "gradient elements", "manual = autodiff exactly", "median manual vs autodiff (nonzero)", "p99"],
-        [[d, f"{e[d]['elements']:,}", f"{e[d]['exactly_equal']['manual_vs_autodiff']:,}",
-          _quantile(e[d]["counts"]["manual_vs_autodiff"], 0.5), _quantile(e[d]["counts"]["manual_vs_autodiff"], 0.99)]
-         for d in DTYPES if e[d]["elements"]], "lrrrr"))
+    lines.append(
+        common.markdown_table(
+            ["dtype", "gradient elements", "manual = autodiff exactly", "median manual vs autodiff (nonzero)", "p99"],
+            [
+                [
+                    d,
+                    f"{e[d]['elements']:,}",
+                    f"{e[d]['exactly_equal']['manual_vs_autodiff']:,}",
+                    _quantile(e[d]["counts"]["manual_vs_autodiff"], 0.5),
+                    _quantile(e[d]["counts"]["manual_vs_autodiff"], 0.99),
+                ]
+                for d in DTYPES
+                if e[d]["elements"]
+            ],
+            "lrrrr",
+        )
+    )
     return "\n".join(lines)
 
 
@@ -614,35 +881,58 @@ def _histogram(plt, out: Path, s: dict, log) -> None:
     e = s["elementwise"]
     dtypes = [d for d in DTYPES if e[d]["elements"]]
     fig, axes = plt.subplots(1, len(dtypes), figsize=(4.3 * len(dtypes), 3.8), sharey=True, squeeze=False)
-    styles = {"manual_vs_autodiff": ("manual vs autodiff", "#9467bd", "-"),
-              "manual_vs_float64": ("manual vs float64", common.COLORS["manual"], "-"),
-              "autodiff_vs_float64": ("autodiff vs float64", common.COLORS["autodiff"], "--")}
-    eps = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "bfloat16": 2.0 ** -8}
-    for ax, dtype in zip(axes[0], dtypes):
+    styles = {
+        "manual_vs_autodiff": ("manual vs autodiff", "#9467bd", "-"),
+        "manual_vs_float64": ("manual vs float64", common.COLORS["manual"], "-"),
+        "autodiff_vs_float64": ("autodiff vs float64", common.COLORS["autodiff"], "--"),
+    }
+    eps = {"float64": 2.0**-53, "float32": 2.0**-24, "bfloat16": 2.0**-8}
+    for ax, dtype in zip(axes[0], dtypes, strict=True):
         for key, (label, color, ls) in styles.items():
             if dtype == "float64" and key != "manual_vs_autodiff":
                 continue  # in float64 the reference *is* autodiff
             counts = np.asarray(e[dtype]["counts"][key])
-            ax.stairs(np.maximum(counts, 0.8), BINS, color=color, ls=ls, lw=1.6, label=f"{label} ({e[dtype]['exactly_equal'][key]:,} exact)")
+            ax.stairs(
+                np.maximum(counts, 0.8),
+                BINS,
+                color=color,
+                ls=ls,
+                lw=1.6,
+                label=f"{label} ({e[dtype]['exactly_equal'][key]:,} exact)",
+            )
         ax.axvline(np.log10(eps[dtype]), color="k", ls=":", lw=1)
-        ax.text(np.log10(eps[dtype]) + 0.2, 0.97, {"float64": "2⁻⁵³", "float32": "2⁻²⁴", "bfloat16": "2⁻⁸"}[dtype],
-                transform=ax.get_xaxis_transform(), va="top", ha="left", fontsize=9)
+        ax.text(
+            np.log10(eps[dtype]) + 0.2,
+            0.97,
+            {"float64": "2⁻⁵³", "float32": "2⁻²⁴", "bfloat16": "2⁻⁸"}[dtype],
+            transform=ax.get_xaxis_transform(),
+            va="top",
+            ha="left",
+            fontsize=9,
+        )
         ax.set_yscale("log")
         ax.set_xlim(-18, 0.5)
-        ax.set(xlabel="log10 of |g − g_ref| / max |g_ref|", title=f"{dtype}: {e[dtype]['elements']:,} gradient elements")
+        ax.set(
+            xlabel="log10 of |g − g_ref| / max |g_ref|", title=f"{dtype}: {e[dtype]['elements']:,} gradient elements"
+        )
         ax.legend(loc="center right" if dtype == "float64" else "upper left", fontsize=7.5)
     top = max(max(np.max(e[d]["counts"][k]) for k in styles) for d in dtypes)
     axes[0][0].set_ylim(0.8, top * 4)
     axes[0][0].set_ylabel("number of elements")
-    fig.suptitle("Element-wise gradient errors over every op, layer and model case "
-                 "(dotted: the dtype's unit roundoff; exact zeros counted in the legend)", y=1.0)
+    fig.suptitle(
+        "Element-wise gradient errors over every op, layer and model case "
+        "(dotted: the dtype's unit roundoff; exact zeros counted in the legend)",
+        y=1.0,
+    )
     fig.tight_layout()
     common.save_figure(fig, out / f"{NAME}_histogram.png", log)
 
 
 def main(argv=None) -> int:
     parser = common.base_parser(NAME, __doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=None, help=f"zoo models to check (default: all, {', '.join(MODELS)})")
+    parser.add_argument(
+        "--models", nargs="*", default=None, help=f"zoo models to check (default: all, {', '.join(MODELS)})"
+    )
     args = parser.parse_args(argv)
     overrides = {"seed": args.seed}
     if args.models is not None:

@@ -43,16 +43,37 @@ class Row(NamedTuple):
 
 
 ROWS = (
-    Row("offline_default", "`JAXCNN_OFFLINE=1 jaxcnn train` (the default run with no data at hand)", (),
-        "bundled held-out 1,000", (("JAXCNN_OFFLINE", "1"),)),
-    Row("small_cnn_30", "`jaxcnn train --epochs 30 --data-dir DIR` (small_cnn)",
-        ("--epochs", "30", "--data-dir", MNIST_DIR), "official MNIST, 10,000"),
-    Row("lenet5_30", "`jaxcnn train --model lenet5 --epochs 30 --data-dir DIR`",
-        ("--model", "lenet5", "--epochs", "30", "--data-dir", MNIST_DIR), "official MNIST, 10,000"),
-    Row("small_cnn_autodiff_30", "`jaxcnn train --grad autodiff --epochs 30 --data-dir DIR` (small_cnn)",
-        ("--grad", "autodiff", "--epochs", "30", "--data-dir", MNIST_DIR), "official MNIST, 10,000"),
-    Row("fashion_small_cnn_10", "`jaxcnn train --dataset fashion-mnist --epochs 10` (small_cnn)",
-        ("--dataset", "fashion-mnist", "--epochs", "10"), "official Fashion-MNIST, 10,000"),
+    Row(
+        "offline_default",
+        "`JAXCNN_OFFLINE=1 jaxcnn train` (the default run with no data at hand)",
+        (),
+        "bundled held-out 1,000",
+        (("JAXCNN_OFFLINE", "1"),),
+    ),
+    Row(
+        "small_cnn_30",
+        "`jaxcnn train --epochs 30 --data-dir DIR` (small_cnn)",
+        ("--epochs", "30", "--data-dir", MNIST_DIR),
+        "official MNIST, 10,000",
+    ),
+    Row(
+        "lenet5_30",
+        "`jaxcnn train --model lenet5 --epochs 30 --data-dir DIR`",
+        ("--model", "lenet5", "--epochs", "30", "--data-dir", MNIST_DIR),
+        "official MNIST, 10,000",
+    ),
+    Row(
+        "small_cnn_autodiff_30",
+        "`jaxcnn train --grad autodiff --epochs 30 --data-dir DIR` (small_cnn)",
+        ("--grad", "autodiff", "--epochs", "30", "--data-dir", MNIST_DIR),
+        "official MNIST, 10,000",
+    ),
+    Row(
+        "fashion_small_cnn_10",
+        "`jaxcnn train --dataset fashion-mnist --epochs 10` (small_cnn)",
+        ("--dataset", "fashion-mnist", "--epochs", "10"),
+        "official Fashion-MNIST, 10,000",
+    ),
 )
 
 
@@ -72,11 +93,21 @@ def run_row(row: Row, out: Path, log) -> dict:
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     (workdir / "checkpoint.npz").unlink(missing_ok=True)  # the figures are kept, not the weights
     final = records[-1]
-    log(f"{row.key}: test accuracy {final['test_accuracy']:.4f}, {final['wall_s']:.1f} s "
-        f"({time.perf_counter() - t0:.0f} s with start-up)")
-    return {"key": row.key, "shown": row.shown, "test_set": row.test_set, "command": " ".join(command[2:]),
-            "env": dict(row.env), "epochs": final["epoch"], "test_accuracy": final["test_accuracy"],
-            "wall_s": final["wall_s"], "images_per_s_last_epoch": final["images_per_s"]}
+    log(
+        f"{row.key}: test accuracy {final['test_accuracy']:.4f}, {final['wall_s']:.1f} s "
+        f"({time.perf_counter() - t0:.0f} s with start-up)"
+    )
+    return {
+        "key": row.key,
+        "shown": row.shown,
+        "test_set": row.test_set,
+        "command": " ".join(command[2:]),
+        "env": dict(row.env),
+        "epochs": final["epoch"],
+        "test_accuracy": final["test_accuracy"],
+        "wall_s": final["wall_s"],
+        "images_per_s_last_epoch": final["images_per_s"],
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -84,8 +115,10 @@ def run_row(row: Row, out: Path, log) -> dict:
 
 
 def render_accuracy(results: dict) -> str:
-    rows = [[r["shown"], r["test_set"], f"{r['test_accuracy']:.4f}", f"{r['wall_s']:.0f} s"]
-            for r in (results["rows"][row.key] for row in ROWS if row.key in results["rows"])]
+    rows = [
+        [r["shown"], r["test_set"], f"{r['test_accuracy']:.4f}", f"{r['wall_s']:.0f} s"]
+        for r in (results["rows"][row.key] for row in ROWS if row.key in results["rows"])
+    ]
     return common.markdown_table(["command", "test set", "test accuracy", "wall time"], rows, align="llrr")
 
 
@@ -109,7 +142,7 @@ def fill_readme(text: str, blocks: dict[str, str]) -> str:
         pattern = re.compile(rf"(<!-- readme:{name} -->\n).*?(<!-- /readme:{name} -->)", re.S)
         if not pattern.search(text):
             raise ValueError(f"README.md has no <!-- readme:{name} --> block")
-        text = pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), text)
+        text = pattern.sub(lambda m, body=body: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), text)
     return text
 
 
@@ -123,9 +156,18 @@ def load_bench(path: Path = BENCH_JSON) -> dict | None:
 
 def main(argv=None) -> int:
     parser = common.base_parser(NAME, __doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="+", default=[r.key for r in ROWS], choices=[r.key for r in ROWS],
-                        help="rerun only these rows (the others keep their committed results)")
-    parser.add_argument("--bench", action="store_true", help="rerun jaxcnn bench (sections peak, steps, epoch) --json docs/bench/cpu.json first")
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=[r.key for r in ROWS],
+        choices=[r.key for r in ROWS],
+        help="rerun only these rows (the others keep their committed results)",
+    )
+    parser.add_argument(
+        "--bench",
+        action="store_true",
+        help="rerun jaxcnn bench (sections peak, steps, epoch) --json docs/bench/cpu.json first",
+    )
     parser.add_argument("--write-readme", action="store_true", help="write the generated blocks into README.md")
     args = parser.parse_args(argv)
     log = common.logger(NAME)
@@ -133,15 +175,23 @@ def main(argv=None) -> int:
     path = out / f"{NAME}.json"
     results = json.loads(path.read_text()) if path.exists() else {"rows": {}}
     if args.smoke:
-        rows = [Row("smoke", "`jaxcnn train --epochs 1 --train-limit 512 --dataset mnist-offline`",
-                    ("--epochs", "1", "--train-limit", "512", "--dataset", "mnist-offline", "--model", "lenet5"),
-                    "bundled held-out 1,000")]
+        rows = [
+            Row(
+                "smoke",
+                "`jaxcnn train --epochs 1 --train-limit 512 --dataset mnist-offline`",
+                ("--epochs", "1", "--train-limit", "512", "--dataset", "mnist-offline", "--model", "lenet5"),
+                "bundled held-out 1,000",
+            )
+        ]
     else:
         rows = [r for r in ROWS if r.key in args.rows]
     if args.bench:
         log(f"jaxcnn bench {' '.join(BENCH_ARGS)} --json docs/bench/cpu.json")
-        subprocess.run([sys.executable, "-m", "jaxcnn.cli", "bench", *BENCH_ARGS, "--json", str(BENCH_JSON)], cwd=common.REPO,
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-m", "jaxcnn.cli", "bench", *BENCH_ARGS, "--json", str(BENCH_JSON)],
+            cwd=common.REPO,
+            check=True,
+        )
     for row in rows:
         results["rows"][row.key] = run_row(row, out, log)
     results["environment"] = common.environment(common.command_line(NAME, argv))

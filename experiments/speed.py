@@ -69,8 +69,15 @@ def _from_suite(config: Config, log) -> dict:
     from jaxcnn import bench
 
     fields = {f.name for f in dataclasses.fields(bench.BenchConfig)}
-    wanted = dict(models=tuple(config.models), sections=("ops", "steps"), peers=(), option_sets=("default",),
-                  rounds=config.rounds, sample_s=config.sample_s, quick=config.quick)
+    wanted = dict(
+        models=tuple(config.models),
+        sections=("ops", "steps"),
+        peers=(),
+        option_sets=("default",),
+        rounds=config.rounds,
+        sample_s=config.sample_s,
+        quick=config.quick,
+    )
     cfg = bench.BenchConfig(**{k: v for k, v in wanted.items() if k in fields})
     report = bench.run_benchmarks(cfg, log=lambda s: log("  " + s.strip()))
     return json.loads(bench.to_json(report))
@@ -105,22 +112,37 @@ def rows_from_report(report: dict) -> list[dict]:
             if r["family"] not in best or r["median_ms"] < best[r["family"]]["median_ms"]:
                 best[r["family"]] = r
     # Contenders the suite stopped timing after warm-up (far slower than their family's best): keep their note.
-    pruned = {(r["benchmark"].removesuffix("[scan]"), _structure(r), r["family"]): r for r in report.get("results", [])
-              if r.get("family") in FAMILIES and r.get("status") == "pruned"}
+    pruned = {
+        (r["benchmark"].removesuffix("[scan]"), _structure(r), r["family"]): r
+        for r in report.get("results", [])
+        if r.get("family") in FAMILIES and r.get("status") == "pruned"
+    }
     rows = []
     for (bench, structure), best in groups.items():
         if set(best) != set(FAMILIES):
             continue
         m, a = best["manual"], best["autodiff"]
         sm, sa = m.get("samples_ms"), a.get("samples_ms")
-        ratio = (statistics.median(x / y for x, y in zip(sm, sa)) if sm and sa and len(sm) == len(sa)
-                 else m["median_ms"] / a["median_ms"])
+        ratio = (
+            statistics.median(x / y for x, y in zip(sm, sa, strict=True))
+            if sm and sa and len(sm) == len(sa)
+            else m["median_ms"] / a["median_ms"]
+        )
         kind = bench.split("/")[0]
-        rows.append({"kind": kind, "benchmark": bench, "structure": structure,
-                     "manual_contender": m["contender"], "manual_ms": m["median_ms"],
-                     "autodiff_contender": a["contender"], "autodiff_ms": a["median_ms"], "manual_over_autodiff": ratio,
-                     "batch": m.get("batch") or (m.get("x_shape") or [None])[0],
-                     "pruned": [p["contender"] for k, p in pruned.items() if k[:2] == (bench, structure)]})
+        rows.append(
+            {
+                "kind": kind,
+                "benchmark": bench,
+                "structure": structure,
+                "manual_contender": m["contender"],
+                "manual_ms": m["median_ms"],
+                "autodiff_contender": a["contender"],
+                "autodiff_ms": a["median_ms"],
+                "manual_over_autodiff": ratio,
+                "batch": m.get("batch") or (m.get("x_shape") or [None])[0],
+                "pruned": [p["contender"] for k, p in pruned.items() if k[:2] == (bench, structure)],
+            }
+        )
     order = {"step": 0, "op": 1}
     rows.sort(key=lambda r: (order.get(r["kind"], 2), r["benchmark"], r["structure"]))
     return rows
@@ -136,8 +158,10 @@ def run(out_dir, *, smoke: bool = False, command: str | None = None, log=None, *
         source = f"`jaxcnn bench` report {config.bench_json}"
         log(f"read {len(report.get('results', []))} records from {config.bench_json}")
     else:
-        log(f"running jaxcnn.bench sections ops, steps for {', '.join(config.models)} "
-            f"({config.rounds} rounds{', quick' if config.quick else ''})")
+        log(
+            f"running jaxcnn.bench sections ops, steps for {', '.join(config.models)} "
+            f"({config.rounds} rounds{', quick' if config.quick else ''})"
+        )
         report = _from_suite(config, log)
         source = "jaxcnn.bench.run_benchmarks (sections ops and steps, default compile options, no peers)"
         common.write_json(out / "bench.json", report)
@@ -145,14 +169,37 @@ def run(out_dir, *, smoke: bool = False, command: str | None = None, log=None, *
     if not rows:
         raise SystemExit(f"{NAME}: the report holds no benchmark timed for both manual and autodiff")
     for r in rows:
-        log(f"{r['benchmark']} [{r['structure']}]: manual {r['manual_ms']:.3f} ms, autodiff {r['autodiff_ms']:.3f} ms, "
-            f"manual/autodiff {r['manual_over_autodiff']:.2f}")
-    summary = {"experiment": NAME, "environment": env, "config": dataclasses.asdict(config), "source": source,
-               "bench_machine": report.get("machine"), "bench_versions": report.get("versions"),
-               "bench_load_average": report.get("load_average"), "bench_created": report.get("created"), "rows": rows}
+        log(
+            f"{r['benchmark']} [{r['structure']}]: manual {r['manual_ms']:.3f} ms, autodiff {r['autodiff_ms']:.3f} ms, "
+            f"manual/autodiff {r['manual_over_autodiff']:.2f}"
+        )
+    summary = {
+        "experiment": NAME,
+        "environment": env,
+        "config": dataclasses.asdict(config),
+        "source": source,
+        "bench_machine": report.get("machine"),
+        "bench_versions": report.get("versions"),
+        "bench_load_average": report.get("load_average"),
+        "bench_created": report.get("created"),
+        "rows": rows,
+    }
     common.write_json(out / f"{NAME}.json", summary)
-    common.write_csv(out / f"{NAME}.csv", rows, ["kind", "benchmark", "structure", "batch", "manual_contender", "manual_ms",
-                                                 "autodiff_contender", "autodiff_ms", "manual_over_autodiff"])
+    common.write_csv(
+        out / f"{NAME}.csv",
+        rows,
+        [
+            "kind",
+            "benchmark",
+            "structure",
+            "batch",
+            "manual_contender",
+            "manual_ms",
+            "autodiff_contender",
+            "autodiff_ms",
+            "manual_over_autodiff",
+        ],
+    )
     (out / f"{NAME}.md").write_text(_markdown(summary))
     log(f"wrote {NAME}.md, {NAME}.json, {NAME}.csv" + ("" if config.bench_json else ", bench.json"))
     plt = common.pyplot(log)
@@ -163,27 +210,51 @@ def run(out_dir, *, smoke: bool = False, command: str | None = None, log=None, *
 
 def _markdown(s: dict) -> str:
     env = s["environment"]
-    lines = ["# Speed: hand-written backward vs jax.grad\n",
-             f"Command: `{env['command']}` ({env['date_utc']}; jax {env['jax']}; {env['cpu_count']} CPUs, {env['cpu']}; "
-             f"load average at start {env['load_average_1_5_15_min']}). Timings: {s['source']}"
-             + (f", load average during the suite {s['bench_load_average']}" if s.get("bench_load_average") else "") + ".\n",
-             "Each row: the fastest manual and the fastest autodiff contender of a benchmark (median ms per op or per "
-             "step), and **manual / autodiff**, the median over rounds of the per-round time ratio (below 1: the "
-             "hand-written backward is faster). **autodiff** is `jax.vjp` of the `lax` op for an op, and for a train "
-             "step `jax.grad` of the forward pass an autodiff user writes (`lax` convolutions; `--grad autodiff`). "
-             "`jit`: the op or step compiled alone; `loop`: a jitted train step "
-             "called from Python; `scan`: inside `lax.scan`, as the training loop runs it; `best`: the fastest of "
-             "each family over `loop` and `scan` (the suite's headline manual / autodiff ratio).\n"]
+    lines = [
+        "# Speed: hand-written backward vs jax.grad\n",
+        f"Command: `{env['command']}` ({env['date_utc']}; jax {env['jax']}; {env['cpu_count']} CPUs, {env['cpu']}; "
+        f"load average at start {env['load_average_1_5_15_min']}). Timings: {s['source']}"
+        + (f", load average during the suite {s['bench_load_average']}" if s.get("bench_load_average") else "")
+        + ".\n",
+        "Each row: the fastest manual and the fastest autodiff contender of a benchmark (median ms per op or per "
+        "step), and **manual / autodiff**, the median over rounds of the per-round time ratio (below 1: the "
+        "hand-written backward is faster). **autodiff** is `jax.vjp` of the `lax` op for an op, and for a train "
+        "step `jax.grad` of the forward pass an autodiff user writes (`lax` convolutions; `--grad autodiff`). "
+        "`jit`: the op or step compiled alone; `loop`: a jitted train step "
+        "called from Python; `scan`: inside `lax.scan`, as the training loop runs it; `best`: the fastest of "
+        "each family over `loop` and `scan` (the suite's headline manual / autodiff ratio).\n",
+    ]
     for kind, title in (("step", "Train steps (forward, loss, backward, SGD-momentum update)"), ("op", "Ops")):
         sel = [r for r in s["rows"] if r["kind"] == kind]
         if not sel:
             continue
         lines.append(f"## {title}\n")
-        lines.append(common.markdown_table(
-            ["benchmark", "structure", "batch", "manual ms", "autodiff ms", "manual / autodiff", "contenders (manual; autodiff)"],
-            [[r["benchmark"], r["structure"], r["batch"] or "", f"{r['manual_ms']:.3f}", f"{r['autodiff_ms']:.3f}",
-              f"**{r['manual_over_autodiff']:.2f}**", f"{r['manual_contender']}; {r['autodiff_contender']}"] for r in sel],
-            "llrrrrl"))
+        lines.append(
+            common.markdown_table(
+                [
+                    "benchmark",
+                    "structure",
+                    "batch",
+                    "manual ms",
+                    "autodiff ms",
+                    "manual / autodiff",
+                    "contenders (manual; autodiff)",
+                ],
+                [
+                    [
+                        r["benchmark"],
+                        r["structure"],
+                        r["batch"] or "",
+                        f"{r['manual_ms']:.3f}",
+                        f"{r['autodiff_ms']:.3f}",
+                        f"**{r['manual_over_autodiff']:.2f}**",
+                        f"{r['manual_contender']}; {r['autodiff_contender']}",
+                    ]
+                    for r in sel
+                ],
+                "llrrrrl",
+            )
+        )
     return "\n".join(lines)
 
 
@@ -196,11 +267,19 @@ def _bars(ax, rows, title, xlabel):
     h = 0.38
     for k, fam in enumerate(FAMILIES):
         vals = [r[f"{fam}_ms"] for r in rows]
-        ax.barh(y + (k - 0.5) * h, vals, h, color=common.COLORS[fam], label=fam if fam == "autodiff" else "manual backward")
+        ax.barh(
+            y + (k - 0.5) * h, vals, h, color=common.COLORS[fam], label=fam if fam == "autodiff" else "manual backward"
+        )
     for i, r in enumerate(rows):
         ratio = r["manual_over_autodiff"]
-        ax.text(max(r["manual_ms"], r["autodiff_ms"]) * 1.15, i, f"{ratio:.2f}x", va="center", fontsize=8,
-                color="#2ca02c" if ratio < 1 else "#d62728")
+        ax.text(
+            max(r["manual_ms"], r["autodiff_ms"]) * 1.15,
+            i,
+            f"{ratio:.2f}x",
+            va="center",
+            fontsize=8,
+            color="#2ca02c" if ratio < 1 else "#d62728",
+        )
     ax.set_yticks(y, [f"{_short(r['benchmark'])} [{r['structure']}]" for r in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xscale("log")
@@ -216,8 +295,12 @@ def _figures(plt, out: Path, rows, s, log) -> None:
     steps = [r for r in rows if r["kind"] == "step"]
     if steps:
         fig, ax = plt.subplots(figsize=(8, 0.5 * len(steps) + 1.6))
-        _bars(ax, steps, "Time per train step (label: manual / autodiff; green = manual faster)",
-              "milliseconds per step (median, log scale)")
+        _bars(
+            ax,
+            steps,
+            "Time per train step (label: manual / autodiff; green = manual faster)",
+            "milliseconds per step (median, log scale)",
+        )
         fig.tight_layout()
         common.save_figure(fig, out / f"{NAME}_steps.png", log)
     ops_rows = [r for r in rows if r["kind"] == "op"]
@@ -225,9 +308,14 @@ def _figures(plt, out: Path, rows, s, log) -> None:
         structures = sorted({r["structure"] for r in ops_rows}, key=lambda v: (v != "jit", v))
         n = max(sum(r["structure"] == st for r in ops_rows) for st in structures)
         fig, axes = plt.subplots(1, len(structures), figsize=(7.5 * len(structures), 0.36 * n + 1.8), squeeze=False)
-        for ax, st in zip(axes[0], structures):
+        for ax, st in zip(axes[0], structures, strict=True):
             label = {"jit": "compiled alone (jit)", "scan": "inside lax.scan, as in the training loop"}.get(st, st)
-            _bars(ax, [r for r in ops_rows if r["structure"] == st], f"Ops, {label}", "milliseconds per op (median, log scale)")
+            _bars(
+                ax,
+                [r for r in ops_rows if r["structure"] == st],
+                f"Ops, {label}",
+                "milliseconds per op (median, log scale)",
+            )
         fig.suptitle("Per-op time: hand-written backward vs jax.vjp (label: manual / autodiff)", y=1.0)
         fig.tight_layout()
         common.save_figure(fig, out / f"{NAME}_ops.png", log)

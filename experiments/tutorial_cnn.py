@@ -120,7 +120,7 @@ class TutorialNumpyCNN:
 
     # Conversions from/to the library's seed_net params ((conv {w (5,5,1,3), b}), ..., (dense {w (1728,1), b})).
     @classmethod
-    def from_params(cls, params) -> "TutorialNumpyCNN":
+    def from_params(cls, params) -> TutorialNumpyCNN:
         conv, dense = params[0], params[3]
         w = np.asarray(conv["w"], np.float64)[:, :, 0, :]
         n_filters = w.shape[2]
@@ -132,8 +132,13 @@ class TutorialNumpyCNN:
         """The NumPy gradients in the layout of seed_net's params (for comparison with JAX)."""
         d_f, d_b_conv, d_wo, d_b_out = grads
         n_filters = d_f.shape[2]
-        return ({"b": d_b_conv, "w": d_f[:, :, None, :]}, {}, {},
-                {"b": d_b_out.reshape(1), "w": d_wo.reshape(n_filters, -1).T.reshape(-1, 1)}, {})
+        return (
+            {"b": d_b_conv, "w": d_f[:, :, None, :]},
+            {},
+            {},
+            {"b": d_b_out.reshape(1), "w": d_wo.reshape(n_filters, -1).T.reshape(-1, 1)},
+            {},
+        )
 
     @staticmethod
     def patches(X, fh: int, fw: int):
@@ -142,7 +147,7 @@ class TutorialNumpyCNN:
         for k in range(X.shape[2]):  # for number of images
             for i in range(X.shape[0] - fh + 1):  # sliding down
                 for j in range(X.shape[1] - fw + 1):  # sliding across
-                    new_image.append(X[:, :, k][i:i + fh, j:j + fw])
+                    new_image.append(X[:, :, k][i : i + fh, j : j + fw])
         new_image = np.array(new_image)
         return new_image.reshape(X.shape[2], -1, fh, fw)
 
@@ -185,7 +190,7 @@ class TutorialNumpyCNN:
                 for k in range(f.shape[1]):  # and column
                     temp = 0.0
                     for l in range(X.shape[2]):  # for each image
-                        temp = temp + (X[j:j + s_row, k:k + s_col, l] * error_wrt_filter_output[l, i]).sum()
+                        temp = temp + (X[j : j + s_row, k : k + s_col, l] * error_wrt_filter_output[l, i]).sum()
                     filter_update[j, k, i] = temp
         d_b_conv = error_wrt_filter_output.sum(axis=(0, 2, 3))
         return float(error.mean()), (filter_update, d_b_conv, delta_error_fcp, d_b_out), output
@@ -252,8 +257,17 @@ class Contenders:
             (_, _), ga_same = autodiff(pm, _state(pm), x, y)
             (_, _), ga_lax = autodiff_lax(pm, _state(pm), x, y)
             (loss_a, (pred_a, _)), ga = autodiff(pa, _state(pa), x, y)
-            return (descend(pm, gm), descend(pa, ga), loss_m, loss_a, accuracy(pred_m), accuracy(pred_a), gm, ga_same,
-                    ga_lax)
+            return (
+                descend(pm, gm),
+                descend(pa, ga),
+                loss_m,
+                loss_a,
+                accuracy(pred_m),
+                accuracy(pred_a),
+                gm,
+                ga_same,
+                ga_lax,
+            )
 
         def evaluate(p):
             (loss, (pred, _)), _ = manual(p, _state(p), x, y)
@@ -293,8 +307,11 @@ def run(out_dir, *, smoke: bool = False, command: str | None = None, log=None, *
     params0 = _as(params0, jnp.float32)
     names = _leaf_names(model, params0)
     n_params = sum(a.size for a in jax.tree_util.tree_leaves(params0))
-    log(f"seed_net: {n_params:,} parameters ("
-        + ", ".join(f"{n} {tuple(a.shape)}" for n, a in zip(names, jax.tree_util.tree_leaves(params0))) + ")")
+    log(
+        f"seed_net: {n_params:,} parameters ("
+        + ", ".join(f"{n} {tuple(a.shape)}" for n, a in zip(names, jax.tree_util.tree_leaves(params0), strict=True))
+        + ")"
+    )
     f32 = Contenders(model, spec, x32, y32, config.lr)
     with jax.enable_x64(True):
         x64, y64 = jnp.asarray(pixels, jnp.float64), jnp.asarray(labels, jnp.float64)[:, None]
@@ -313,10 +330,15 @@ def run(out_dir, *, smoke: bool = False, command: str | None = None, log=None, *
     for step in range(config.steps):
         exact = reference_grads(pm)
         pm_next, pa, loss_m, loss_a, acc_m, acc_a, gm, ga, gl = f32.both(pm, pa)
-        row = {"step": step, "loss_manual": float(loss_m), "loss_autodiff": float(loss_a),
-               "accuracy_manual": float(acc_m), "accuracy_autodiff": float(acc_a)}
+        row = {
+            "step": step,
+            "loss_manual": float(loss_m),
+            "loss_autodiff": float(loss_a),
+            "accuracy_manual": float(acc_m),
+            "accuracy_autodiff": float(acc_a),
+        }
         leaves = (jax.tree_util.tree_leaves(g) for g in (gm, ga, gl))
-        for name, m, a, lax_g, e in zip(names, *leaves, exact):
+        for name, m, a, lax_g, e in zip(names, *leaves, exact, strict=True):
             m, a, lax_g, e = (np.asarray(v, np.float64) for v in (m, a, lax_g, e))
             row[f"max_abs_diff[{name}]"] = float(np.max(np.abs(m - a)))
             row[f"max_abs_diff_lax[{name}]"] = float(np.max(np.abs(m - lax_g)))
@@ -326,17 +348,24 @@ def run(out_dir, *, smoke: bool = False, command: str | None = None, log=None, *
         rows.append(row)
         pm = pm_next
         if step % every == 0 or step == config.steps - 1:
-            log(f"step {step:>5}/{config.steps}  loss manual {row['loss_manual']:.6f} autodiff {row['loss_autodiff']:.6f}  "
+            log(
+                f"step {step:>5}/{config.steps}  loss manual {row['loss_manual']:.6f} "
+                f"autodiff {row['loss_autodiff']:.6f}  "
                 f"acc {row['accuracy_manual']:.3f}/{row['accuracy_autodiff']:.3f}  max |manual - autodiff| "
                 f"{max(row[f'max_abs_diff[{n}]'] for n in names):.1e} (lax forward "
-                f"{max(row[f'max_abs_diff_lax[{n}]'] for n in names):.1e})  ({time.perf_counter() - t0:.1f} s)")
+                f"{max(row[f'max_abs_diff_lax[{n}]'] for n in names):.1e})  ({time.perf_counter() - t0:.1f} s)"
+            )
     # Loss and accuracy after the last update (each row holds the values before its update).
     (loss_m, acc_m), (loss_a, acc_a) = f32.evaluate(pm), f32.evaluate(pa)
     final = {
         "train_loss": {"manual": float(loss_m), "autodiff": float(loss_a)},
         "train_accuracy": {"manual": float(acc_m), "autodiff": float(acc_a)},
-        "max_param_diff_between_trajectories": float(max(
-            jnp.max(jnp.abs(a - b)) for a, b in zip(jax.tree_util.tree_leaves(pm), jax.tree_util.tree_leaves(pa)))),
+        "max_param_diff_between_trajectories": float(
+            max(
+                jnp.max(jnp.abs(a - b))
+                for a, b in zip(jax.tree_util.tree_leaves(pm), jax.tree_util.tree_leaves(pa), strict=True)
+            )
+        ),
     }
     if config.test_set:
         test = jdata.load_dataset("mnist", data_dir=data_dir, download=not config.offline, log=log)
@@ -345,10 +374,14 @@ def run(out_dir, *, smoke: bool = False, command: str | None = None, log=None, *
         accuracy = jax.jit(lambda p: jnp.mean(spec.loss.correct(model.forward(p, _state(p), xt)[0], yt)))
         final["test_accuracy"] = {"manual": float(accuracy(pm)), "autodiff": float(accuracy(pa))}
         final["test_set"] = f"{len(yt):,} test images ({int(yt.sum()):,} digits > 4): {test.source}"
-        log(f"test accuracy (digit > 4) manual {final['test_accuracy']['manual']:.4f} "
-            f"autodiff {final['test_accuracy']['autodiff']:.4f} on {len(yt):,} test images")
-    log(f"final train loss manual {final['train_loss']['manual']:.6f} autodiff {final['train_loss']['autodiff']:.6f}; "
-        f"accuracy {final['train_accuracy']['manual']:.3f} / {final['train_accuracy']['autodiff']:.3f}")
+        log(
+            f"test accuracy (digit > 4) manual {final['test_accuracy']['manual']:.4f} "
+            f"autodiff {final['test_accuracy']['autodiff']:.4f} on {len(yt):,} test images"
+        )
+    log(
+        f"final train loss manual {final['train_loss']['manual']:.6f} autodiff {final['train_loss']['autodiff']:.6f}; "
+        f"accuracy {final['train_accuracy']['manual']:.3f} / {final['train_accuracy']['autodiff']:.3f}"
+    )
 
     # -- 2. the NumPy version: same gradient at the same point, same first steps ---------------------
     X = np.moveaxis(pixels[..., 0], 0, -1)  # (28, 28, N): the tutorial's X
@@ -366,24 +399,35 @@ def run(out_dir, *, smoke: bool = False, command: str | None = None, log=None, *
         for _ in range(config.numpy_steps):
             q, loss = f64.manual_step(q)
             losses64.append(float(loss))
-    grad_check = {name: _max_rel(a, b) for name, a, b in
-                  zip(names, jax.tree_util.tree_leaves(net.grads_as_params(np_grads)), g64)}
-    log("NumPy vs jitted manual gradient at the initial point (float64, max relative difference): "
-        + ", ".join(f"{k} {v:.1e}" for k, v in grad_check.items()))
+    grad_check = {
+        name: _max_rel(a, b)
+        for name, a, b in zip(names, jax.tree_util.tree_leaves(net.grads_as_params(np_grads)), g64, strict=True)
+    }
+    log(
+        "NumPy vs jitted manual gradient at the initial point (float64, max relative difference): "
+        + ", ".join(f"{k} {v:.1e}" for k, v in grad_check.items())
+    )
     numpy_losses = []
     for s in range(config.numpy_steps):
         t = time.perf_counter()
         loss, _ = net.step(new_image, X, y_row, config.lr)
         numpy_losses.append(loss)
-        log(f"NumPy step {s}: loss {loss:.10f} (jitted float64 {losses64[s]:.10f}, float32 {rows[s]['loss_manual']:.10f}) "
-            f"in {time.perf_counter() - t:.2f} s")
+        log(
+            f"NumPy step {s}: loss {loss:.10f} (jitted float64 {losses64[s]:.10f}, "
+            f"float32 {rows[s]['loss_manual']:.10f}) "
+            f"in {time.perf_counter() - t:.2f} s"
+        )
     numpy_check = {
         "gradient_rel_diff_vs_jitted_float64": grad_check,
         "losses_numpy": numpy_losses,
         "losses_jitted_float64": losses64,
         "losses_jitted_float32": [rows[s]["loss_manual"] for s in range(config.numpy_steps)],
-        "max_rel_loss_diff_vs_float64": float(max(abs(a - b) / abs(b) for a, b in zip(numpy_losses, losses64))),
-        "max_rel_loss_diff_vs_float32": float(max(abs(a - rows[s]["loss_manual"]) / abs(a) for s, a in enumerate(numpy_losses))),
+        "max_rel_loss_diff_vs_float64": float(
+            max(abs(a - b) / abs(b) for a, b in zip(numpy_losses, losses64, strict=True))
+        ),
+        "max_rel_loss_diff_vs_float32": float(
+            max(abs(a - rows[s]["loss_manual"]) / abs(a) for s, a in enumerate(numpy_losses))
+        ),
         "patch_seconds": patch_s,
     }
 
@@ -413,18 +457,26 @@ def run(out_dir, *, smoke: bool = False, command: str | None = None, log=None, *
     def run_numpy():
         timing_net.step(new_image, X, y_row, config.lr)
 
-    contenders = {"NumPy loops (float64)": run_numpy, "jitted manual (float64)": run_manual64,
-                  "jitted manual (float32)": run_manual, AUTODIFF_LAX: run_autodiff_lax,
-                  AUTODIFF_SAME: run_autodiff}
+    contenders = {
+        "NumPy loops (float64)": run_numpy,
+        "jitted manual (float64)": run_manual64,
+        "jitted manual (float32)": run_manual,
+        AUTODIFF_LAX: run_autodiff_lax,
+        AUTODIFF_SAME: run_autodiff,
+    }
     for fn in (run_manual, run_autodiff, run_autodiff_lax, run_manual64):
         fn()  # compile outside the timed rounds
-    times = common.interleaved_times(contenders, config.timing_rounds,
-                                     {"NumPy loops (float64)": config.numpy_timing_rounds})
+    times = common.interleaved_times(
+        contenders, config.timing_rounds, {"NumPy loops (float64)": config.numpy_timing_rounds}
+    )
     timing = {name: common.summarize_times(ts) for name, ts in times.items()}
     numpy_ms = timing["NumPy loops (float64)"]["median_ms"]
     for name, t in timing.items():
         t["speedup_vs_numpy"] = numpy_ms / t["median_ms"]
-        log(f"{name:<40} median {t['median_ms']:9.3f} ms/step over {t['n']} steps  ({t['speedup_vs_numpy']:,.0f}x NumPy)")
+        log(
+            f"{name:<40} median {t['median_ms']:9.3f} ms/step over {t['n']} steps  "
+            f"({t['speedup_vs_numpy']:,.0f}x NumPy)"
+        )
 
     # -- write -------------------------------------------------------------------------------------
     def worst(key):
@@ -436,14 +488,17 @@ def run(out_dir, *, smoke: bool = False, command: str | None = None, log=None, *
         "environment": env,
         "config": dataclasses.asdict(config),
         "data": {"source": source, "n_images": len(labels), "digits_gt_4": int(labels.sum())},
-        "parameters": {name: list(a.shape) for name, a in zip(names, jax.tree_util.tree_leaves(params0))},
+        "parameters": {name: list(a.shape) for name, a in zip(names, jax.tree_util.tree_leaves(params0), strict=True)},
         "final": final,
         "max_gradient_difference_over_all_steps": {
-            "manual_vs_autodiff": worst("max_abs_diff"), "manual_vs_autodiff_lax": worst("max_abs_diff_lax"),
+            "manual_vs_autodiff": worst("max_abs_diff"),
+            "manual_vs_autodiff_lax": worst("max_abs_diff_lax"),
             "manual_vs_float64": worst("manual_vs_float64"),
-            "autodiff_vs_float64": worst("autodiff_vs_float64"), "gradient_scale": scale,
+            "autodiff_vs_float64": worst("autodiff_vs_float64"),
+            "gradient_scale": scale,
             "manual_vs_autodiff_relative_to_scale": {n: worst("max_abs_diff")[n] / scale[n] for n in names},
-            "manual_vs_autodiff_lax_relative_to_scale": {n: worst("max_abs_diff_lax")[n] / scale[n] for n in names}},
+            "manual_vs_autodiff_lax_relative_to_scale": {n: worst("max_abs_diff_lax")[n] / scale[n] for n in names},
+        },
         "numpy_check": numpy_check,
         "time_per_step": timing,
         "steps_csv": f"{NAME}_steps.csv",  # the per-step numbers, one row per step
@@ -468,77 +523,157 @@ def _markdown(s: dict, names: list[str]) -> str:
         f"({s['environment']['date_utc']}, jax {s['environment']['jax']}, {s['environment']['cpu_count']} CPUs).\n",
         "## Final accuracy\n",
     ]
-    rows = [["train loss (½·mean squared error)", f"{f['train_loss']['manual']:.6f}", f"{f['train_loss']['autodiff']:.6f}"],
-            ["train accuracy", f"{f['train_accuracy']['manual']:.3f}", f"{f['train_accuracy']['autodiff']:.3f}"]]
+    rows = [
+        ["train loss (½·mean squared error)", f"{f['train_loss']['manual']:.6f}", f"{f['train_loss']['autodiff']:.6f}"],
+        ["train accuracy", f"{f['train_accuracy']['manual']:.3f}", f"{f['train_accuracy']['autodiff']:.3f}"],
+    ]
     if "test_accuracy" in f:
-        rows.append(["test accuracy, digit > 4", f"{f['test_accuracy']['manual']:.4f}", f"{f['test_accuracy']['autodiff']:.4f}"])
+        rows.append(
+            ["test accuracy, digit > 4", f"{f['test_accuracy']['manual']:.4f}", f"{f['test_accuracy']['autodiff']:.4f}"]
+        )
     lines.append(common.markdown_table(["", "manual", "autodiff"], rows, "lrr"))
     if "test_set" in f:
         lines.append(f"\nTest set: {f['test_set']}.\n")
-    lines.append(f"\nLargest parameter difference between the two trajectories after {c['steps']} steps: "
-                 f"{common.sci(f['max_param_diff_between_trajectories'])}.\n")
+    lines.append(
+        f"\nLargest parameter difference between the two trajectories after {c['steps']} steps: "
+        f"{common.sci(f['max_param_diff_between_trajectories'])}.\n"
+    )
     lines.append("\n## Gradient difference, manual vs autodiff at the same parameters (all steps)\n")
     g = s["max_gradient_difference_over_all_steps"]
-    lines.append(common.markdown_table(
-        ["parameter", "shape", "gradient scale", "manual vs autodiff", "relative to scale", "manual vs autodiff (lax)",
-         "relative to scale (lax)", "manual vs float64", "autodiff vs float64"],
-        [[n, "x".join(map(str, s["parameters"][n])), common.sci(g["gradient_scale"][n]), common.sci(g["manual_vs_autodiff"][n]),
-          common.sci(g["manual_vs_autodiff_relative_to_scale"][n]), common.sci(g["manual_vs_autodiff_lax"][n]),
-          common.sci(g["manual_vs_autodiff_lax_relative_to_scale"][n]), common.sci(g["manual_vs_float64"][n]),
-          common.sci(g["autodiff_vs_float64"][n])] for n in names], "llrrrrrrr"))
-    lines.append("\nDifferences are the largest `max |g − g_ref|` over the array and over all steps. **autodiff** is "
-                 "`jax.grad` of the very forward pass the manual step runs (same formulation); **autodiff (lax)** is "
-                 "`jax.grad` of the forward pass an autodiff user writes (`lax` convolution), a second witness computing "
-                 "the same function in another formulation. The float64 reference is `jax.grad` of the same forward in "
-                 "float64 at the same parameters. Gradient scale: the median over steps of `max |g|` of the array. Both "
-                 "float32 paths sit at the same distance from the float64 gradient: they differ from each other by "
-                 "float32 rounding (2⁻²⁴ ≈ 6e-8 relative), nothing more.\n")
+    lines.append(
+        common.markdown_table(
+            [
+                "parameter",
+                "shape",
+                "gradient scale",
+                "manual vs autodiff",
+                "relative to scale",
+                "manual vs autodiff (lax)",
+                "relative to scale (lax)",
+                "manual vs float64",
+                "autodiff vs float64",
+            ],
+            [
+                [
+                    n,
+                    "x".join(map(str, s["parameters"][n])),
+                    common.sci(g["gradient_scale"][n]),
+                    common.sci(g["manual_vs_autodiff"][n]),
+                    common.sci(g["manual_vs_autodiff_relative_to_scale"][n]),
+                    common.sci(g["manual_vs_autodiff_lax"][n]),
+                    common.sci(g["manual_vs_autodiff_lax_relative_to_scale"][n]),
+                    common.sci(g["manual_vs_float64"][n]),
+                    common.sci(g["autodiff_vs_float64"][n]),
+                ]
+                for n in names
+            ],
+            "llrrrrrrr",
+        )
+    )
+    lines.append(
+        "\nDifferences are the largest `max |g − g_ref|` over the array and over all steps. **autodiff** is "
+        "`jax.grad` of the very forward pass the manual step runs (same formulation); **autodiff (lax)** is "
+        "`jax.grad` of the forward pass an autodiff user writes (`lax` convolution), a second witness computing "
+        "the same function in another formulation. The float64 reference is `jax.grad` of the same forward in "
+        "float64 at the same parameters. Gradient scale: the median over steps of `max |g|` of the array. Both "
+        "float32 paths sit at the same distance from the float64 gradient: they differ from each other by "
+        "float32 rounding (2⁻²⁴ ≈ 6e-8 relative), nothing more.\n"
+    )
     nc = s["numpy_check"]
     lines.append("\n## The NumPy loop version computes the same thing\n")
-    lines.append("Gradient at the initial parameters, NumPy loops (float64) vs jitted manual (float64), max relative "
-                 "difference: " + ", ".join(f"{k} {common.sci(v)}" for k, v in nc["gradient_rel_diff_vs_jitted_float64"].items())
-                 + f". Losses of its first {len(nc['losses_numpy'])} steps vs the jitted float64 trajectory: max relative "
-                 f"difference {common.sci(nc['max_rel_loss_diff_vs_float64'])} (vs float32: {common.sci(nc['max_rel_loss_diff_vs_float32'])}).\n")
+    lines.append(
+        "Gradient at the initial parameters, NumPy loops (float64) vs jitted manual (float64), max relative "
+        "difference: "
+        + ", ".join(f"{k} {common.sci(v)}" for k, v in nc["gradient_rel_diff_vs_jitted_float64"].items())
+        + f". Losses of its first {len(nc['losses_numpy'])} steps vs the jitted float64 trajectory: max relative "
+        f"difference {common.sci(nc['max_rel_loss_diff_vs_float64'])} "
+        f"(vs float32: {common.sci(nc['max_rel_loss_diff_vs_float32'])}).\n"
+    )
     lines.append("\n## Time per training step (forward, backward, update; medians of alternating rounds)\n")
-    lines.append(common.markdown_table(
-        ["contender", "median ms/step", "IQR ms", "steps timed", "speed-up vs NumPy"],
-        [[k, f"{v['median_ms']:.3f}", f"{v['q25_ms']:.3f}–{v['q75_ms']:.3f}", v["n"], f"{v['speedup_vs_numpy']:,.0f}x"]
-         for k, v in t.items()], "lrrrr"))
+    lines.append(
+        common.markdown_table(
+            ["contender", "median ms/step", "IQR ms", "steps timed", "speed-up vs NumPy"],
+            [
+                [
+                    k,
+                    f"{v['median_ms']:.3f}",
+                    f"{v['q25_ms']:.3f}–{v['q75_ms']:.3f}",
+                    v["n"],
+                    f"{v['speedup_vs_numpy']:,.0f}x",
+                ]
+                for k, v in t.items()
+            ],
+            "lrrrr",
+        )
+    )
     manual_ms = t["jitted manual (float32)"]["median_ms"]
-    lines.append(f"\nThe jitted manual step (float32) takes {manual_ms / t[AUTODIFF_LAX]['median_ms']:.2f}x "
-                 "the time of `jax.grad`'s step over the `lax` forward pass, the step an autodiff user writes, and "
-                 f"{manual_ms / t[AUTODIFF_SAME]['median_ms']:.2f}x that of `jax.grad` "
-                 "over the manual step's own forward pass (`seed_net`'s convolution in its default formulation, `auto`).\n")
-    lines.append(f"\nThe NumPy version builds its patch list once before training ({nc['patch_seconds']:.2f} s, not "
-                 "counted), as the tutorial does. Load average at start: "
-                 f"{s['environment']['load_average_1_5_15_min']} on {s['environment']['cpu_count']} CPUs.\n")
+    lines.append(
+        f"\nThe jitted manual step (float32) takes {manual_ms / t[AUTODIFF_LAX]['median_ms']:.2f}x "
+        "the time of `jax.grad`'s step over the `lax` forward pass, the step an autodiff user writes, and "
+        f"{manual_ms / t[AUTODIFF_SAME]['median_ms']:.2f}x that of `jax.grad` "
+        "over the manual step's own forward pass (`seed_net`'s convolution in its default formulation, `auto`).\n"
+    )
+    lines.append(
+        f"\nThe NumPy version builds its patch list once before training ({nc['patch_seconds']:.2f} s, not "
+        "counted), as the tutorial does. Load average at start: "
+        f"{s['environment']['load_average_1_5_15_min']} on {s['environment']['cpu_count']} CPUs.\n"
+    )
     return "\n".join(lines)
 
 
 def _figures(plt, out: Path, rows, names, numpy_check, timing, config: Config, log) -> None:
     steps = np.array([r["step"] for r in rows])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax1.plot(steps, [r["loss_manual"] for r in rows], color=common.COLORS["manual"], lw=2.5, label="manual backward (jit)")
-    ax1.plot(steps, [r["loss_autodiff"] for r in rows], color=common.COLORS["autodiff"], lw=1.2, ls="--",
-             label="jax.value_and_grad (jit)")
+    ax1.plot(
+        steps, [r["loss_manual"] for r in rows], color=common.COLORS["manual"], lw=2.5, label="manual backward (jit)"
+    )
+    ax1.plot(
+        steps,
+        [r["loss_autodiff"] for r in rows],
+        color=common.COLORS["autodiff"],
+        lw=1.2,
+        ls="--",
+        label="jax.value_and_grad (jit)",
+    )
     k = len(numpy_check["losses_numpy"])
-    ax1.plot(steps[:k], numpy_check["losses_numpy"], "o", color=common.COLORS["numpy"], ms=5,
-             label=f"NumPy loops, first {k} steps")
-    ax1.set(xlabel="gradient-descent step", ylabel="training loss  ½·mean((O − y)²)",
-            title="Loss: the manual and autodiff curves coincide")
+    ax1.plot(
+        steps[:k],
+        numpy_check["losses_numpy"],
+        "o",
+        color=common.COLORS["numpy"],
+        ms=5,
+        label=f"NumPy loops, first {k} steps",
+    )
+    ax1.set(
+        xlabel="gradient-descent step",
+        ylabel="training loss  ½·mean((O − y)²)",
+        title="Loss: the manual and autodiff curves coincide",
+    )
     ax1.legend()
     if k:  # zoom on the first steps, where the NumPy version ran
         inset = ax1.inset_axes([0.1, 0.1, 0.42, 0.38])
         first = slice(0, min(len(steps), 2 * k + 1))
         inset.plot(steps[first], [r["loss_manual"] for r in rows[first]], color=common.COLORS["manual"], lw=2.5)
-        inset.plot(steps[first], [r["loss_autodiff"] for r in rows[first]], color=common.COLORS["autodiff"], lw=1.2, ls="--")
+        inset.plot(
+            steps[first], [r["loss_autodiff"] for r in rows[first]], color=common.COLORS["autodiff"], lw=1.2, ls="--"
+        )
         inset.plot(steps[:k], numpy_check["losses_numpy"], "o", color=common.COLORS["numpy"], ms=5)
         inset.set_title(f"first {first.stop} steps", fontsize=8)
         inset.tick_params(labelsize=7)
     ax2.plot(steps, [r["accuracy_manual"] for r in rows], color=common.COLORS["manual"], lw=2.5, label="manual")
-    ax2.plot(steps, [r["accuracy_autodiff"] for r in rows], color=common.COLORS["autodiff"], lw=1.2, ls="--", label="autodiff")
-    ax2.set(xlabel="gradient-descent step", ylabel="training accuracy (digit > 4)",
-            title=f"Accuracy on the {config.n_images} training images")
+    ax2.plot(
+        steps,
+        [r["accuracy_autodiff"] for r in rows],
+        color=common.COLORS["autodiff"],
+        lw=1.2,
+        ls="--",
+        label="autodiff",
+    )
+    ax2.set(
+        xlabel="gradient-descent step",
+        ylabel="training accuracy (digit > 4)",
+        title=f"Accuracy on the {config.n_images} training images",
+    )
     ax2.legend(loc="lower right")
     fig.tight_layout()
     common.save_figure(fig, out / f"{NAME}_loss.png", log)
@@ -549,13 +684,24 @@ def _figures(plt, out: Path, rows, names, numpy_check, timing, config: Config, l
         scale = [r[f"max_abs_grad[{name}]"] for r in rows]
         ax1.semilogy(steps, [max(r[f"max_abs_diff[{name}]"], 1e-14) for r in rows], lw=1.0, color=color, label=name)
         ax1.semilogy(steps, scale, lw=2.5, color=color, alpha=0.25)
-        ax2.semilogy(steps, [max(r[f"manual_vs_float64[{name}]"], 1e-14) for r in rows], lw=1.6, color=color, label=name)
-        ax2.semilogy(steps, [max(r[f"autodiff_vs_float64[{name}]"], 1e-14) for r in rows], lw=1.0, ls="--", color=color,
-                     alpha=0.8)
+        ax2.semilogy(
+            steps, [max(r[f"manual_vs_float64[{name}]"], 1e-14) for r in rows], lw=1.6, color=color, label=name
+        )
+        ax2.semilogy(
+            steps,
+            [max(r[f"autodiff_vs_float64[{name}]"], 1e-14) for r in rows],
+            lw=1.0,
+            ls="--",
+            color=color,
+            alpha=0.8,
+        )
     for ax in (ax1, ax2):
         ax.set_xlabel("gradient-descent step")
-    ax1.set(ylabel="max |g − g_ref| over the array", ylim=(1e-12, 1),
-            title="|manual − autodiff| (float32, same parameters)\nfaint thick lines: gradient scale max |g|")
+    ax1.set(
+        ylabel="max |g − g_ref| over the array",
+        ylim=(1e-12, 1),
+        title="|manual − autodiff| (float32, same parameters)\nfaint thick lines: gradient scale max |g|",
+    )
     ax2.set(title="distance to jax.grad in float64\n(solid: manual, dashed: autodiff)")
     ax1.legend(loc="center right", fontsize=8)
     ax2.legend(loc="center right", fontsize=8)
@@ -567,22 +713,35 @@ def _figures(plt, out: Path, rows, names, numpy_check, timing, config: Config, l
     med = [timing[k]["median_ms"] for k in labels]
     colors = [common.COLORS["numpy" if "NumPy" in k else "autodiff" if "autodiff" in k else "manual"] for k in labels]
     bars = ax.barh(labels, med, color=colors)
-    for bar, k in zip(bars, labels):
+    for bar, k in zip(bars, labels, strict=True):
         hatch = "//" if "float64" in k and "jitted" in k else ".." if k == AUTODIFF_SAME else None
         if hatch:
             bar.set_hatch(hatch)
         ms = timing[k]["median_ms"]
-        ax.text(bar.get_width() * 1.15, bar.get_y() + bar.get_height() / 2,
-                f"{ms:,.0f} ms" if ms >= 100 else f"{ms:.3g} ms", va="center", fontsize=9)
+        ax.text(
+            bar.get_width() * 1.15,
+            bar.get_y() + bar.get_height() / 2,
+            f"{ms:,.0f} ms" if ms >= 100 else f"{ms:.3g} ms",
+            va="center",
+            fontsize=9,
+        )
         if "NumPy" not in k:
-            ax.text(bar.get_width() * 1.15, bar.get_y() + bar.get_height() / 2 + 0.3,
-                    f"{timing[k]['speedup_vs_numpy']:,.0f}x faster", va="center", fontsize=8, color="0.3")
+            ax.text(
+                bar.get_width() * 1.15,
+                bar.get_y() + bar.get_height() / 2 + 0.3,
+                f"{timing[k]['speedup_vs_numpy']:,.0f}x faster",
+                va="center",
+                fontsize=8,
+                color="0.3",
+            )
     ax.set_xscale("log")
     common.plain_log_axis(ax, "x")
     ax.set_xlim(min(med) / 3, max(med) * 20)
     ax.invert_yaxis()
-    ax.set(xlabel="milliseconds per training step (median, log scale)",
-           title=f"Time per step on {config.n_images} images (speed-up vs the NumPy loops)")
+    ax.set(
+        xlabel="milliseconds per training step (median, log scale)",
+        title=f"Time per step on {config.n_images} images (speed-up vs the NumPy loops)",
+    )
     fig.tight_layout()
     common.save_figure(fig, out / f"{NAME}_step_time.png", log)
 
@@ -590,7 +749,9 @@ def _figures(plt, out: Path, rows, names, numpy_check, timing, config: Config, l
 def main(argv=None) -> int:
     parser = common.base_parser(NAME, __doc__.splitlines()[0])
     d = Config()
-    parser.add_argument("--steps", type=int, default=None, help=f"gradient-descent steps (default {d.steps}; smoke {SMOKE['steps']})")
+    parser.add_argument(
+        "--steps", type=int, default=None, help=f"gradient-descent steps (default {d.steps}; smoke {SMOKE['steps']})"
+    )
     parser.add_argument("--lr", type=float, default=d.lr, help="learning rate")
     parser.add_argument("--offline", action="store_true", help="never download MNIST files")
     args = parser.parse_args(argv)

@@ -37,7 +37,7 @@ from experiments import common
 from jaxcnn import data as jdata
 from jaxcnn import gradients
 from jaxcnn.models import MODELS, get_model
-from jaxcnn.train import Trainer, TrainConfig, restore_checkpoint, train_and_evaluate
+from jaxcnn.train import TrainConfig, Trainer, restore_checkpoint, train_and_evaluate
 
 NAME = "what_it_learned"
 
@@ -65,8 +65,11 @@ def make_config(smoke: bool = False, **overrides) -> Config:
 def _load_data(config: Config, log) -> jdata.Dataset:
     ds = jdata.load_dataset("mnist", data_dir=common.shared_mnist_dir(), download=not config.offline, log=log)
     if config.test_limit is not None:
-        ds = ds._replace(test_images=ds.test_images[: config.test_limit], test_labels=ds.test_labels[: config.test_limit],
-                         source=f"{ds.source}; testing on the first {config.test_limit:,} test images")
+        ds = ds._replace(
+            test_images=ds.test_images[: config.test_limit],
+            test_labels=ds.test_labels[: config.test_limit],
+            source=f"{ds.source}; testing on the first {config.test_limit:,} test images",
+        )
     return ds
 
 
@@ -77,12 +80,16 @@ def _saved_config(workdir: Path) -> TrainConfig:
     settings = {k: v for k, v in fields.items() if k in known}
     if "model" not in fields:  # written by jaxcnn.fit: the network's name, which is the preset's for a zoo model
         if fields.get("network") not in MODELS:
-            raise SystemExit(f"{NAME}: {workdir} holds a run of the network {fields.get('network')!r}, not of a zoo "
-                             f"model ({', '.join(MODELS)}); it cannot be rebuilt here")
+            raise SystemExit(
+                f"{NAME}: {workdir} holds a run of the network {fields.get('network')!r}, not of a zoo "
+                f"model ({', '.join(MODELS)}); it cannot be rebuilt here"
+            )
         settings["model"] = fields["network"]
     if str(settings.get("optimizer", "")).startswith("custom"):
-        raise SystemExit(f"{NAME}: {workdir} was trained with an optax transformation passed to jaxcnn.fit "
-                         f"({settings['optimizer']}); its checkpoint can only be restored with that optimiser")
+        raise SystemExit(
+            f"{NAME}: {workdir} was trained with an optax transformation passed to jaxcnn.fit "
+            f"({settings['optimizer']}); its checkpoint can only be restored with that optimiser"
+        )
     return TrainConfig(**settings)
 
 
@@ -93,15 +100,24 @@ def _trained(config: Config, ds: jdata.Dataset, log):
         tc = _saved_config(workdir)
         spec = get_model(tc.model)
         train = (ds.train_images, np.asarray(spec.targets(ds.train_labels)))
-        template = Trainer(spec.build(conv_method=tc.conv_method), spec.loss, train, None, tc,
-                           log=lambda s: None).init_state()
+        template = Trainer(
+            spec.build(conv_method=tc.conv_method), spec.loss, train, None, tc, log=lambda s: None
+        ).init_state()
         ts, meta = restore_checkpoint(workdir, template)
         metrics = workdir / "metrics.jsonl"
-        history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+        history = (
+            [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+        )
         log(f"loaded {tc.model} from {workdir} (epoch {meta['epoch']})")
         return tc, ts.params, ts.model_state, history
-    tc = TrainConfig(model=config.model, epochs=config.epochs, seed=config.seed, grad="manual", offline=config.offline,
-                     train_limit=config.train_limit)
+    tc = TrainConfig(
+        model=config.model,
+        epochs=config.epochs,
+        seed=config.seed,
+        grad="manual",
+        offline=config.offline,
+        train_limit=config.train_limit,
+    )
     result = train_and_evaluate(tc, None, dataset=ds, log=lambda s: log("  " + s), progress=False)
     return tc, result.params, result.state, result.history
 
@@ -114,8 +130,10 @@ def _ten_class(name: str):
         raise SystemExit(f"{NAME}: {error}") from None
     if spec.loss is not gradients.softmax_cross_entropy:
         classifiers = ", ".join(n for n, m in MODELS.items() if m.loss is gradients.softmax_cross_entropy)
-        raise SystemExit(f"{NAME}: {name} does not output ten digit classes (the confusion matrix needs them); "
-                         f"choose one of {classifiers}")
+        raise SystemExit(
+            f"{NAME}: {name} does not output ten digit classes (the confusion matrix needs them); "
+            f"choose one of {classifiers}"
+        )
     return spec
 
 
@@ -140,8 +158,9 @@ def run(out_dir, *, smoke: bool = False, command: str | None = None, log=None, *
 
     # Predictions on the test set, in batches (evaluation mode).
     forward = jax.jit(lambda x: jax.nn.softmax(model.forward(params, state, x, train=False)[0]))
-    probs = np.concatenate([np.asarray(forward(_inputs(ds.test_images[i:i + 1000])))
-                            for i in range(0, len(ds.test_labels), 1000)])
+    probs = np.concatenate(
+        [np.asarray(forward(_inputs(ds.test_images[i : i + 1000]))) for i in range(0, len(ds.test_labels), 1000)]
+    )
     pred, labels = probs.argmax(axis=1), ds.test_labels.astype(int)
     confusion = np.zeros((10, 10), np.int64)
     np.add.at(confusion, (labels, pred), 1)
@@ -149,8 +168,10 @@ def run(out_dir, *, smoke: bool = False, command: str | None = None, log=None, *
     per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
     off = [(int(confusion[t, p]), t, p) for t in range(10) for p in range(10) if t != p and confusion[t, p]]
     top_confusions = sorted(off, reverse=True)[:8]
-    log(f"test accuracy {accuracy:.4f} on {len(labels):,} images; most confused: "
-        + ", ".join(f"{t}→{p} ({n})" for n, t, p in top_confusions[:4]))
+    log(
+        f"test accuracy {accuracy:.4f} on {len(labels):,} images; most confused: "
+        + ", ".join(f"{t}→{p} ({n})" for n, t, p in top_confusions[:4])
+    )
     wrong = np.flatnonzero(pred != labels)
     mistakes = wrong[np.argsort(-probs[wrong, pred[wrong]])][: config.n_mistakes]
 
@@ -161,7 +182,7 @@ def run(out_dir, *, smoke: bool = False, command: str | None = None, log=None, *
     digits = [int(np.flatnonzero(labels == d)[0]) for d in _spread_digits(labels, config.n_digits)]
 
     def activations(x):
-        for i, (layer, p, s) in enumerate(zip(model.children, params, state)):
+        for i, (layer, p, s) in enumerate(zip(model.children, params, state, strict=True)):
             x, _, _ = layer.forward(p, s, x, train=False)
             if i == first + 1:  # the nonlinearity after the first convolution
                 return x
@@ -170,19 +191,34 @@ def run(out_dir, *, smoke: bool = False, command: str | None = None, log=None, *
     maps = np.asarray(jax.jit(activations)(_inputs(ds.test_images[digits])))  # (n, H, W, O)
 
     summary = {
-        "experiment": NAME, "environment": env, "config": dataclasses.asdict(config),
-        "train_config": tc.to_json(), "data": ds.source, "history": history,
-        "test_images": int(len(labels)), "test_accuracy": accuracy,
+        "experiment": NAME,
+        "environment": env,
+        "config": dataclasses.asdict(config),
+        "train_config": tc.to_json(),
+        "data": ds.source,
+        "history": history,
+        "test_images": len(labels),
+        "test_accuracy": accuracy,
         "per_class_accuracy": {str(d): float(a) for d, a in enumerate(per_class)},
-        "confusion_matrix": confusion, "top_confusions": [{"true": t, "predicted": p, "count": n} for n, t, p in top_confusions],
+        "confusion_matrix": confusion,
+        "top_confusions": [{"true": t, "predicted": p, "count": n} for n, t, p in top_confusions],
         "first_layer": {"index": first, "name": model.children[first].name, "kernel_shape": list(kernel.shape)},
         "feature_map_digits": {"test_index": digits, "label": [int(labels[i]) for i in digits]},
-        "mistakes": [{"test_index": int(i), "true": int(labels[i]), "predicted": int(pred[i]),
-                      "probability": float(probs[i, pred[i]])} for i in mistakes],
+        "mistakes": [
+            {
+                "test_index": int(i),
+                "true": int(labels[i]),
+                "predicted": int(pred[i]),
+                "probability": float(probs[i, pred[i]]),
+            }
+            for i in mistakes
+        ],
     }
     common.write_json(out / f"{NAME}.json", summary)
-    common.write_csv(out / f"{NAME}_confusion.csv",
-                     [{"true": t, **{f"pred_{p}": int(confusion[t, p]) for p in range(10)}} for t in range(10)])
+    common.write_csv(
+        out / f"{NAME}_confusion.csv",
+        [{"true": t, **{f"pred_{p}": int(confusion[t, p]) for p in range(10)}} for t in range(10)],
+    )
     (out / f"{NAME}.md").write_text(_markdown(summary, confusion, per_class))
     log(f"wrote {NAME}.md, {NAME}.json, {NAME}_confusion.csv")
     plt = common.pyplot(log)
@@ -193,7 +229,7 @@ def run(out_dir, *, smoke: bool = False, command: str | None = None, log=None, *
 
 def _spread_digits(labels, n: int) -> list[int]:
     """``n`` different digit classes spread over 0-9 that occur in ``labels``."""
-    present = sorted(set(int(v) for v in labels))
+    present = sorted({int(v) for v in labels})
     picks = np.linspace(0, len(present) - 1, min(n, len(present))).round().astype(int)
     return [present[i] for i in picks]
 
@@ -201,28 +237,37 @@ def _spread_digits(labels, n: int) -> list[int]:
 def _markdown(s: dict, confusion, per_class) -> str:
     env, tc = s["environment"], s["train_config"]
     h = s["history"][-1] if s["history"] else None
-    lines = ["# What the network learned\n",
-             f"Command: `{env['command']}` ({env['date_utc']}, jax {env['jax']}).\n",
-             f"`{tc['model']}` trained with the {'hand-written' if tc['grad'] == 'manual' else tc['grad']} gradients for "
-             f"{tc['epochs']} epochs (`jaxcnn train` defaults otherwise: SGD momentum 0.9, cosine schedule from lr "
-             f"{tc['lr']}, batch {tc['batch_size']}, seed {tc['seed']}, convolutions `{tc['conv_method']}`) on {s['data']}"
-             + (f"; training on a class-balanced subset of {tc['train_limit']:,} images" if tc.get("train_limit") else "")
-             + ".\n",
-             f"**Test accuracy {s['test_accuracy']:.4f}** on {s['test_images']:,} test images"
-             + (f" (training loss {h['train_loss']:.4f} in the last epoch)." if h else ".") + "\n",
-             "## Per-class accuracy\n",
-             common.markdown_table(["digit", *map(str, range(10))],
-                                   [["test images", *[int(v) for v in confusion.sum(axis=1)]],
-                                    ["accuracy", *[f"{a:.3f}" for a in per_class]]], "l" + "r" * 10),
-             "\n## Most frequent confusions\n",
-             common.markdown_table(["true digit", "predicted", "count"],
-                                   [[c["true"], c["predicted"], c["count"]] for c in s["top_confusions"]], "rrr"),
-             "\n## Confusion matrix (rows: true digit, columns: predicted)\n",
-             common.markdown_table(["", *map(str, range(10))],
-                                   [[str(t), *[int(v) for v in confusion[t]]] for t in range(10)], "l" + "r" * 10),
-             f"\nFigures: the first layer's filters (`{NAME}_filters.png`), their feature maps for "
-             f"{len(s['feature_map_digits']['label'])} test digits (`{NAME}_feature_maps.png`), the confusion matrix "
-             f"(`{NAME}_confusion.png`) and the most confident mistakes (`{NAME}_mistakes.png`).\n"]
+    lines = [
+        "# What the network learned\n",
+        f"Command: `{env['command']}` ({env['date_utc']}, jax {env['jax']}).\n",
+        f"`{tc['model']}` trained with the {'hand-written' if tc['grad'] == 'manual' else tc['grad']} gradients for "
+        f"{tc['epochs']} epochs (`jaxcnn train` defaults otherwise: SGD momentum 0.9, cosine schedule from lr "
+        f"{tc['lr']}, batch {tc['batch_size']}, seed {tc['seed']}, convolutions `{tc['conv_method']}`) on {s['data']}"
+        + (f"; training on a class-balanced subset of {tc['train_limit']:,} images" if tc.get("train_limit") else "")
+        + ".\n",
+        f"**Test accuracy {s['test_accuracy']:.4f}** on {s['test_images']:,} test images"
+        + (f" (training loss {h['train_loss']:.4f} in the last epoch)." if h else ".")
+        + "\n",
+        "## Per-class accuracy\n",
+        common.markdown_table(
+            ["digit", *map(str, range(10))],
+            [["test images", *[int(v) for v in confusion.sum(axis=1)]], ["accuracy", *[f"{a:.3f}" for a in per_class]]],
+            "l" + "r" * 10,
+        ),
+        "\n## Most frequent confusions\n",
+        common.markdown_table(
+            ["true digit", "predicted", "count"],
+            [[c["true"], c["predicted"], c["count"]] for c in s["top_confusions"]],
+            "rrr",
+        ),
+        "\n## Confusion matrix (rows: true digit, columns: predicted)\n",
+        common.markdown_table(
+            ["", *map(str, range(10))], [[str(t), *[int(v) for v in confusion[t]]] for t in range(10)], "l" + "r" * 10
+        ),
+        f"\nFigures: the first layer's filters (`{NAME}_filters.png`), their feature maps for "
+        f"{len(s['feature_map_digits']['label'])} test digits (`{NAME}_feature_maps.png`), the confusion matrix "
+        f"(`{NAME}_confusion.png`) and the most confident mistakes (`{NAME}_mistakes.png`).\n",
+    ]
     return "\n".join(lines)
 
 
@@ -238,13 +283,18 @@ def _figures(plt, out: Path, s: dict, kernel, test_images, maps, confusion, prob
             im = ax.imshow(kernel[:, :, 0, k], cmap="RdBu_r", vmin=-vmax, vmax=vmax)
             ax.set_title(f"filter {k}", fontsize=9)
     fig.colorbar(im, ax=axes, fraction=0.025, pad=0.02, label="weight")
-    fig.suptitle(f"{s['train_config']['model']}: the {n_filters} first-layer filters "
-                 f"({kernel.shape[0]}x{kernel.shape[1]}; red positive, blue negative)", fontsize=11)
+    fig.suptitle(
+        f"{s['train_config']['model']}: the {n_filters} first-layer filters "
+        f"({kernel.shape[0]}x{kernel.shape[1]}; red positive, blue negative)",
+        fontsize=11,
+    )
     common.save_figure(fig, out / f"{NAME}_filters.png", log)
 
     digits = s["feature_map_digits"]["test_index"]
     n_maps = min(maps.shape[-1], 8)
-    fig, axes = plt.subplots(len(digits), n_maps + 1, figsize=(1.45 * (n_maps + 1), 1.55 * len(digits) + 0.5), squeeze=False)
+    fig, axes = plt.subplots(
+        len(digits), n_maps + 1, figsize=(1.45 * (n_maps + 1), 1.55 * len(digits) + 0.5), squeeze=False
+    )
     for r, idx in enumerate(digits):
         axes[r, 0].imshow(test_images[idx], cmap="gray_r")
         axes[r, 0].set_title(f"test #{idx}: digit {labels[idx]}", fontsize=8)
@@ -255,8 +305,10 @@ def _figures(plt, out: Path, s: dict, kernel, test_images, maps, confusion, prob
         for ax in axes[r]:
             ax.axis("off")
     first_name = s["first_layer"]["name"]
-    fig.suptitle(f"Feature maps after {first_name} and its activation (each map on its own scale; bright = strong response)",
-                 fontsize=11)
+    fig.suptitle(
+        f"Feature maps after {first_name} and its activation (each map on its own scale; bright = strong response)",
+        fontsize=11,
+    )
     fig.tight_layout()
     common.save_figure(fig, out / f"{NAME}_feature_maps.png", log)
 
@@ -265,12 +317,17 @@ def _figures(plt, out: Path, s: dict, kernel, test_images, maps, confusion, prob
     im = ax.imshow(rate, cmap="Blues", vmin=0, vmax=1)
     for (t, p), v in np.ndenumerate(confusion):
         if v:
-            ax.text(p, t, str(v), ha="center", va="center", fontsize=7.5, color="white" if rate[t, p] > 0.6 else "black")
+            ax.text(
+                p, t, str(v), ha="center", va="center", fontsize=7.5, color="white" if rate[t, p] > 0.6 else "black"
+            )
     ax.set_xticks(range(10))
     ax.set_yticks(range(10))
     ax.grid(False)
-    ax.set(xlabel="predicted digit", ylabel="true digit",
-           title=f"Confusion matrix, {s['test_images']:,} test images (accuracy {s['test_accuracy']:.4f})")
+    ax.set(
+        xlabel="predicted digit",
+        ylabel="true digit",
+        title=f"Confusion matrix, {s['test_images']:,} test images (accuracy {s['test_accuracy']:.4f})",
+    )
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true digit's images")
     fig.tight_layout()
     common.save_figure(fig, out / f"{NAME}_confusion.png", log)
@@ -282,7 +339,7 @@ def _figures(plt, out: Path, s: dict, kernel, test_images, maps, confusion, prob
         fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 1.95 * rows + 0.5), squeeze=False)
         for ax in axes.flat:
             ax.axis("off")
-        for ax, m in zip(axes.flat, mistakes):
+        for ax, m in zip(axes.flat, mistakes, strict=False):  # the grid's last row may have spare axes
             ax.imshow(test_images[m["test_index"]], cmap="gray_r")
             ax.set_title(f"{m['true']} → {m['predicted']}  (p={m['probability']:.2f})", fontsize=9)
         fig.suptitle("The most confident mistakes on the test set (true → predicted, softmax probability)", fontsize=11)

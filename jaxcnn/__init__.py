@@ -18,7 +18,18 @@ from jaxcnn.inference import (
     load_checkpoint,
     predict,
 )
-from jaxcnn.train import FitResult, TrainConfig, fit  # noqa: E402
+from jaxcnn.train import FitResult, TrainConfig, fit
 
-__all__ = ["Checkpoint", "Evaluation", "FitResult", "Prediction", "TrainConfig", "__version__", "evaluate", "fit",
-           "from_fit", "load_checkpoint", "predict"]
+__all__ = [
+    "Checkpoint",
+    "Evaluation",
+    "FitResult",
+    "Prediction",
+    "TrainConfig",
+    "__version__",
+    "evaluate",
+    "fit",
+    "from_fit",
+    "load_checkpoint",
+    "predict",
+]

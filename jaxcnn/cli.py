@@ -31,23 +31,42 @@ def _train_parser(sub) -> None:
     from jaxcnn.train.config import add_flags
 
     p = sub.add_parser(
-        "train", help="train a zoo preset on MNIST-format data",
+        "train",
+        help="train a zoo preset on MNIST-format data",
         description="Train a zoo preset with hand-written (or autodiff) gradients and an optax optimiser, through "
-                    "jaxcnn.fit. Without arguments: small_cnn on MNIST, the full set when it is cached or "
-                    "downloadable, otherwise the bundled offline subset of real MNIST.",
+        "jaxcnn.fit. Without arguments: small_cnn on MNIST, the full set when it is cached or "
+        "downloadable, otherwise the bundled offline subset of real MNIST.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_flags(p, choices={"model": MODELS})
-    p.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"), metavar="HOST:PORT",
-                   help="multi-process run: address of process 0's coordinator (env JAX_COORDINATOR_ADDRESS)")
-    p.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"), metavar="N",
-                   help="multi-process run: number of processes (env JAX_NUM_PROCESSES)")
-    p.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"), metavar="I",
-                   help="multi-process run: this process's index, 0..N-1 (env JAX_PROCESS_ID); only process 0 writes")
+    p.add_argument(
+        "--coordinator",
+        default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+        metavar="HOST:PORT",
+        help="multi-process run: address of process 0's coordinator (env JAX_COORDINATOR_ADDRESS)",
+    )
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        default=_env_int("JAX_NUM_PROCESSES"),
+        metavar="N",
+        help="multi-process run: number of processes (env JAX_NUM_PROCESSES)",
+    )
+    p.add_argument(
+        "--process-id",
+        type=int,
+        default=_env_int("JAX_PROCESS_ID"),
+        metavar="I",
+        help="multi-process run: this process's index, 0..N-1 (env JAX_PROCESS_ID); only process 0 writes",
+    )
     p.add_argument("--out", default=None, help="directory for config.json, metrics.jsonl and checkpoint.npz")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--progress", default="auto", choices=("auto", "on", "off"),
-                   help="progress bar (auto: only when stderr is a terminal)")
+    p.add_argument(
+        "--progress",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="progress bar (auto: only when stderr is a terminal)",
+    )
 
 
 def _env_int(name: str) -> int | None:
@@ -64,7 +83,9 @@ def _init_distributed(args) -> None:
             raise ConfigError("--num-processes/--process-id need --coordinator HOST:PORT (or JAX_COORDINATOR_ADDRESS)")
         return
     if args.num_processes is None or args.process_id is None:
-        raise ConfigError("--coordinator needs --num-processes and --process-id (or JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
+        raise ConfigError(
+            "--coordinator needs --num-processes and --process-id (or JAX_NUM_PROCESSES and JAX_PROCESS_ID)"
+        )
     if not 0 <= args.process_id < args.num_processes:
         raise ConfigError(f"--process-id must be in 0..{args.num_processes - 1}, got {args.process_id}")
     host, _, port = args.coordinator.rpartition(":")
@@ -75,8 +96,10 @@ def _init_distributed(args) -> None:
     try:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     except (RuntimeError, ValueError) as e:  # XLA's errors are RuntimeErrors
-        raise ConfigError(f"--coordinator {args.coordinator}: cannot join the run "
-                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise ConfigError(
+            f"--coordinator {args.coordinator}: cannot join the run "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
 
 
 def _run_train(args) -> int:
@@ -91,8 +114,9 @@ def _run_train(args) -> int:
     config = from_flags(args)
     progress = {"auto": None, "on": True, "off": False}[args.progress]
     try:
-        history = train_and_evaluate(config, args.out, resume=args.resume, progress=progress,
-                                     log=lambda s: print(s, flush=True)).history
+        history = train_and_evaluate(
+            config, args.out, resume=args.resume, progress=progress, log=lambda s: print(s, flush=True)
+        ).history
     except Interrupted as e:
         print(str(e), file=sys.stderr)
         return 128 + e.signum if e.signum in (signal.SIGINT, signal.SIGTERM) else 1
@@ -112,10 +136,11 @@ def _gradcheck_parser(sub) -> None:
     from jaxcnn.models import MODELS
 
     p = sub.add_parser(
-        "gradcheck", help="three-way gradient check of a zoo model, layer by layer",
+        "gradcheck",
+        help="three-way gradient check of a zoo model, layer by layer",
         description="For every layer of a zoo model and for the whole model with its loss, compare the "
-                    "hand-written backward with jax.vjp and with central finite differences (float64), and "
-                    "check the adjoint identity. Exits 1 on a disagreement beyond the dtype's tolerance.",
+        "hand-written backward with jax.vjp and with central finite differences (float64), and "
+        "check the adjoint identity. Exits 1 on a disagreement beyond the dtype's tolerance.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default="small_cnn", choices=list(MODELS))
@@ -141,9 +166,21 @@ def _run_gradcheck(args) -> int:
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps([
-            {"name": r.name, "dtype": r.dtype, "ok": r.ok, "adjoint": r.adjoint,
-             "rows": [row._asdict() for row in r.rows]} for r in results], indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                [
+                    {
+                        "name": r.name,
+                        "dtype": r.dtype,
+                        "ok": r.ok,
+                        "adjoint": r.adjoint,
+                        "rows": [row._asdict() for row in r.rows],
+                    }
+                    for r in results
+                ],
+                indent=2,
+            )
+        )
     return 1 if failed else 0
 
 
@@ -155,14 +192,22 @@ def _out_of_memory(error: BaseException) -> bool:
     return "RESOURCE_EXHAUSTED" in message or "Out of memory" in message or "out of memory" in message
 
 
-_BATCH_HINT = {"train": "--batch-size / --eval-batch-size", "evaluate": "--eval-batch-size",
-               "predict": "--eval-batch-size", "gradcheck": "--batch", "bench": "--batch"}
+_BATCH_HINT = {
+    "train": "--batch-size / --eval-batch-size",
+    "evaluate": "--eval-batch-size",
+    "predict": "--eval-batch-size",
+    "gradcheck": "--batch",
+    "bench": "--batch",
+}
 
 
 def _batch_flags(args) -> str:
     """The batch-size flags of a command as given (for the out-of-memory line)."""
-    flags = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in ("batch_size", "eval_batch_size", "batch")
-             if getattr(args, name, None) is not None]
+    flags = [
+        f"--{name.replace('_', '-')} {getattr(args, name)}"
+        for name in ("batch_size", "eval_batch_size", "batch")
+        if getattr(args, name, None) is not None
+    ]
     return ", ".join(flags) if flags else "default batch sizes"
 
 
@@ -191,8 +236,13 @@ def main(argv=None) -> int:
     from jaxcnn.data import DataError
     from jaxcnn.train import ConfigError
 
-    commands = {"train": _run_train, "evaluate": run_evaluate, "predict": run_predict, "gradcheck": _run_gradcheck,
-                "bench": run_bench}
+    commands = {
+        "train": _run_train,
+        "evaluate": run_evaluate,
+        "predict": run_predict,
+        "gradcheck": _run_gradcheck,
+        "bench": run_bench,
+    }
     name = f"jaxcnn {args.command}"
     try:
         return commands[args.command](args)
@@ -208,8 +258,11 @@ def main(argv=None) -> int:
     except Exception as e:
         if not _out_of_memory(e):
             raise
-        print(f"{name}: out of memory ({_batch_flags(args)}): {str(e).splitlines()[0][:200]}; "
-              f"lower {_BATCH_HINT[args.command]}", file=sys.stderr)
+        print(
+            f"{name}: out of memory ({_batch_flags(args)}): {str(e).splitlines()[0][:200]}; "
+            f"lower {_BATCH_HINT[args.command]}",
+            file=sys.stderr,
+        )
         return 1
 
 

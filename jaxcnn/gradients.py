@@ -29,15 +29,16 @@ Owning the backward pass gives more than the batch gradient (``docs/per_example.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxcnn import ops
-from jaxcnn.ops.losses import _check_labels, _check_pair
 from jaxcnn.gradcheck import GradCheckResult, gradcheck
 from jaxcnn.layers import Layer, autodiff_forward, per_example_backward, per_example_sq_norms
+from jaxcnn.ops.losses import _check_labels, _check_pair
 
 ROUTES = ("manual", "autodiff", "autodiff_same_forward")  # the gradient routes of value_and_grad (module docstring)
 
@@ -83,12 +84,20 @@ class Loss(NamedTuple):
 mse = Loss(ops.mse, ops.mse_backward, "mse", ops.mse_per_example, _correct_threshold(0.5))
 # Binary cross-entropy of logits against {0, 1} targets (a logit above 0 reads as class 1).
 binary_cross_entropy_with_logits = Loss(
-    ops.binary_cross_entropy_with_logits, ops.binary_cross_entropy_with_logits_backward,
-    "binary_cross_entropy_with_logits", ops.binary_cross_entropy_with_logits_per_example, _correct_threshold(0.0),
+    ops.binary_cross_entropy_with_logits,
+    ops.binary_cross_entropy_with_logits_backward,
+    "binary_cross_entropy_with_logits",
+    ops.binary_cross_entropy_with_logits_per_example,
+    _correct_threshold(0.0),
 )
 # Softmax cross-entropy of (N, classes) logits against integer labels (N,).
-softmax_cross_entropy = Loss(ops.softmax_cross_entropy, ops.softmax_cross_entropy_backward, "softmax_cross_entropy",
-                             ops.softmax_cross_entropy_per_example, _correct_softmax)
+softmax_cross_entropy = Loss(
+    ops.softmax_cross_entropy,
+    ops.softmax_cross_entropy_backward,
+    "softmax_cross_entropy",
+    ops.softmax_cross_entropy_per_example,
+    _correct_softmax,
+)
 
 
 def value_and_grad(model: Layer, loss: Loss, route: str = "manual") -> Callable:
@@ -98,6 +107,24 @@ def value_and_grad(model: Layer, loss: Loss, route: str = "manual") -> Callable:
     the model's :func:`~jaxcnn.layers.autodiff_forward`) or ``"autodiff_same_forward"``
     (``jax.value_and_grad`` of ``model.forward`` itself); all return identical structures and agree to
     rounding.
+
+    Examples:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from jaxcnn import gradients
+      >>> from jaxcnn.layers import Dense, Flatten, serial
+      >>> net = serial(Flatten(), Dense(3))
+      >>> params, state, _ = net.init(jax.random.PRNGKey(0), (1, 2, 2, 1))
+      >>> x = jnp.arange(16.0, dtype=jnp.float32).reshape(4, 2, 2, 1) / 16
+      >>> labels = jnp.array([0, 1, 2, 0])
+      >>> f = gradients.value_and_grad(net, gradients.softmax_cross_entropy)
+      >>> (loss, (pred, new_state)), grads = f(params, state, x, labels)
+      >>> loss.shape, pred.shape, grads[1]["w"].shape
+      ((), (4, 3), (4, 3))
+      >>> autodiff = gradients.value_and_grad(net, gradients.softmax_cross_entropy, "autodiff")
+      >>> _, grads_autodiff = autodiff(params, state, x, labels)
+      >>> bool(jnp.allclose(grads[1]["w"], grads_autodiff[1]["w"], atol=1e-6))
+      True
     """
     if route not in ROUTES:
         raise ValueError(f"value_and_grad: route must be one of {', '.join(ROUTES)}, got {route!r}")
@@ -168,23 +195,24 @@ def with_manual_vjp(model: Layer, *, train: bool = False) -> Callable:
                 "with_manual_vjp: the wrapped model has a reverse-mode rule only (its hand-written backward), so "
                 "forward-mode differentiation of it (jax.jvp, jax.jacfwd) is undefined; for Hessian-vector "
                 "products use jaxcnn.gradients.hvp, or jax.jvp of jax.grad (forward over reverse), which "
-                "differentiates the hand-written backward") from error
+                "differentiates the hand-written backward"
+            ) from error
 
     return call
 
 
 def gradcheck_layer(
     layer: Layer,
-    params,
-    state,
-    x,
+    params: Any,
+    state: Any,
+    x: jax.Array,
     *,
     train: bool = False,
-    key=None,
+    key: jax.Array | None = None,
     loss: Loss | None = None,
-    target=None,
+    target: jax.Array | None = None,
     name: str | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> GradCheckResult:
     """:func:`jaxcnn.gradcheck.gradcheck` for a layer or a whole model, with respect to ``params`` and ``x``.
 
@@ -224,7 +252,17 @@ def _forward_for_examples(model: Layer, loss: Loss, params, state, x, target, tr
     return residuals, _sum_cotangent(loss, pred, target)
 
 
-def per_example_grads(model: Layer, loss: Loss, params, state, x, target, *, train: bool = True, key=None):
+def per_example_grads(
+    model: Layer,
+    loss: Loss,
+    params: Any,
+    state: Any,
+    x: jax.Array,
+    target: jax.Array,
+    *,
+    train: bool = True,
+    key: jax.Array | None = None,
+) -> Any:
     """Each example's gradient ``∂loss_n/∂params``: ``params``' pytree, every leaf ``(N, *leaf.shape)``.
 
     ``loss_n = loss.per_example(pred, target)[n]``, the loss of example ``n`` in the batch's forward pass.
@@ -243,13 +281,41 @@ def per_example_grads(model: Layer, loss: Loss, params, state, x, target, *, tra
         through its batch statistics and its rule raises ``ValueError``; dropout uses one mask for the batch.
 
     To compile it, close over ``model`` and ``loss`` (or make them static) and mark ``train`` static.
+
+    Examples:
+      Four examples' gradients, whose mean is the batch gradient:
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from jaxcnn import gradients
+      >>> from jaxcnn.layers import Dense, Flatten, serial
+      >>> net, loss = serial(Flatten(), Dense(3)), gradients.softmax_cross_entropy
+      >>> params, state, _ = net.init(jax.random.PRNGKey(0), (1, 2, 2, 1))
+      >>> x = jnp.arange(16.0, dtype=jnp.float32).reshape(4, 2, 2, 1) / 16
+      >>> labels = jnp.array([0, 1, 2, 0])
+      >>> per_example = gradients.per_example_grads(net, loss, params, state, x, labels)
+      >>> per_example[1]["w"].shape, per_example[1]["b"].shape
+      ((4, 4, 3), (4, 3))
+      >>> _, batch = gradients.value_and_grad(net, loss)(params, state, x, labels)
+      >>> bool(jnp.allclose(per_example[1]["w"].mean(axis=0), batch[1]["w"], atol=1e-6))
+      True
     """
     residuals, dpred = _forward_for_examples(model, loss, params, state, x, target, train, key)
     grads, _ = per_example_backward(model)(params, residuals, dpred)
     return grads
 
 
-def per_example_grad_norms(model: Layer, loss: Loss, params, state, x, target, *, train: bool = True, key=None):
+def per_example_grad_norms(
+    model: Layer,
+    loss: Loss,
+    params: Any,
+    state: Any,
+    x: jax.Array,
+    target: jax.Array,
+    *,
+    train: bool = True,
+    key: jax.Array | None = None,
+) -> jax.Array:
     """``‖∂loss_n/∂params‖₂`` over all parameters, for each example: ``(N,)``.
 
     One forward pass, then the model's ``per_example_sq_norms`` (:func:`jaxcnn.layers.per_example_sq_norms`):
@@ -263,7 +329,18 @@ def per_example_grad_norms(model: Layer, loss: Loss, params, state, x, target, *
     return jnp.sqrt(jnp.maximum(sq, 0))  # the ghost norm is a sum of products: rounding can leave -0.0 at 0
 
 
-def clipped_grad_sum(model: Layer, loss: Loss, params, state, x, target, clip, *, train: bool = True, key=None):
+def clipped_grad_sum(
+    model: Layer,
+    loss: Loss,
+    params: Any,
+    state: Any,
+    x: jax.Array,
+    target: jax.Array,
+    clip: float | jax.Array,
+    *,
+    train: bool = True,
+    key: jax.Array | None = None,
+) -> tuple[Any, jax.Array]:
     """``(Σ_n c_n g_n, norms)`` with ``g_n = ∂loss_n/∂params``, ``norms[n] = ‖g_n‖`` and ``c_n = min(1, clip / ‖g_n‖)``.
 
     Each example's gradient is scaled to norm at most ``clip`` and the results are summed, the gradient
@@ -283,13 +360,24 @@ def clipped_grad_sum(model: Layer, loss: Loss, params, state, x, target, clip, *
     Returns:
       ``(grad_sum, norms)``: ``params``' pytree and ``(N,)`` (the norms before clipping).
     """
-    (_, _), (grad_sum, norms) = value_and_clipped_grad_sum(model, loss, params, state, x, target, clip, train=train,
-                                                           key=key)
+    (_, _), (grad_sum, norms) = value_and_clipped_grad_sum(
+        model, loss, params, state, x, target, clip, train=train, key=key
+    )
     return grad_sum, norms
 
 
-def value_and_clipped_grad_sum(model: Layer, loss: Loss, params, state, x, target, clip, *, train: bool = True,
-                               key=None):
+def value_and_clipped_grad_sum(
+    model: Layer,
+    loss: Loss,
+    params: Any,
+    state: Any,
+    x: jax.Array,
+    target: jax.Array,
+    clip: float | jax.Array,
+    *,
+    train: bool = True,
+    key: jax.Array | None = None,
+) -> tuple[tuple[jax.Array, tuple[jax.Array, Any]], tuple[Any, jax.Array]]:
     """:func:`clipped_grad_sum` with what its forward pass computed, in the layout of :func:`value_and_grad`:
     ``((loss, (pred, new_state)), (grad_sum, norms))``, ``loss`` being the batch's mean (unclipped) loss.
     This is what a DP-SGD train step calls (:func:`jaxcnn.train.train_step` with ``dp_clip``)."""
@@ -305,7 +393,18 @@ def value_and_clipped_grad_sum(model: Layer, loss: Loss, params, state, x, targe
     return (loss.value(pred, target), (pred, new_state)), (grad_sum, norms)
 
 
-def hvp(model: Layer, loss: Loss, params, state, x, target, v, *, train: bool = True, key=None):
+def hvp(
+    model: Layer,
+    loss: Loss,
+    params: Any,
+    state: Any,
+    x: jax.Array,
+    target: jax.Array,
+    v: Any,
+    *,
+    train: bool = True,
+    key: jax.Array | None = None,
+) -> Any:
     """The Hessian of the batch loss with respect to ``params`` applied to ``v``: ``H v``, ``params``' pytree.
 
     ``jax.jvp`` (forward mode) of the ``"manual"`` route's gradient ``g(params)`` in the direction ``v``:
@@ -318,15 +417,38 @@ def hvp(model: Layer, loss: Loss, params, state, x, target, v, *, train: bool = 
     Args:
       v: the direction, a pytree with the structure, shapes and dtypes of ``params``.
       model, loss, params, state, x, target, train, key: as for :func:`value_and_grad`.
+
+    Examples:
+      Against ``jax.jvp`` of ``jax.grad`` (autodiff's Hessian-vector product):
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from jaxcnn import gradients
+      >>> from jaxcnn.layers import Dense, Flatten, serial
+      >>> net, loss = serial(Flatten(), Dense(3)), gradients.softmax_cross_entropy
+      >>> params, state, _ = net.init(jax.random.PRNGKey(0), (1, 2, 2, 1))
+      >>> x = jnp.arange(16.0, dtype=jnp.float32).reshape(4, 2, 2, 1) / 16
+      >>> labels = jnp.array([0, 1, 2, 0])
+      >>> v = jax.tree_util.tree_map(jnp.ones_like, params)
+      >>> hv = gradients.hvp(net, loss, params, state, x, labels, v)
+      >>> hv[1]["w"].shape
+      (4, 3)
+      >>> def batch_loss(p):
+      ...     return loss.value(net.forward(p, state, x)[0], labels)
+      >>> _, hv_autodiff = jax.jvp(jax.grad(batch_loss), (params,), (v,))
+      >>> bool(jnp.allclose(hv[1]["w"], hv_autodiff[1]["w"], atol=1e-5))
+      True
     """
     structure, v_structure = jax.tree_util.tree_structure(params), jax.tree_util.tree_structure(v)
     if structure != v_structure:  # type: ignore[operator]  # (jaxlib's stub leaves PyTreeDef unresolved)
         raise ValueError(f"hvp: v must have the structure of params, {structure}; got {v_structure}")
     for (path, p), t in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_leaves(v), strict=True):
         if jnp.shape(p) != jnp.shape(t) or jnp.result_type(p) != jnp.result_type(t):
-            raise ValueError(f"hvp: v{jax.tree_util.keystr(path)} has shape {tuple(jnp.shape(t))} and dtype "
-                             f"{jnp.result_type(t)} but params{jax.tree_util.keystr(path)} has "
-                             f"{tuple(jnp.shape(p))} and {jnp.result_type(p)}")
+            raise ValueError(
+                f"hvp: v{jax.tree_util.keystr(path)} has shape {tuple(jnp.shape(t))} and dtype "
+                f"{jnp.result_type(t)} but params{jax.tree_util.keystr(path)} has "
+                f"{tuple(jnp.shape(p))} and {jnp.result_type(p)}"
+            )
     grad = value_and_grad(model, loss, "manual")
 
     def gradient(p):

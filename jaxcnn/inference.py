@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,7 @@ from jaxcnn.ops.conv import METHODS as CONV_METHODS
 from jaxcnn.train.checkpoint import CHECKPOINT
 from jaxcnn.train.config import GRAD_ROUTES, OPTIMIZERS, ConfigError, TrainConfig, array_settings, make_optimizer
 from jaxcnn.train.inputs import Scaling, as_images, balanced_subset, classes_of, scaling_for
+from jaxcnn.train.loop import FitResult
 from jaxcnn.train.step import PRECISIONS, Step, eval_outputs, make_step
 
 __all__ = [
@@ -59,8 +61,10 @@ __all__ = [
     "read_outputs",
 ]
 
-LOSSES: dict[str, Loss] = {loss.name: loss for loss in (
-    gradients.softmax_cross_entropy, gradients.mse, gradients.binary_cross_entropy_with_logits)}
+LOSSES: dict[str, Loss] = {
+    loss.name: loss
+    for loss in (gradients.softmax_cross_entropy, gradients.mse, gradients.binary_cross_entropy_with_logits)
+}
 """The losses a checkpoint's recorded ``loss`` name is resolved against."""
 
 _NO_UPDATE = optax.identity()  # a fixed optimiser, so that equal steps hash equal (see _compiled_outputs)
@@ -142,13 +146,21 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     file = path / CHECKPOINT if path.is_dir() else path
     if not file.is_file():
-        raise ConfigError(f"no checkpoint at {file}; train one with jaxcnn train --out DIR "
-                          "(or jaxcnn.fit(..., out=DIR)) and pass that DIR")
+        raise ConfigError(
+            f"no checkpoint at {file}; train one with jaxcnn train --out DIR "
+            "(or jaxcnn.fit(..., out=DIR)) and pass that DIR"
+        )
     return file
 
 
-def load_checkpoint(path: str | os.PathLike, model: Layer | None = None, *, loss: Loss | None = None,
-                    input_shape: tuple | None = None, scaling: Scaling | None = None) -> Checkpoint:
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: Layer | None = None,
+    *,
+    loss: Loss | None = None,
+    input_shape: tuple | None = None,
+    scaling: Scaling | None = None,
+) -> Checkpoint:
     """Loads a trained network from ``path`` (an ``--out`` directory or its ``checkpoint.npz``).
 
     Args:
@@ -183,21 +195,40 @@ def load_checkpoint(path: str | os.PathLike, model: Layer | None = None, *, loss
     except ConfigError:
         raise
     except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile, zlib.error) as error:
-        raise ConfigError(f"{file} is not a readable jaxcnn checkpoint ({type(error).__name__}: {error}); "
-                          "train again or point to another --out") from None
+        raise ConfigError(
+            f"{file} is not a readable jaxcnn checkpoint ({type(error).__name__}: {error}); "
+            "train again or point to another --out"
+        ) from None
     scaling = _training_scaling(file, meta, config, spec, scaling)
     return Checkpoint(config, params, state, model, loss, epoch, step, scaling, input_shape, file)
 
 
-def from_fit(model: Layer, loss: Loss, result, *, scaling: Scaling | None = None, input_shape: tuple = INPUT_SHAPE,
-             config: dict | None = None) -> Checkpoint:
+def from_fit(
+    model: Layer,
+    loss: Loss,
+    result: FitResult,
+    *,
+    scaling: Scaling | None = None,
+    input_shape: tuple = INPUT_SHAPE,
+    config: dict | None = None,
+) -> Checkpoint:
     """A :class:`Checkpoint` of a :class:`~jaxcnn.FitResult` in memory, for :func:`evaluate` and
     :func:`predict` without a file. ``scaling``: the training set's (needed only with ``normalize``);
     ``input_shape``: the training images' ``(1, H, W, C)``; ``config``: the settings of ``fit`` that change the
     forward (``grad``, ``precision``, ``eval_batch_size``)."""
     history = getattr(result, "history", [])
-    return Checkpoint(dict(config or {}), result.params, result.state, model, loss, len(history), 0,
-                      scaling or Scaling(), _input_shape(input_shape), None)
+    return Checkpoint(
+        dict(config or {}),
+        result.params,
+        result.state,
+        model,
+        loss,
+        len(history),
+        0,
+        scaling or Scaling(),
+        _input_shape(input_shape),
+        None,
+    )
 
 
 def _preset(config: dict) -> ModelSpec | None:
@@ -215,19 +246,24 @@ def _network(file: Path, config: dict, model, loss, input_shape, meta: dict):
     if model is None:
         if spec is None:
             if "network" in config:
-                raise ConfigError(f"{file} holds a network of your own ({config['network']!r}, trained by jaxcnn.fit); "
-                                  "load it in Python with jaxcnn.load_checkpoint(path, model=<that network>)")
+                raise ConfigError(
+                    f"{file} holds a network of your own ({config['network']!r}, trained by jaxcnn.fit); "
+                    "load it in Python with jaxcnn.load_checkpoint(path, model=<that network>)"
+                )
             raise ConfigError(f"{file} records no zoo model (model {config.get('model')!r}); pass model=")
         method = config.get("conv_method", DEFAULT_METHOD)
         model = spec.build(conv_method=method if method in CONV_METHODS else DEFAULT_METHOD)
     if not isinstance(model, Layer):
-        raise ConfigError("load_checkpoint: model must be a jaxcnn Layer (a zoo model or serial(...)), "
-                          f"got {type(model).__name__}")
+        raise ConfigError(
+            f"load_checkpoint: model must be a jaxcnn Layer (a zoo model or serial(...)), got {type(model).__name__}"
+        )
     if loss is None:
         loss = spec.loss if spec is not None else LOSSES.get(str(config.get("loss")))
         if loss is None:
-            raise ConfigError(f"{file} was trained with the loss {config.get('loss')!r}, which is not one of "
-                              f"{', '.join(LOSSES)}; pass loss=")
+            raise ConfigError(
+                f"{file} was trained with the loss {config.get('loss')!r}, which is not one of "
+                f"{', '.join(LOSSES)}; pass loss="
+            )
     default = spec.input_shape if spec is not None else INPUT_SHAPE
     shape = input_shape or _recorded_train(meta).get("image_shape") or default
     try:
@@ -267,14 +303,16 @@ def _restore(file: Path, z, count: int, config: dict, model: Layer, input_shape:
     try:  # shapes only (traced, not computed): the values come from the checkpoint
         params, state = jax.eval_shape(lambda key: model.init(key, input_shape)[:2], jax.random.PRNGKey(0))
     except (ValueError, TypeError) as error:
-        raise ConfigError(f"{file}: the model cannot be initialised on inputs of shape {input_shape} "
-                          f"({error}); pass input_shape=") from None
+        raise ConfigError(
+            f"{file}: the model cannot be initialised on inputs of shape {input_shape} ({error}); pass input_shape="
+        ) from None
     named = [("params" + jax.tree_util.keystr(p), a) for p, a in jax.tree_util.tree_flatten_with_path(params)[0]]
     named += [("state" + jax.tree_util.keystr(p), a) for p, a in jax.tree_util.tree_flatten_with_path(state)[0]]
     tx = _optimizer(config)
     opt_count = len(jax.tree_util.tree_leaves(jax.eval_shape(tx.init, params))) if tx is not None else None
-    hint = "; pass the network it was trained with" + ("" if shape_known else
-                                                        f" (and input_shape= if its images were not {input_shape[1:]})")
+    hint = "; pass the network it was trained with" + (
+        "" if shape_known else f" (and input_shape= if its images were not {input_shape[1:]})"
+    )
     if count < len(named) or (opt_count is not None and count != len(named) + opt_count):
         optimiser = f" + {opt_count} optimiser arrays" if opt_count is not None else " or more"
         wanted = f"{len(named)} model arrays{optimiser}"
@@ -283,8 +321,10 @@ def _restore(file: Path, z, count: int, config: dict, model: Layer, input_shape:
     for i, (name, ref) in enumerate(named):
         arr = z[f"leaf_{i:05d}"]
         if arr.shape != np.shape(ref) or arr.dtype.kind != np.dtype(ref.dtype).kind:
-            raise ConfigError(f"{file} does not fit this model: array {i} is {_describe(arr)} but the model's {name} "
-                              f"is {_describe(ref)}{hint}")
+            raise ConfigError(
+                f"{file} does not fit this model: array {i} is {_describe(arr)} but the model's {name} "
+                f"is {_describe(ref)}{hint}"
+            )
         leaves.append(jnp.asarray(arr))
     n_params = len(jax.tree_util.tree_leaves(params))
     params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), leaves[:n_params])
@@ -304,8 +344,10 @@ def _training_scaling(file: Path, meta: dict, config: dict, spec: ModelSpec | No
         dtype = _recorded_train(meta).get("image_dtype", "uint8" if spec is not None else None)
         return Scaling(1.0 / 255.0 if dtype == "uint8" else 1.0)
     if spec is None:
-        raise ConfigError(f"{file} was trained with normalize=True but records no mean and std of its training set; "
-                          "pass scaling=jaxcnn.train.inputs.scaling_for(train_images, True)")
+        raise ConfigError(
+            f"{file} was trained with normalize=True but records no mean and std of its training set; "
+            "pass scaling=jaxcnn.train.inputs.scaling_for(train_images, True)"
+        )
     return preset_scaling(config)
 
 
@@ -319,8 +361,12 @@ def preset_scaling(config: dict) -> Scaling:
     """
     from jaxcnn import data as jdata
 
-    dataset = jdata.load_dataset(config.get("dataset", "mnist"), data_dir=config.get("data_dir"),
-                                 download=not config.get("offline", False), log=lambda line: None)
+    dataset = jdata.load_dataset(
+        config.get("dataset", "mnist"),
+        data_dir=config.get("data_dir"),
+        download=not config.get("offline", False),
+        log=lambda line: None,
+    )
     images, limit = dataset.train_images, config.get("train_limit")
     if limit is not None and limit < len(images):
         keep, _ = balanced_subset(dataset.train_labels, limit, config.get("seed", 0))
@@ -332,25 +378,28 @@ def preset_scaling(config: dict) -> Scaling:
 # Running
 
 
-def as_checkpoint(trained) -> Checkpoint:
+def as_checkpoint(trained: Checkpoint | str | os.PathLike) -> Checkpoint:
     """``trained`` itself when it is a :class:`Checkpoint`, else :func:`load_checkpoint` of it (a path)."""
     if isinstance(trained, Checkpoint):
         return trained
     if isinstance(trained, (str, os.PathLike)):
         return load_checkpoint(trained)
-    raise ConfigError("expected a Checkpoint (load_checkpoint, from_fit) or the path of one, "
-                      f"got {type(trained).__name__}")
+    raise ConfigError(
+        f"expected a Checkpoint (load_checkpoint, from_fit) or the path of one, got {type(trained).__name__}"
+    )
 
 
-def model_inputs(images, input_shape: tuple, *, what: str = "images") -> np.ndarray:
+def model_inputs(images: npt.ArrayLike, input_shape: tuple, *, what: str = "images") -> np.ndarray:
     """``images`` (NHWC or NHW; uint8 or float) as the NHWC array a network of ``input_shape`` takes:
     uint8 stays uint8, other dtypes become float32. :class:`ConfigError` naming ``what`` when the image
     shape differs from the training images'."""
     x = as_images(images, what=what)
     if x.shape[1:] != tuple(input_shape[1:]):
         h, w, c = input_shape[1:]
-        raise ConfigError(f"{what}: images of shape {x.shape[1:]} (H, W, C), but the network was trained on "
-                          f"{h}x{w} images with {c} channel{'s' if c != 1 else ''} {tuple(input_shape[1:])}")
+        raise ConfigError(
+            f"{what}: images of shape {x.shape[1:]} (H, W, C), but the network was trained on "
+            f"{h}x{w} images with {c} channel{'s' if c != 1 else ''} {tuple(input_shape[1:])}"
+        )
     if len(x) == 0:
         raise ConfigError(f"{what}: no images")
     return x
@@ -366,8 +415,13 @@ def _batch_size(batch_size, config: dict, n: int) -> int:
 def _step(ck: Checkpoint) -> Step:
     grad = ck.config.get("grad", "manual")
     precision = ck.config.get("precision", "float32")
-    return make_step(ck.model, ck.loss, _NO_UPDATE, grad=grad if grad in GRAD_ROUTES else "manual",
-                     precision=precision if precision in PRECISIONS else "float32")
+    return make_step(
+        ck.model,
+        ck.loss,
+        _NO_UPDATE,
+        grad=grad if grad in GRAD_ROUTES else "manual",
+        precision=precision if precision in PRECISIONS else "float32",
+    )
 
 
 def _outputs(step: Step, scaling: Scaling, params, state, images):
@@ -380,7 +434,9 @@ def _compiled_outputs(step: Step, scaling: Scaling):
     return jax.jit(functools.partial(_outputs, step, scaling))
 
 
-def outputs(trained, images, *, batch_size: int | None = None) -> np.ndarray:
+def outputs(
+    trained: Checkpoint | str | os.PathLike, images: npt.ArrayLike, *, batch_size: int | None = None
+) -> np.ndarray:
     """The network's raw evaluation-mode outputs for ``images`` ``(N, H, W[, C])``: ``(N, ...)`` float32.
 
     ``trained`` is a :class:`Checkpoint` or the path of one. Images are scaled as training scaled them
@@ -394,7 +450,7 @@ def outputs(trained, images, *, batch_size: int | None = None) -> np.ndarray:
     b = _batch_size(batch_size, ck.config, n)
     out = []
     for start in range(0, n, b):
-        chunk = x[start: start + b]
+        chunk = x[start : start + b]
         if len(chunk) < b:
             chunk = np.concatenate([chunk, np.zeros((b - len(chunk), *chunk.shape[1:]), chunk.dtype)])
         out.append(np.asarray(run(ck.params, ck.state, chunk))[: n - start])
@@ -415,7 +471,9 @@ def read_outputs(loss: Loss, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.argmax(out, axis=1).astype(np.int64), scores.astype(np.float32)
 
 
-def predict(trained, images, *, batch_size: int | None = None) -> Prediction:
+def predict(
+    trained: Checkpoint | str | os.PathLike, images: npt.ArrayLike, *, batch_size: int | None = None
+) -> Prediction:
     """Classes and probabilities of ``images`` ``(N, H, W[, C])`` (uint8 or float, scaled as in training)
     under the network of ``trained`` (a :class:`Checkpoint` or the path of one); see :class:`Prediction`."""
     ck = as_checkpoint(trained)
@@ -437,7 +495,13 @@ def _loss_targets(targets, n: int) -> np.ndarray:
     return t
 
 
-def evaluate(trained, images, targets, *, batch_size: int | None = None) -> Evaluation:
+def evaluate(
+    trained: Checkpoint | str | os.PathLike,
+    images: npt.ArrayLike,
+    targets: npt.ArrayLike,
+    *,
+    batch_size: int | None = None,
+) -> Evaluation:
     """Loss, accuracy, per-class accuracy and confusion matrix of ``trained`` (a :class:`Checkpoint` or the
     path of one) on ``images`` ``(N, H, W[, C])`` and ``targets`` as the loss takes them (integer labels for
     softmax cross-entropy; for a zoo preset :meth:`Checkpoint.targets` turns digit labels into them).
@@ -452,8 +516,10 @@ def evaluate(trained, images, targets, *, batch_size: int | None = None) -> Eval
         per_example = np.asarray(jax.jit(ck.loss.per_example)(out, t), np.float64)
         correct = np.asarray(jax.jit(ck.loss.correct)(out, t))
     except (ValueError, TypeError) as error:
-        raise ConfigError(f"evaluate: the targets {t.dtype}{list(t.shape)} do not fit the network's outputs "
-                          f"{list(out.shape)} under {ck.loss.name} ({error})") from None
+        raise ConfigError(
+            f"evaluate: the targets {t.dtype}{list(t.shape)} do not fit the network's outputs "
+            f"{list(out.shape)} under {ck.loss.name} ({error})"
+        ) from None
     predicted, probabilities = read_outputs(ck.loss, out)
     true = classes_of(t)
     if true.min() < 0:

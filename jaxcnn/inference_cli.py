@@ -33,36 +33,53 @@ def positive_int(value: str) -> int:
     return n
 
 
-def add_parsers(sub) -> None:
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Registers ``jaxcnn evaluate`` and ``jaxcnn predict`` on an ``argparse`` subparsers object."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--out", required=True, metavar="DIR",
-                        help="the --out directory of a training run (or its checkpoint.npz)")
-    common.add_argument("--eval-batch-size", type=positive_int, default=None, metavar="N",
-                        help="images per forward pass (default: the run's --eval-batch-size)")
+    common.add_argument(
+        "--out", required=True, metavar="DIR", help="the --out directory of a training run (or its checkpoint.npz)"
+    )
+    common.add_argument(
+        "--eval-batch-size",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="images per forward pass (default: the run's --eval-batch-size)",
+    )
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     p = sub.add_parser(
-        "evaluate", parents=[common], help="test loss, accuracy, per-class accuracy and confusion matrix of a run",
+        "evaluate",
+        parents=[common],
+        help="test loss, accuracy, per-class accuracy and confusion matrix of a run",
         description="Load the checkpoint a jaxcnn train run wrote to --out and evaluate it on a test set: by "
-                    "default the run's own dataset, scaled as training scaled it. Prints the test loss, accuracy, "
-                    "per-class accuracy and the confusion matrix.",
+        "default the run's own dataset, scaled as training scaled it. Prints the test loss, accuracy, "
+        "per-class accuracy and the confusion matrix.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--dataset", default=None, help="test on this dataset's test split instead of the run's "
-                   "(mnist, fashion-mnist, mnist-offline or a directory of the four IDX files)")
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="test on this dataset's test split instead of the run's "
+        "(mnist, fashion-mnist, mnist-offline or a directory of the four IDX files)",
+    )
     p.add_argument("--data-dir", default=None, help="directory searched first for the dataset's files")
     p.add_argument("--offline", action="store_true", help="never download (also: JAXCNN_OFFLINE=1)")
-    p.add_argument("--plot", action="store_true",
-                   help=f"also draw the confusion matrix and per-class accuracy to DIR/{PLOT} (needs matplotlib)")
+    p.add_argument(
+        "--plot",
+        action="store_true",
+        help=f"also draw the confusion matrix and per-class accuracy to DIR/{PLOT} (needs matplotlib)",
+    )
 
     p = sub.add_parser(
-        "predict", parents=[common], help="classify the images in PNG, .npy or IDX files with a trained run",
+        "predict",
+        parents=[common],
+        help="classify the images in PNG, .npy or IDX files with a trained run",
         description="Load the checkpoint a jaxcnn train run wrote to --out and print the predicted class and "
-                    "the class probabilities of every image in FILES: PNG images (8-bit, non-interlaced; "
-                    "colour is turned into gray for one-channel networks), .npy arrays and IDX files of shape "
-                    "(N, H, W), (N, H, W, C) or one image (H, W), uint8 (0-255) or float (as the training "
-                    "images were). Images must have the size of the training images.",
+        "the class probabilities of every image in FILES: PNG images (8-bit, non-interlaced; "
+        "colour is turned into gray for one-channel networks), .npy arrays and IDX files of shape "
+        "(N, H, W), (N, H, W, C) or one image (H, W), uint8 (0-255) or float (as the training "
+        "images were). Images must have the size of the training images.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("files", nargs="+", metavar="FILE", help="PNG, .npy or IDX files of images")
@@ -88,14 +105,22 @@ def run_evaluate(args) -> int:
         plot = (ck.path.parent if ck.path is not None else Path(args.out)) / PLOT
         plot_evaluation(result, plot, title=f"{ck.model.name} on {name}: accuracy {result.accuracy:.4f}")
     if args.json:
-        record = {"checkpoint": str(ck.path), "model": ck.model.name, "epoch": ck.epoch, "dataset": str(name),
-                  "source": dataset.source, **evaluation_json(result)}
+        record = {
+            "checkpoint": str(ck.path),
+            "model": ck.model.name,
+            "epoch": ck.epoch,
+            "dataset": str(name),
+            "source": dataset.source,
+            **evaluation_json(result),
+        }
         if plot is not None:
             record["plot"] = str(plot)
         print(json.dumps(record, indent=1))
         return 0
-    print(f"{ck.model.name} from {ck.path} (epoch {ck.epoch}{f', step {ck.step}' if ck.step else ''}) on "
-          f"{dataset.source}: {result.examples:,} test images")
+    print(
+        f"{ck.model.name} from {ck.path} (epoch {ck.epoch}{f', step {ck.step}' if ck.step else ''}) on "
+        f"{dataset.source}: {result.examples:,} test images"
+    )
     print(format_evaluation(result))
     if plot is not None:
         print(f"plot written to {plot}")
@@ -104,9 +129,13 @@ def run_evaluate(args) -> int:
 
 def evaluation_json(result: Evaluation) -> dict:
     """An :class:`Evaluation` as JSON values (NaN per-class accuracies as ``null``)."""
-    return {"examples": result.examples, "loss": _finite(result.loss), "accuracy": result.accuracy,
-            "per_class_accuracy": [_finite(a) for a in result.per_class_accuracy.tolist()],
-            "confusion": result.confusion.tolist()}
+    return {
+        "examples": result.examples,
+        "loss": _finite(result.loss),
+        "accuracy": result.accuracy,
+        "per_class_accuracy": [_finite(a) for a in result.per_class_accuracy.tolist()],
+        "confusion": result.confusion.tolist(),
+    }
 
 
 def _finite(x: float):
@@ -124,8 +153,11 @@ def format_evaluation(result: Evaluation) -> str:
         shown = "       -" if math.isnan(acc) else f"{acc:>8.4f}"
         lines.append(f"{c:>5}  {totals[c]:>8,}  {confusion[c, c]:>7,}  {shown}")
     width = max(5, len(f"{confusion.max():,}") + 1)
-    lines += ["", "confusion matrix (rows: true class, columns: predicted class)",
-              "true" + "".join(f"{c:>{width}}" for c in range(k))]
+    lines += [
+        "",
+        "confusion matrix (rows: true class, columns: predicted class)",
+        "true" + "".join(f"{c:>{width}}" for c in range(k)),
+    ]
     lines += [f"{c:>4}" + "".join(f"{n:>{width},}" for n in confusion[c]) for c in range(k)]
     return "\n".join(lines)
 
@@ -143,13 +175,19 @@ def plot_evaluation(result: Evaluation, path: Path, *, title: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 5), gridspec_kw={"width_ratios": [1.2, 1]})
     left.imshow(confusion, cmap="Blues")
     for (i, j), n in np.ndenumerate(confusion):
-        left.text(j, i, f"{n}", ha="center", va="center", fontsize=7,
-                  color="white" if n > confusion.max() / 2 else "black")
+        left.text(
+            j, i, f"{n}", ha="center", va="center", fontsize=7, color="white" if n > confusion.max() / 2 else "black"
+        )
     left.set(xticks=range(k), yticks=range(k), xlabel="predicted class", ylabel="true class", title="confusion matrix")
     right.bar(range(k), np.nan_to_num(result.per_class_accuracy), color="tab:blue")
     right.axhline(result.accuracy, color="tab:red", linestyle="--")
-    right.set(xticks=range(k), ylim=(0, 1), xlabel="true class", ylabel="accuracy",
-              title=f"per-class accuracy (dashed: overall {result.accuracy:.4f})")
+    right.set(
+        xticks=range(k),
+        ylim=(0, 1),
+        xlabel="true class",
+        ylabel="accuracy",
+        title=f"per-class accuracy (dashed: overall {result.accuracy:.4f})",
+    )
     fig.suptitle(title)
     fig.tight_layout()
     try:
@@ -193,16 +231,24 @@ def run_predict(args) -> int:
     """``jaxcnn predict``: returns the exit status."""
     ck = load_checkpoint(args.out)
     uint8_training = ck.scaling.scale != 1.0  # the training images were uint8, scaled by 1/255
-    batches = [(str(f), file_images(read_image_file(f), ck.input_shape, uint8_training=uint8_training))
-               for f in args.files]  # every file read and checked before the first prediction
+    batches = [
+        (str(f), file_images(read_image_file(f), ck.input_shape, uint8_training=uint8_training)) for f in args.files
+    ]  # every file read and checked before the first prediction
     rows = []
     for name, images in batches:
         result = predict(ck, images, batch_size=args.eval_batch_size)
         pairs = zip(result.classes, result.probabilities, strict=True)
         rows += [(name, i, int(c), p) for i, (c, p) in enumerate(pairs)]
     if args.json:
-        print(json.dumps([{"file": name, "index": i, "class": c, "probabilities": [round(float(x), 6) for x in p]}
-                          for name, i, c, p in rows], indent=1))
+        print(
+            json.dumps(
+                [
+                    {"file": name, "index": i, "class": c, "probabilities": [round(float(x), 6) for x in p]}
+                    for name, i, c, p in rows
+                ],
+                indent=1,
+            )
+        )
         return 0
     print(format_predictions(rows, ck))
     return 0

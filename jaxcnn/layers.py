@@ -24,16 +24,18 @@ example's parameter gradient and ``per_example_sq_norms`` their squared norms (:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.nn import initializers
+from jax.typing import DTypeLike
 
 from jaxcnn import ops
 from jaxcnn import per_example as pe
 from jaxcnn.ops.pool import pool_geometry
-from jaxcnn.shapes import pair, window_geometry
+from jaxcnn.shapes import IntOrPair, PaddingLike, pair, window_geometry
 
 Shape = tuple[int, ...]  # a shape with its batch dimension, e.g. ``(N, H, W, C)``
 EMPTY: dict = {}  # the params, state and parameter gradients of a layer that has none
@@ -152,16 +154,16 @@ def _stateless(name: str, out_shape_fn: Callable[[Shape], Shape], fwd: Callable,
 
 def Conv2D(
     features: int,
-    kernel=3,
+    kernel: IntOrPair = 3,
     *,
-    stride=1,
-    padding=0,
-    dilation=1,
+    stride: IntOrPair = 1,
+    padding: PaddingLike = 0,
+    dilation: IntOrPair = 1,
     groups: int = 1,
     use_bias: bool = True,
     method: str = ops.conv.DEFAULT_METHOD,
     kernel_init: Callable = initializers.he_normal(),
-    dtype=jnp.float32,
+    dtype: DTypeLike = jnp.float32,
 ) -> Layer:
     """2-D convolution, NHWC -> NHWC, with kernel ``(kh, kw, C / groups, features)`` and bias ``(features,)``.
 
@@ -185,15 +187,19 @@ def Conv2D(
     kh, kw = pair(kernel, fn="Conv2D", name="kernel")
     if features < 1:
         raise ValueError(f"Conv2D: features must be positive, got {features}")
-    hyper = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    hyper: dict[str, Any] = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
 
     def init(key, in_shape):
         n, h, w, c = _check_in_shape(name, in_shape, 4, "NHWC")
         if c % groups:
-            raise ValueError(f"{name}: groups={groups} does not divide the {c} input channels of shape {tuple(in_shape)}")
+            raise ValueError(
+                f"{name}: groups={groups} does not divide the {c} input channels of shape {tuple(in_shape)}"
+            )
         if features % groups:
             raise ValueError(f"{name}: groups={groups} does not divide the {features} output features")
-        geom = window_geometry(fn=name, in_hw=(h, w), window=(kh, kw), stride=stride, padding=padding, dilation=dilation)
+        geom = window_geometry(
+            fn=name, in_hw=(h, w), window=(kh, kw), stride=stride, padding=padding, dilation=dilation
+        )
         params = {"w": kernel_init(key, (kh, kw, c // groups, features), dtype)}
         if use_bias:
             params["b"] = jnp.zeros((features,), dtype)
@@ -223,8 +229,15 @@ def Conv2D(
         sq = pe.conv2d_per_example_sq_norms(dy, x, params["w"], use_bias=use_bias, **hyper)  # (N,)
         return sq, input_grad(params, x, dy)
 
-    return Layer(init, forward, backward, name, autodiff_forward=None if method == "conv" else lax_forward,
-                 per_example_backward=per_example_backward, per_example_sq_norms=per_example_sq_norms)
+    return Layer(
+        init,
+        forward,
+        backward,
+        name,
+        autodiff_forward=None if method == "conv" else lax_forward,
+        per_example_backward=per_example_backward,
+        per_example_sq_norms=per_example_sq_norms,
+    )
 
 
 def Dense(
@@ -232,7 +245,7 @@ def Dense(
     *,
     use_bias: bool = True,
     kernel_init: Callable = initializers.he_normal(),
-    dtype=jnp.float32,
+    dtype: DTypeLike = jnp.float32,
 ) -> Layer:
     """Fully connected ``(N, in) -> (N, features)``; params ``{"w": (in, features), "b": (features,)}``.
 
@@ -265,15 +278,21 @@ def Dense(
     def per_example_sq_norms(params, x, dy):
         return pe.dense_per_example_sq_norms(dy, x, use_bias=use_bias), dy @ params["w"].T
 
-    return Layer(init, forward, backward, name, per_example_backward=per_example_backward,
-                 per_example_sq_norms=per_example_sq_norms)
+    return Layer(
+        init,
+        forward,
+        backward,
+        name,
+        per_example_backward=per_example_backward,
+        per_example_sq_norms=per_example_sq_norms,
+    )
 
 
 def _at_least_float32(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def BatchNorm(*, momentum: float = 0.9, epsilon: float = 1e-5, dtype=jnp.float32) -> Layer:
+def BatchNorm(*, momentum: float = 0.9, epsilon: float = 1e-5, dtype: DTypeLike = jnp.float32) -> Layer:
     """Batch normalisation over every axis but the last (NHWC: per channel; ``(N, F)``: per feature).
 
     Training: ``x̂ = (x - μ_B) / sqrt(σ²_B + ε)``, ``y = γ x̂ + β`` with the biased batch variance, and the
@@ -349,9 +368,11 @@ def BatchNorm(*, momentum: float = 0.9, epsilon: float = 1e-5, dtype=jnp.float32
 
     def per_example_backward(params, residuals, dy):
         if "train" in residuals:
-            raise ValueError("BatchNorm: per-example gradients are not available in training mode, where the batch "
-                             "statistics couple the examples; use evaluation mode (train=False) or a model without "
-                             "batch normalisation (e.g. a per-example normalisation such as GroupNorm)")
+            raise ValueError(
+                "BatchNorm: per-example gradients are not available in training mode, where the batch "
+                "statistics couple the examples; use evaluation mode (train=False) or a model without "
+                "batch normalisation (e.g. a per-example normalisation such as GroupNorm)"
+            )
         x_hat, inv_std = residuals["eval"]
         out_dtype = dy.dtype
         dy = dy.astype(x_hat.dtype)
@@ -407,14 +428,15 @@ def _pool_out_shape(name: str, in_shape, *, window, stride, padding) -> Shape:
     """Output shape of a pooling layer, checked by the op's own rules (:func:`jaxcnn.ops.pool.pool_geometry`),
     so that a layer that the op would reject fails at ``init``."""
     n, h, w, c = _check_in_shape(name, in_shape, 4, "NHWC")
-    geom = pool_geometry(name, jax.ShapeDtypeStruct((n, h, w, c), jnp.float32), window=window, stride=stride,
-                         padding=padding)
+    geom = pool_geometry(
+        name, jax.ShapeDtypeStruct((n, h, w, c), jnp.float32), window=window, stride=stride, padding=padding
+    )
     return (n, *geom.out_hw, c)
 
 
-def MaxPool2D(window=2, *, stride=None, padding=0) -> Layer:
+def MaxPool2D(window: IntOrPair = 2, *, stride: IntOrPair | None = None, padding: PaddingLike = 0) -> Layer:
     """Max pooling, NHWC; ``stride`` defaults to ``window``. Tie policy: see :mod:`jaxcnn.ops.pool`."""
-    hyper = dict(window=window, stride=stride, padding=padding)
+    hyper: dict[str, Any] = dict(window=window, stride=stride, padding=padding)
 
     def out_shape(s):
         return _pool_out_shape("MaxPool2D", s, **hyper)
@@ -423,19 +445,30 @@ def MaxPool2D(window=2, *, stride=None, padding=0) -> Layer:
         y = ops.max_pool2d(x, **hyper)
         return y, (x, y)
 
-    return _stateless(f"MaxPool2D({window})", out_shape, fwd,
-                      lambda res, dy: ops.max_pool2d_backward(dy, res[0], y=res[1], **hyper))
+    return _stateless(
+        f"MaxPool2D({window})", out_shape, fwd, lambda res, dy: ops.max_pool2d_backward(dy, res[0], y=res[1], **hyper)
+    )
 
 
-def AvgPool2D(window=2, *, stride=None, padding=0, count_include_pad: bool = True) -> Layer:
+def AvgPool2D(
+    window: IntOrPair = 2,
+    *,
+    stride: IntOrPair | None = None,
+    padding: PaddingLike = 0,
+    count_include_pad: bool = True,
+) -> Layer:
     """Average pooling, NHWC; ``stride`` defaults to ``window``."""
-    hyper = dict(window=window, stride=stride, padding=padding, count_include_pad=count_include_pad)
+    hyper: dict[str, Any] = dict(window=window, stride=stride, padding=padding, count_include_pad=count_include_pad)
 
     def out_shape(s):
         return _pool_out_shape("AvgPool2D", s, window=window, stride=stride, padding=padding)
 
-    return _stateless(f"AvgPool2D({window})", out_shape, lambda x: (ops.avg_pool2d(x, **hyper), x),
-                      lambda x, dy: ops.avg_pool2d_backward(dy, x, **hyper))
+    return _stateless(
+        f"AvgPool2D({window})",
+        out_shape,
+        lambda x: (ops.avg_pool2d(x, **hyper), x),
+        lambda x, dy: ops.avg_pool2d_backward(dy, x, **hyper),
+    )
 
 
 def GlobalAvgPool() -> Layer:
@@ -523,13 +556,29 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
     ``per_example_backward`` and ``per_example_sq_norms`` walk them the same way with each layer's
     per-example rule (:func:`per_example_backward`); the squared norms of the layers add up, their params
     being disjoint.
+
+    Examples:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from jaxcnn.layers import Conv2D, Dense, Flatten, MaxPool2D, Relu, serial
+      >>> net = serial(Conv2D(4, 3, padding="SAME"), Relu(), MaxPool2D(2), Flatten(), Dense(10))
+      >>> params, state, out_shape = net.init(jax.random.PRNGKey(0), (1, 8, 8, 1))
+      >>> out_shape
+      (1, 10)
+      >>> x = jnp.ones((2, 8, 8, 1), jnp.float32)
+      >>> y, state, residuals = net.forward(params, state, x)
+      >>> y.shape
+      (2, 10)
+      >>> grads, dx = net.backward(params, residuals, jnp.ones_like(y))
+      >>> [g["w"].shape for g in grads if "w" in g], dx.shape
+      ([(3, 3, 1, 4), (64, 10)], (2, 8, 8, 1))
     """
     if not layers:
         raise ValueError("serial: needs at least one layer")
 
     def init(key, in_shape):
         params, state, shape = [], [], tuple(in_shape)
-        for layer, k in zip(layers, jax.random.split(key, len(layers))):
+        for layer, k in zip(layers, jax.random.split(key, len(layers)), strict=True):
             p, s, shape = layer.init(k, shape)
             params.append(p)
             state.append(s)
@@ -538,7 +587,7 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
     def forward_with(forward_of):
         def forward(params, state, x, *, train=False, key=None):
             new_state, residuals = [], []
-            for layer, p, s, k in zip(layers, params, state, _layer_keys(key, len(layers))):
+            for layer, p, s, k in zip(layers, params, state, _layer_keys(key, len(layers)), strict=True):
                 x, s, r = forward_of(layer)(p, s, x, train=train, key=k)
                 new_state.append(s)
                 residuals.append(r)
@@ -563,9 +612,16 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
         return total, dy
 
     differs = any(layer.autodiff_forward is not None for layer in layers)
-    return Layer(init, forward_with(lambda layer: layer.forward), backward_with(lambda layer: layer.backward), name,
-                 tuple(layers), forward_with(autodiff_forward) if differs else None,
-                 backward_with(per_example_backward), sq_norms)
+    return Layer(
+        init,
+        forward_with(lambda layer: layer.forward),
+        backward_with(lambda layer: layer.backward),
+        name,
+        tuple(layers),
+        forward_with(autodiff_forward) if differs else None,
+        backward_with(per_example_backward),
+        sq_norms,
+    )
 
 
 def Residual(block: Layer, shortcut: Layer | None = None, *, name: str = "Residual") -> Layer:
@@ -575,15 +631,19 @@ def Residual(block: Layer, shortcut: Layer | None = None, *, name: str = "Residu
     ``dx = block.backward(dy) + shortcut.backward(dy)``. Params ``{"block", "shortcut"}``. The per-example
     rules combine the branches the same way (per-example gradients side by side, squared norms added).
     """
-    skip = shortcut if shortcut is not None else _stateless("Identity", lambda s: s, lambda x: (x, None), lambda r, dy: dy)
+    skip = (
+        shortcut if shortcut is not None else _stateless("Identity", lambda s: s, lambda x: (x, None), lambda r, dy: dy)
+    )
 
     def init(key, in_shape):
         kb, ks = jax.random.split(key)
         pb, sb, out_b = block.init(kb, in_shape)
         ps, ss, out_s = skip.init(ks, in_shape)
         if tuple(out_b) != tuple(out_s):
-            raise ValueError(f"{name}: block output {tuple(out_b)} and shortcut output {tuple(out_s)} differ; "
-                             "give a projection shortcut (e.g. a 1x1 Conv2D with the block's stride)")
+            raise ValueError(
+                f"{name}: block output {tuple(out_b)} and shortcut output {tuple(out_s)} differ; "
+                "give a projection shortcut (e.g. a 1x1 Conv2D with the block's stride)"
+            )
         return {"block": pb, "shortcut": ps}, {"block": sb, "shortcut": ss}, out_b
 
     def forward_with(forward_of):
@@ -611,6 +671,13 @@ def Residual(block: Layer, shortcut: Layer | None = None, *, name: str = "Residu
         return sq_b + sq_s, dxb + dxs
 
     differs = block.autodiff_forward is not None or skip.autodiff_forward is not None
-    return Layer(init, forward_with(lambda layer: layer.forward), backward_with(lambda layer: layer.backward), name,
-                 (block, skip), forward_with(autodiff_forward) if differs else None,
-                 backward_with(per_example_backward), sq_norms)
+    return Layer(
+        init,
+        forward_with(lambda layer: layer.forward),
+        backward_with(lambda layer: layer.backward),
+        name,
+        (block, skip),
+        forward_with(autodiff_forward) if differs else None,
+        backward_with(per_example_backward),
+        sq_norms,
+    )

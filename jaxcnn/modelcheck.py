@@ -20,7 +20,9 @@ def _cast(tree, dtype):
     return jax.tree_util.tree_map(lambda a: a.astype(dtype), tree)
 
 
-def check_model(name: str, *, dtype: str = "float64", batch: int = 2, seed: int = 0, **gradcheck_kwargs) -> list[GradCheckResult]:
+def check_model(
+    name: str, *, dtype: str = "float64", batch: int = 2, seed: int = 0, **gradcheck_kwargs
+) -> list[GradCheckResult]:
     """Returns one :class:`GradCheckResult` per top-level layer of model ``name``, then one for the whole
     model and its loss (last). Never raises on a failed check: inspect ``result.ok``."""
     spec = get_model(name)
@@ -33,16 +35,38 @@ def check_model(name: str, *, dtype: str = "float64", batch: int = 2, seed: int 
         params, state = _cast(params, dtype), _cast(state, dtype)
         results = []
         layers = model.children or (model,)
-        for i, (layer, p, s) in enumerate(zip(layers, params, state)):
+        for i, (layer, p, s) in enumerate(zip(layers, params, state, strict=True)):
             x = jax.random.normal(jax.random.fold_in(key, 100 + i), shape, dtype)
-            results.append(gradcheck_layer(layer, p, s, x, train=True, key=jax.random.fold_in(key, 200 + i),
-                                           name=f"{name}[{i}] {layer.name}", **kwargs))
+            results.append(
+                gradcheck_layer(
+                    layer,
+                    p,
+                    s,
+                    x,
+                    train=True,
+                    key=jax.random.fold_in(key, 200 + i),
+                    name=f"{name}[{i}] {layer.name}",
+                    **kwargs,
+                )
+            )
             _, _, shape = layer.init(key, shape)
         images = jax.random.uniform(jax.random.fold_in(key, 1), (batch, *spec.input_shape[1:]), dtype)
         labels = jax.random.randint(jax.random.fold_in(key, 2), (batch,), 0, 10)
         target = spec.targets(labels)
         if jnp.issubdtype(target.dtype, jnp.floating):
             target = target.astype(dtype)
-        results.append(gradcheck_layer(model, params, state, images, train=True, key=jax.random.fold_in(key, 3),
-                                       loss=spec.loss, target=target, name=f"{name} + {spec.loss.name}", **kwargs))
+        results.append(
+            gradcheck_layer(
+                model,
+                params,
+                state,
+                images,
+                train=True,
+                key=jax.random.fold_in(key, 3),
+                loss=spec.loss,
+                target=target,
+                name=f"{name} + {spec.loss.name}",
+                **kwargs,
+            )
+        )
     return results

@@ -12,7 +12,8 @@ output trained on MSE; the others output 10 logits for softmax cross-entropy.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax.numpy as jnp
 from jax.nn import initializers
@@ -61,8 +62,11 @@ def seed_net(*, conv_method: str = DEFAULT_METHOD) -> Layer:
     """The tutorial CNN (seed 003): conv 3 filters 5x5 VALID, sigmoid, flatten, dense 1, sigmoid."""
     glorot = initializers.glorot_normal()
     return serial(
-        Conv2D(3, 5, padding="VALID", method=conv_method, kernel_init=glorot), Sigmoid(),
-        Flatten(), Dense(1, kernel_init=glorot), Sigmoid(),
+        Conv2D(3, 5, padding="VALID", method=conv_method, kernel_init=glorot),
+        Sigmoid(),
+        Flatten(),
+        Dense(1, kernel_init=glorot),
+        Sigmoid(),
         name="seed_net",
     )
 
@@ -70,9 +74,18 @@ def seed_net(*, conv_method: str = DEFAULT_METHOD) -> Layer:
 def lenet5(*, conv_method: str = DEFAULT_METHOD) -> Layer:
     """LeNet-5 with ReLU and max pooling: conv 6 5x5 SAME, pool, conv 16 5x5, pool, dense 120, 84, 10."""
     return serial(
-        Conv2D(6, 5, padding="SAME", method=conv_method), Relu(), MaxPool2D(2),
-        Conv2D(16, 5, method=conv_method), Relu(), MaxPool2D(2),
-        Flatten(), Dense(120), Relu(), Dense(84), Relu(), Dense(10, kernel_init=initializers.glorot_normal()),
+        Conv2D(6, 5, padding="SAME", method=conv_method),
+        Relu(),
+        MaxPool2D(2),
+        Conv2D(16, 5, method=conv_method),
+        Relu(),
+        MaxPool2D(2),
+        Flatten(),
+        Dense(120),
+        Relu(),
+        Dense(84),
+        Relu(),
+        Dense(10, kernel_init=initializers.glorot_normal()),
         name="lenet5",
     )
 
@@ -80,9 +93,16 @@ def lenet5(*, conv_method: str = DEFAULT_METHOD) -> Layer:
 def small_cnn(*, conv_method: str = DEFAULT_METHOD) -> Layer:
     """conv 32 3x3 SAME, relu, avgpool 2, conv 64 3x3 SAME, relu, avgpool 2, dense 256, relu, dense 10."""
     return serial(
-        Conv2D(32, 3, padding="SAME", method=conv_method), Relu(), AvgPool2D(2),
-        Conv2D(64, 3, padding="SAME", method=conv_method), Relu(), AvgPool2D(2),
-        Flatten(), Dense(256), Relu(), Dense(10, kernel_init=initializers.glorot_normal()),
+        Conv2D(32, 3, padding="SAME", method=conv_method),
+        Relu(),
+        AvgPool2D(2),
+        Conv2D(64, 3, padding="SAME", method=conv_method),
+        Relu(),
+        AvgPool2D(2),
+        Flatten(),
+        Dense(256),
+        Relu(),
+        Dense(10, kernel_init=initializers.glorot_normal()),
         name="small_cnn",
     )
 
@@ -92,8 +112,11 @@ def _conv_bn(features: int, *, stride: int = 1, conv_method: str) -> list[Layer]
 
 
 def _block(features: int, *, stride: int, project: bool, conv_method: str) -> list[Layer]:
-    body = serial(*_conv_bn(features, stride=stride, conv_method=conv_method), Relu(),
-                  *_conv_bn(features, conv_method=conv_method))
+    body = serial(
+        *_conv_bn(features, stride=stride, conv_method=conv_method),
+        Relu(),
+        *_conv_bn(features, conv_method=conv_method),
+    )
     shortcut = None
     if project:
         shortcut = serial(Conv2D(features, 1, stride=stride, use_bias=False, method=conv_method), BatchNorm())
@@ -105,24 +128,31 @@ def resnet_small(*, conv_method: str = DEFAULT_METHOD) -> Layer:
     first with a strided 1x1 projection shortcut), global average pooling, dense 10. BatchNorm after
     every convolution."""
     return serial(
-        *_conv_bn(32, conv_method=conv_method), Relu(),
+        *_conv_bn(32, conv_method=conv_method),
+        Relu(),
         *_block(32, stride=1, project=False, conv_method=conv_method),
         *_block(32, stride=1, project=False, conv_method=conv_method),
         *_block(64, stride=2, project=True, conv_method=conv_method),
         *_block(64, stride=1, project=False, conv_method=conv_method),
-        GlobalAvgPool(), Dense(10, kernel_init=initializers.glorot_normal()),
+        GlobalAvgPool(),
+        Dense(10, kernel_init=initializers.glorot_normal()),
         name="resnet_small",
     )
+
+
+def _summary(build: Callable[..., Layer]) -> str:
+    """The first line of a model builder's docstring: the zoo's one-line description of it."""
+    return (build.__doc__ or "").splitlines()[0]
 
 
 # The zoo: preset name -> its ModelSpec (what `jaxcnn train --model` chooses from).
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        ModelSpec("seed_net", seed_net, gradients.mse, seed_net.__doc__.splitlines()[0], targets=_greater_than_four),
-        ModelSpec("lenet5", lenet5, gradients.softmax_cross_entropy, lenet5.__doc__.splitlines()[0]),
-        ModelSpec("small_cnn", small_cnn, gradients.softmax_cross_entropy, small_cnn.__doc__.splitlines()[0]),
-        ModelSpec("resnet_small", resnet_small, gradients.softmax_cross_entropy, resnet_small.__doc__.splitlines()[0]),
+        ModelSpec("seed_net", seed_net, gradients.mse, _summary(seed_net), targets=_greater_than_four),
+        ModelSpec("lenet5", lenet5, gradients.softmax_cross_entropy, _summary(lenet5)),
+        ModelSpec("small_cnn", small_cnn, gradients.softmax_cross_entropy, _summary(small_cnn)),
+        ModelSpec("resnet_small", resnet_small, gradients.softmax_cross_entropy, _summary(resnet_small)),
     )
 }
 

@@ -21,17 +21,44 @@ import json
 import math
 import os
 import platform
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 # The extensions worth recording, in the order they are reported: x86 (``flags``) then Arm (``Features``).
 VECTOR_EXTENSIONS = (
-    "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512dq", "avx512cd", "avx512bw",
-    "avx512vl", "avx512ifma", "avx512vbmi", "avx512_vbmi2", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-    "amx_tile", "amx_bf16", "amx_int8", "amx_fp16",
-    "asimd", "asimdhp", "asimddp", "bf16", "i8mm", "sve", "sve2", "sme",
+    "sse4_1",
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx_vnni",
+    "avx512f",
+    "avx512dq",
+    "avx512cd",
+    "avx512bw",
+    "avx512vl",
+    "avx512ifma",
+    "avx512vbmi",
+    "avx512_vbmi2",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "amx_fp16",
+    "asimd",
+    "asimdhp",
+    "asimddp",
+    "bf16",
+    "i8mm",
+    "sve",
+    "sve2",
+    "sme",
 )
 # Libraries whose versions change the numbers; the optional ones are recorded when installed.
 PACKAGES = ("jax", "jaxlib", "optax", "numpy")
@@ -43,7 +70,7 @@ CPUINFO = Path("/proc/cpuinfo")
 # The machine
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpuinfo(path: Path = CPUINFO) -> dict[str, str]:
     """The fields of the first processor listed in ``/proc/cpuinfo`` (``{}`` where there is none)."""
     try:
@@ -105,7 +132,7 @@ def load_average() -> list[float] | None:
 
 def utc_now() -> str:
     """The current time, ISO 8601 in UTC to the second."""
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def machine(device=None) -> dict:

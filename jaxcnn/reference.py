@@ -38,19 +38,23 @@ All inputs are converted to float64 and all results are float64 NumPy arrays.
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 __all__ = [
-    "output_size",
-    "conv2d",
-    "conv2d_backward",
-    "max_pool2d",
-    "max_pool2d_backward",
     "avg_pool2d",
     "avg_pool2d_backward",
+    "conv2d",
+    "conv2d_backward",
     "dense",
     "dense_backward",
     "im2col",
+    "max_pool2d",
+    "max_pool2d_backward",
+    "output_size",
 ]
+
+_IntOrPair = int | tuple[int, int]  # stride, dilation or window: one int for both dimensions, or (height, width)
+_Padding = tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right)), already resolved
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,7 +144,9 @@ def _zero_pad(x: np.ndarray, padding) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-def _conv_geometry(x, w, stride, padding, dilation, groups):
+def _conv_geometry(
+    x: np.ndarray, w: np.ndarray, stride, padding, dilation, groups
+) -> tuple[tuple[int, int], _Padding, tuple[int, int], int, tuple[int, int, int, int]]:
     """Checks conv arguments and returns everything the loops need."""
     stride = _positive_pair(stride, "stride")
     dilation = _positive_pair(dilation, "dilation")
@@ -162,7 +168,16 @@ def _conv_geometry(x, w, stride, padding, dilation, groups):
     return stride, padding, dilation, groups, (batch, out_height, out_width, out_channels)
 
 
-def conv2d(x, w, b=None, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups=1):
+def conv2d(
+    x: npt.ArrayLike,
+    w: npt.ArrayLike,
+    b: npt.ArrayLike | None = None,
+    *,
+    stride: _IntOrPair = (1, 1),
+    padding: _Padding = ((0, 0), (0, 0)),
+    dilation: _IntOrPair = (1, 1),
+    groups: int = 1,
+) -> np.ndarray:
     """2-D cross-correlation, NHWC input, HWIO kernel, optional bias of shape ``(C_out,)``.
 
     For every output position ``(n, i, j)``, group ``g`` and tap ``(a, b)`` the loop adds the
@@ -205,7 +220,16 @@ def conv2d(x, w, b=None, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1
     return y
 
 
-def conv2d_backward(dy, x, w, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups=1):
+def conv2d_backward(
+    dy: npt.ArrayLike,
+    x: npt.ArrayLike,
+    w: npt.ArrayLike,
+    *,
+    stride: _IntOrPair = (1, 1),
+    padding: _Padding = ((0, 0), (0, 0)),
+    dilation: _IntOrPair = (1, 1),
+    groups: int = 1,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients ``(dx, dw, db)`` of :func:`conv2d` given the output cotangent ``dy``.
 
     Each term of the forward sum, ``xpad[n, r, s, g*Cg + c] * w[a, b, c, o]`` with
@@ -268,7 +292,14 @@ def conv2d_backward(dy, x, w, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilati
     return dx, dw, db
 
 
-def im2col(x, kh, kw, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)):
+def im2col(
+    x: npt.ArrayLike,
+    kh: int,
+    kw: int,
+    stride: _IntOrPair = (1, 1),
+    padding: _Padding = ((0, 0), (0, 0)),
+    dilation: _IntOrPair = (1, 1),
+) -> np.ndarray:
     """Patch matrix of shape ``(N * oh * ow, kh * kw * C)``, one row per output position.
 
     Row ``(n * oh + i) * ow + j`` holds the window read by output position ``(n, i, j)``, and its
@@ -365,7 +396,9 @@ def _max_pool_winners(x, window, stride, padding, out_shape):
     return winners
 
 
-def max_pool2d(x, *, window=(2, 2), stride=(2, 2), padding=((0, 0), (0, 0))):
+def max_pool2d(
+    x: npt.ArrayLike, *, window: _IntOrPair = (2, 2), stride: _IntOrPair = (2, 2), padding: _Padding = ((0, 0), (0, 0))
+) -> np.ndarray:
     """Max pooling, NHWC, each channel separately; padding is ``-inf`` and never wins::
 
         y[n, i, j, c] = max_{a, b} xpad[n, i*sh + a, j*sw + b, c]
@@ -382,7 +415,14 @@ def max_pool2d(x, *, window=(2, 2), stride=(2, 2), padding=((0, 0), (0, 0))):
     return y
 
 
-def max_pool2d_backward(dy, x, *, window=(2, 2), stride=(2, 2), padding=((0, 0), (0, 0))):
+def max_pool2d_backward(
+    dy: npt.ArrayLike,
+    x: npt.ArrayLike,
+    *,
+    window: _IntOrPair = (2, 2),
+    stride: _IntOrPair = (2, 2),
+    padding: _Padding = ((0, 0), (0, 0)),
+) -> np.ndarray:
     """Gradient of :func:`max_pool2d`: each window routes its cotangent to its winning element.
 
     The local derivative of ``max(v_1, ..., v_k)`` with respect to the winning ``v_m`` is 1 (not
@@ -408,7 +448,14 @@ def _avg_pool_divisor(taps, window, count_include_pad):
     return window[0] * window[1] if count_include_pad else len(taps)
 
 
-def avg_pool2d(x, *, window=(2, 2), stride=(2, 2), padding=((0, 0), (0, 0)), count_include_pad=True):
+def avg_pool2d(
+    x: npt.ArrayLike,
+    *,
+    window: _IntOrPair = (2, 2),
+    stride: _IntOrPair = (2, 2),
+    padding: _Padding = ((0, 0), (0, 0)),
+    count_include_pad: bool = True,
+) -> np.ndarray:
     """Average pooling, NHWC; padding contributes zeros to the sum::
 
         y[n, i, j, c] = (1 / D) * sum over real taps (row, column) of window (i, j) of x[n, row, column, c]
@@ -419,7 +466,7 @@ def avg_pool2d(x, *, window=(2, 2), stride=(2, 2), padding=((0, 0), (0, 0)), cou
     """
     x = _as_float64(x, "x", 4)
     window, stride, padding, out_shape = _pool_geometry(x, window, stride, padding)
-    batch, out_height, out_width, channels = out_shape
+    batch, out_height, out_width, _channels = out_shape
     height, width = x.shape[1:3]
     y = np.zeros(out_shape, dtype=np.float64)
     for n in range(batch):
@@ -435,7 +482,15 @@ def avg_pool2d(x, *, window=(2, 2), stride=(2, 2), padding=((0, 0), (0, 0)), cou
     return y
 
 
-def avg_pool2d_backward(dy, x, *, window=(2, 2), stride=(2, 2), padding=((0, 0), (0, 0)), count_include_pad=True):
+def avg_pool2d_backward(
+    dy: npt.ArrayLike,
+    x: npt.ArrayLike,
+    *,
+    window: _IntOrPair = (2, 2),
+    stride: _IntOrPair = (2, 2),
+    padding: _Padding = ((0, 0), (0, 0)),
+    count_include_pad: bool = True,
+) -> np.ndarray:
     """Gradient of :func:`avg_pool2d`: each window spreads its cotangent evenly over its real taps::
 
         dx[n, row, column, c] += dy[n, i, j, c] / D    for every real tap (row, column) of window (i, j)
@@ -445,7 +500,7 @@ def avg_pool2d_backward(dy, x, *, window=(2, 2), stride=(2, 2), padding=((0, 0),
     x = _as_float64(x, "x", 4)
     window, stride, padding, out_shape = _pool_geometry(x, window, stride, padding)
     dy = _check_cotangent(dy, out_shape)
-    batch, out_height, out_width, channels = out_shape
+    batch, out_height, out_width, _channels = out_shape
     height, width = x.shape[1:3]
     dx = np.zeros_like(x)
     for n in range(batch):
@@ -465,7 +520,7 @@ def avg_pool2d_backward(dy, x, *, window=(2, 2), stride=(2, 2), padding=((0, 0),
 # ----------------------------------------------------------------------------------------------
 
 
-def _dense_shapes(x, w):
+def _dense_shapes(x: npt.ArrayLike, w: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     x = _as_float64(x, "x", 2)
     w = _as_float64(w, "w", 2)
     if x.shape[1] != w.shape[0]:
@@ -473,7 +528,7 @@ def _dense_shapes(x, w):
     return x, w
 
 
-def dense(x, w, b=None):
+def dense(x: npt.ArrayLike, w: npt.ArrayLike, b: npt.ArrayLike | None = None) -> np.ndarray:
     """Fully connected layer, ``x`` of shape ``(N, in)``, ``w`` of shape ``(in, out)``::
 
         y[n, o] = b[o] + sum_k x[n, k] * w[k, o]
@@ -498,12 +553,12 @@ def dense(x, w, b=None):
     return y
 
 
-def dense_backward(dy, x, w):
+def dense_backward(dy: npt.ArrayLike, x: npt.ArrayLike, w: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients ``(dx, dw, db)`` of :func:`dense` given the output cotangent ``dy`` of shape ``(N, out)``::
 
-        dx[n, k] = sum_o dy[n, o] * w[k, o]
-        dw[k, o] = sum_n x[n, k] * dy[n, o]
-        db[o]    = sum_n dy[n, o]
+    dx[n, k] = sum_o dy[n, o] * w[k, o]
+    dw[k, o] = sum_n x[n, k] * dy[n, o]
+    db[o]    = sum_n dy[n, o]
     """
     x, w = _dense_shapes(x, w)
     batch, in_features = x.shape

@@ -16,12 +16,15 @@ are left out of the output (as in ``lax`` and PyTorch) and so receive zero gradi
 from __future__ import annotations
 
 import operator
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple, cast
 
 import numpy as np
 
 Pair = tuple[int, int]
 Padding2D = tuple[Pair, Pair]
+IntOrPair = int | Sequence[int]  # a stride, dilation or window: one int for both dimensions, or (height, width)
+PaddingLike = int | str | Sequence[int] | Sequence[Sequence[int]]  # every padding form resolve_padding accepts
 
 _DIM_NAMES = ("height", "width")
 
@@ -35,7 +38,7 @@ def _as_int(value, *, fn: str, name: str) -> int:
         raise TypeError(f"{fn}: {name} must be an int or a pair of ints, got {value!r}") from None
 
 
-def pair(value, *, fn: str, name: str) -> Pair:
+def pair(value: IntOrPair, *, fn: str, name: str) -> Pair:
     """Turns ``int | (int, int)`` into ``(int, int)``; ``fn`` and ``name`` go into error messages."""
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
@@ -45,7 +48,7 @@ def pair(value, *, fn: str, name: str) -> Pair:
     return (v, v)
 
 
-def positive_pair(value, *, fn: str, name: str) -> Pair:
+def positive_pair(value: IntOrPair, *, fn: str, name: str) -> Pair:
     """Like :func:`pair`, and every entry must be >= 1 (strides, dilations, windows)."""
     p = pair(value, fn=fn, name=name)
     if min(p) < 1:
@@ -59,7 +62,19 @@ def effective_window(window: int, dilation: int = 1) -> int:
 
 
 def output_size(size: int, window: int, stride: int = 1, padding: Pair = (0, 0), dilation: int = 1) -> int:
-    """``floor((size + lo + hi - (window - 1) * dilation - 1) / stride) + 1``; may be <= 0 (no check)."""
+    """``floor((size + lo + hi - (window - 1) * dilation - 1) / stride) + 1``; may be <= 0 (no check).
+
+    Examples:
+      >>> from jaxcnn.shapes import output_size
+      >>> output_size(28, 5, padding=(2, 2))  # a 5x5 kernel padded by 2 keeps the size
+      28
+      >>> output_size(7, 3, stride=2)  # (7 - 3) / 2 + 1
+      3
+      >>> output_size(7, 3, stride=3)  # the last column is read by no window
+      2
+      >>> output_size(9, 3, dilation=2)  # the dilated window spans 5 positions
+      5
+    """
     lo, hi = padding
     return (size + lo + hi - effective_window(window, dilation)) // stride + 1
 
@@ -72,7 +87,7 @@ def same_padding(size: int, window: int, stride: int = 1, dilation: int = 1) -> 
 
 
 def resolve_padding(
-    padding,
+    padding: PaddingLike,
     *,
     fn: str,
     in_hw: Pair,
@@ -91,18 +106,21 @@ def resolve_padding(
         if mode == "VALID":
             return ((0, 0), (0, 0))
         if mode == "SAME":
-            return tuple(same_padding(*args) for args in zip(in_hw, window_hw, stride, dilation))  # type: ignore[return-value]
+            height, width = (same_padding(*args) for args in zip(in_hw, window_hw, stride, dilation, strict=True))
+            return (height, width)
         raise ValueError(f"{fn}: padding must be an int, a pair, a pair of pairs, 'VALID' or 'SAME'; got {padding!r}")
+    pads: Padding2D
     if isinstance(padding, (tuple, list)) and len(padding) == 2 and all(isinstance(p, (tuple, list)) for p in padding):
-        pads = tuple(pair(p, fn=fn, name="padding") for p in padding)
+        height, width = (pair(p, fn=fn, name="padding") for p in padding)
+        pads = (height, width)
     elif isinstance(padding, (tuple, list)) and any(isinstance(p, (tuple, list)) for p in padding):
         raise ValueError(f"{fn}: padding must be an int, a pair, a pair of pairs, 'VALID' or 'SAME'; got {padding!r}")
     else:
-        ph, pw = pair(padding, fn=fn, name="padding")
+        ph, pw = pair(cast(IntOrPair, padding), fn=fn, name="padding")  # the branches above took the nested forms
         pads = ((ph, ph), (pw, pw))
     if min(min(p) for p in pads) < 0:
         raise ValueError(f"{fn}: padding must be non-negative, got {padding!r}")
-    return pads  # type: ignore[return-value]
+    return pads
 
 
 class Geometry(NamedTuple):
@@ -117,35 +135,50 @@ class Geometry(NamedTuple):
 
     @property
     def padded_hw(self) -> Pair:
-        return tuple(n + lo + hi for n, (lo, hi) in zip(self.in_hw, self.padding))  # type: ignore[return-value]
+        height, width = (n + lo + hi for n, (lo, hi) in zip(self.in_hw, self.padding, strict=True))
+        return (height, width)
 
     @property
     def effective_window(self) -> Pair:
-        return tuple(effective_window(k, d) for k, d in zip(self.window, self.dilation))  # type: ignore[return-value]
+        height, width = (effective_window(k, d) for k, d in zip(self.window, self.dilation, strict=True))
+        return (height, width)
 
 
 def window_geometry(
     *,
     fn: str,
     in_hw: Sequence[int],
-    window,
-    stride,
-    padding,
-    dilation=1,
+    window: IntOrPair,
+    stride: IntOrPair,
+    padding: PaddingLike,
+    dilation: IntOrPair = 1,
     window_name: str = "kernel",
 ) -> Geometry:
     """Checks the hyperparameters of a windowed op against its input and returns its :class:`Geometry`.
 
     Raises ``ValueError`` showing the arithmetic when the (dilated) window does not fit the padded input.
+
+    Examples:
+      >>> from jaxcnn.shapes import window_geometry
+      >>> geom = window_geometry(fn="conv2d", in_hw=(7, 7), window=3, stride=2, padding="SAME")
+      >>> geom.padding, geom.out_hw
+      (((1, 1), (1, 1)), (4, 4))
+      >>> window_geometry(fn="conv2d", in_hw=(5, 5), window=7, stride=1, padding=0)  # doctest: +NORMALIZE_WHITESPACE
+      Traceback (most recent call last):
+        ...
+      ValueError: conv2d: kernel height 7 exceeds the padded input height 5 (5 + 0 + 0); output height would be
+      (5 - 7)/1 + 1 = -1
     """
     window_hw = positive_pair(window, fn=fn, name=window_name)
     stride_hw = positive_pair(stride, fn=fn, name="stride")
     dilation_hw = positive_pair(dilation, fn=fn, name="dilation")
     in_hw = (int(in_hw[0]), int(in_hw[1]))
-    eff = tuple(effective_window(k, d) for k, d in zip(window_hw, dilation_hw))
+    eff = tuple(effective_window(k, d) for k, d in zip(window_hw, dilation_hw, strict=True))
     pads = resolve_padding(padding, fn=fn, in_hw=in_hw, window_hw=window_hw, stride=stride_hw, dilation=dilation_hw)
     out = []
-    for dim, n, k, d, e, s, (lo, hi) in zip(_DIM_NAMES, in_hw, window_hw, dilation_hw, eff, stride_hw, pads):
+    for dim, n, k, d, e, s, (lo, hi) in zip(
+        _DIM_NAMES, in_hw, window_hw, dilation_hw, eff, stride_hw, pads, strict=True
+    ):
         padded = n + lo + hi
         size = (padded - e) // s + 1
         if size < 1:

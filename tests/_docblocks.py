@@ -27,8 +27,10 @@ def python_blocks(text: str, *, source: str = "document") -> list[str]:
         if info == "python":
             blocks.append(match["code"])
         elif info.startswith("python") and info != NOTEST:
-            raise ValueError(f"{source}: a code block is fenced as {info!r}; use ```python (run by the tests) or "
-                             f"```{NOTEST} (not run)")
+            raise ValueError(
+                f"{source}: a code block is fenced as {info!r}; use ```python (run by the tests) or "
+                f"```{NOTEST} (not run)"
+            )
     return blocks
 
 

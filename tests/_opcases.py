@@ -16,6 +16,7 @@ import os
 from collections import defaultdict
 
 import numpy as np
+from hypothesis import strategies as st
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +81,9 @@ def _write_report() -> None:
     if not path or not _WORST:
         return
     with open(path, "w") as fh:
-        json.dump([{"op": o, "dtype": d, "kind": k, "error": e} for (o, d, k), e in sorted(_WORST.items())], fh, indent=1)
+        json.dump(
+            [{"op": o, "dtype": d, "kind": k, "error": e} for (o, d, k), e in sorted(_WORST.items())], fh, indent=1
+        )
     print("\nworst relative errors seen by the op tests\n" + worst_table())
 
 
@@ -139,8 +142,6 @@ def np_tree(tree):
 # ----------------------------------------------------------------------------------------------
 # Hypothesis strategies (small shapes: batch <= 3, H/W <= 9, channels <= 6)
 # ----------------------------------------------------------------------------------------------
-
-from hypothesis import strategies as st  # noqa: E402
 
 
 def _padding_form(draw, max_pad: tuple[int, int]):
@@ -231,7 +232,7 @@ def resolved(cfg, window_key: str = "w_shape"):
         window = as_pair(cfg["window"])
         dilation = (1, 1)
         stride = window if cfg["stride"] is None else as_pair(cfg["stride"])
-    eff = tuple((k - 1) * d + 1 for k, d in zip(window, dilation))
+    eff = tuple((k - 1) * d + 1 for k, d in zip(window, dilation, strict=True))
     pads = explicit_pads(cfg["padding"], in_hw, eff, stride)
     return window, stride, dilation, tuple(tuple(p) for p in pads)
 
@@ -239,7 +240,7 @@ def resolved(cfg, window_key: str = "w_shape"):
 def unread_mask(in_hw, window, stride, dilation, pads, out_hw) -> np.ndarray:
     """``(H, W)`` booleans: True where no window tap reads the input (those get exactly zero gradient)."""
     read = []
-    for n, k, s, d, (lo, _), o in zip(in_hw, window, stride, dilation, pads, out_hw):
+    for n, k, s, d, (lo, _), o in zip(in_hw, window, stride, dilation, pads, out_hw, strict=True):
         rows = np.zeros(n, bool)
         for i in range(o):
             for a in range(k):
@@ -250,7 +251,7 @@ def unread_mask(in_hw, window, stride, dilation, pads, out_hw) -> np.ndarray:
     return ~np.logical_and.outer(read[0], read[1])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jit_partial(fn, static):
     return jax.jit(functools.partial(fn, **dict(static)))
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import jax
 import pytest
+
+import jax
 
 jax.config.update("jax_enable_x64", True)
 
@@ -29,8 +30,11 @@ def compilation_cache(tmp_path_factory):
     previous settings are restored afterwards."""
     from jax._src import compilation_cache as cc
 
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
     saved = {name: getattr(jax.config, name) for name in names}
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla-cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

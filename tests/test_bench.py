@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import REPO
 
 import jax
 import jax.numpy as jnp
@@ -25,14 +26,17 @@ from jaxcnn.models import get_model
 from jaxcnn.train import loop as train_loop
 from jaxcnn.train import step as train_step_module
 
-from conftest import REPO
-
 
 @pytest.mark.slow
 def test_quick_run_writes_valid_json(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "jaxcnn.cli", "bench", "--quick", "--json", str(out)],
-                          capture_output=True, text=True, cwd=REPO, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxcnn.cli", "bench", "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert report["schema_version"] == bench.SCHEMA_VERSION == 2
@@ -58,12 +62,17 @@ def test_quick_run_writes_valid_json(tmp_path):
         assert all(r["runs"] == "jaxcnn.train.loop.run_steps" for r in steps if r["family"] == "manual")
         assert all(r["runs"] == "jaxcnn.train.step.train_step" for r in steps if r["family"].startswith("autodiff"))
         ratios = report["ratios"][f"step/{name}"]
-        for key in ("manual/best_autodiff", "manual/autodiff", "manual/autodiff_same_forward",
-                    "memory manual/best_autodiff"):
+        for key in (
+            "manual/best_autodiff",
+            "manual/autodiff",
+            "manual/autodiff_same_forward",
+            "memory manual/best_autodiff",
+        ):
             assert ratios[key] > 0, (name, key)
         # The headline ratio is against the fastest autodiff contender, whichever route it is.
-        fastest = min((r for r in steps if r["family"] in bench.BASELINES and r["status"] == "ok"),
-                      key=lambda r: r["median_ms"])
+        fastest = min(
+            (r for r in steps if r["family"] in bench.BASELINES and r["status"] == "ok"), key=lambda r: r["median_ms"]
+        )
         assert ratios["manual/best_autodiff"] == ratios[f"manual/{fastest['family']}"]
         assert ratios["manual/best_autodiff contenders"].endswith(f" / {fastest['contender']}")
     for name, ratios in report["ratios"].items():
@@ -75,6 +84,14 @@ def test_quick_run_writes_valid_json(tmp_path):
     assert epoch and all(r["runs"] == "jaxcnn.train.Trainer.train_chunk" for r in epoch)
     assert {r["structure"] for r in epoch} == {"scan", "step"}
     assert report["ratios"]["epoch/seed_net"]["scan/step images_per_s"] > 0
+    # The per_example section: norms and the DP-SGD step that jaxcnn train --dp-clip runs, against vmap(jax.grad).
+    for name in bench.MODELS:
+        for what in ("norms", "dp_step"):
+            recs = [r for r in report["results"] if r["benchmark"] == f"per_example/{what}/{name}"]
+            assert {r["family"] for r in recs} == {"manual", "vmap_grad"}, (what, name)
+            assert report["ratios"][f"per_example/{what}/{name}"]["manual/vmap_grad"] > 0
+        step = [r for r in report["results"] if r["benchmark"] == f"per_example/dp_step/{name}"]
+        assert all(r["runs"] == "jaxcnn.train.loop.run_steps" for r in step if r["family"] == "manual")
     # The scaling section: one epoch on 1, 2, 4 and 8 simulated devices, each timed, with ratios to 1 device
     # (--quick: of the first model).
     scaling = [r for r in report["results"] if r["benchmark"] == "scaling/seed_net"]
@@ -133,8 +150,10 @@ def test_epoch_contenders_run_trainer_train_chunk(monkeypatch):
     train = sections.training_set(TINY, "seed_net")
     contenders = sections.epoch_contenders(TINY, "seed_net", train, {"default": {}})
     assert [(c.name, c.family) for c in contenders] == [
-        ("manual[scan,default]", "manual-scan"), ("manual[step,default]", "manual-step"),
-        ("autodiff[step,default]", "autodiff-step")]  # the scanned autodiff step is timed in the steps section
+        ("manual[scan,default]", "manual-scan"),
+        ("manual[step,default]", "manual-step"),
+        ("autodiff[step,default]", "autodiff-step"),
+    ]  # the scanned autodiff step is timed in the steps section
     steps = TINY.epoch_examples // TINY.batch
     for c in contenders:
         grad, form = c.info["grad"], c.info["structure"]
@@ -195,22 +214,48 @@ def test_measure_alternates_prunes_and_takes_median_ratios():
 
 
 def _rec(contender, family, samples, status="ok", **info):
-    return {"benchmark": "step/x", "contender": contender, "family": family, "status": status,
-            "median_ms": float(np.median(samples)), "samples_ms": samples, **info}
+    return {
+        "benchmark": "step/x",
+        "contender": contender,
+        "family": family,
+        "status": status,
+        "median_ms": float(np.median(samples)),
+        "samples_ms": samples,
+        **info,
+    }
 
 
 @pytest.mark.parametrize("fastest", ["autodiff", "autodiff_same_forward", "flax"])
 def test_headline_ratio_is_against_the_best_autodiff_contender(fastest):
     times = {"autodiff": 4.0, "autodiff_same_forward": 5.0, "flax": 6.0}
     times[fastest] = 3.0
-    recs = [_rec("manual[scan,default]", "manual", [2.0, 2.0, 2.4], structure="scan", options="default", memory_bytes=50),
-            _rec("manual[loop,default]", "manual", [2.5, 2.5, 2.5], structure="loop", options="default", memory_bytes=60),
-            _rec("torch", "torch", [1.0, 1.0, 1.0])]
+    recs = [
+        _rec("manual[scan,default]", "manual", [2.0, 2.0, 2.4], structure="scan", options="default", memory_bytes=50),
+        _rec("manual[loop,default]", "manual", [2.5, 2.5, 2.5], structure="loop", options="default", memory_bytes=60),
+        _rec("torch", "torch", [1.0, 1.0, 1.0]),
+    ]
     for family, t in times.items():
-        recs.append(_rec(f"{family}[loop,default]", family, [t, t, t], structure="loop", options="default",
-                         memory_bytes=100 if family == fastest else 10))
-        recs.append(_rec(f"{family}[scan,default]", family, [9.0] * 3, status="pruned", structure="scan",
-                         options="default", memory_bytes=1))
+        recs.append(
+            _rec(
+                f"{family}[loop,default]",
+                family,
+                [t, t, t],
+                structure="loop",
+                options="default",
+                memory_bytes=100 if family == fastest else 10,
+            )
+        )
+        recs.append(
+            _rec(
+                f"{family}[scan,default]",
+                family,
+                [9.0] * 3,
+                status="pruned",
+                structure="scan",
+                options="default",
+                memory_bytes=1,
+            )
+        )
     ratios = bench.headline_ratios(recs)
     assert ratios["manual/best_autodiff"] == pytest.approx(2.0 / 3.0)
     assert ratios["manual/best_autodiff contenders"] == f"manual[scan,default] / {fastest}[loop,default]"
@@ -221,8 +266,12 @@ def test_headline_ratio_is_against_the_best_autodiff_contender(fastest):
     memory = bench.memory_ratios(recs)
     assert memory["memory manual/best_autodiff"] == pytest.approx(0.6)
     assert memory["memory manual/best_autodiff contenders"] == f"manual[loop,default] / {fastest}[loop,default]"
-    targets = {t["target"]: t for t in bench.evaluate_targets(
-        {"config": {"models": ["x"]}, "results": recs, "ratios": {"step/x": {**ratios, **memory}}})}
+    targets = {
+        t["target"]: t
+        for t in bench.evaluate_targets(
+            {"config": {"models": ["x"]}, "results": recs, "ratios": {"step/x": {**ratios, **memory}}}
+        )
+    }
     assert targets["step x: manual / best autodiff <= 1.0"]["value"] == ratios["manual/best_autodiff"]
     assert targets["step x: manual compiled memory <= best autodiff's"]["met"] is True
 
@@ -239,15 +288,22 @@ def test_flop_counts_match_the_reference_counts():
 
 def test_ops_find_layers_by_their_shapes():
     spec = get_model("lenet5")
-    kinds = [per_op.layer_kind(p, i, o) for _, _, p, _, i, o in
-             bench.flops.layers_with_shapes(spec.build(), (2, *spec.input_shape[1:]))]
+    kinds = [
+        per_op.layer_kind(p, i, o)
+        for _, _, p, _, i, o in bench.flops.layers_with_shapes(spec.build(), (2, *spec.input_shape[1:]))
+    ]
     assert kinds == ["conv", None, "pool", "conv", None, "pool", None, "dense", None, "dense", None, "dense"]
 
 
 def test_json_is_strict_and_targets_evaluate():
-    report = {"config": {"models": ["small_cnn"]}, "results": [], "peak_gflops": float("nan"),
-              "ratios": {"step/small_cnn": {"manual/best_autodiff": 0.9, "manual/torch": 1.2,
-                                             "memory manual/best_autodiff": 0.8}}}
+    report = {
+        "config": {"models": ["small_cnn"]},
+        "results": [],
+        "peak_gflops": float("nan"),
+        "ratios": {
+            "step/small_cnn": {"manual/best_autodiff": 0.9, "manual/torch": 1.2, "memory manual/best_autodiff": 0.8}
+        },
+    }
     targets = {t["target"]: t for t in bench.evaluate_targets(report)}
     assert targets["step small_cnn: manual / best autodiff <= 1.0"]["met"] is True
     assert targets["step small_cnn: manual / torch eager <= 1.0"]["met"] is False
@@ -292,8 +348,26 @@ def test_cpu_model_and_vector_extensions(tmp_path):
     (tmp_path / "arm").write_text(ARM)
     assert provenance.cpu_name(tmp_path / "x86") == "Example Xeon(R) CPU @ 2.00GHz"
     assert provenance.vector_extensions(tmp_path / "x86") == [
-        "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "amx_tile"]
-    assert provenance.vector_extensions(tmp_path / "arm") == ["asimd", "asimdhp", "asimddp", "bf16", "i8mm", "sve", "sve2"]
+        "sse4_1",
+        "sse4_2",
+        "avx",
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512_bf16",
+        "amx_tile",
+    ]
+    assert provenance.vector_extensions(tmp_path / "arm") == [
+        "asimd",
+        "asimdhp",
+        "asimddp",
+        "bf16",
+        "i8mm",
+        "sve",
+        "sve2",
+    ]
     assert provenance.vector_extensions(tmp_path / "absent") is None  # unknown, not "none"
     assert provenance.cpu_name(tmp_path / "absent")  # platform's guess
     m = provenance.machine()
@@ -302,10 +376,30 @@ def test_cpu_model_and_vector_extensions(tmp_path):
 
 
 def test_jsonable_and_write_json(tmp_path):
-    value = {"a": (1, np.int64(2)), "f": np.float32(0.5), "nan": float("nan"), "inf": np.float64("inf"),
-             "arr": np.arange(3), "jax": jnp.asarray(1.5), "jaxv": jnp.ones(2), "b": np.bool_(True), "p": tmp_path, 3: None}
-    assert provenance.jsonable(value) == {"a": [1, 2], "f": 0.5, "nan": "nan", "inf": "inf", "arr": [0, 1, 2],
-                                          "jax": 1.5, "jaxv": [1.0, 1.0], "b": True, "p": str(tmp_path), "3": None}
+    value = {
+        "a": (1, np.int64(2)),
+        "f": np.float32(0.5),
+        "nan": float("nan"),
+        "inf": np.float64("inf"),
+        "arr": np.arange(3),
+        "jax": jnp.asarray(1.5),
+        "jaxv": jnp.ones(2),
+        "b": np.bool_(True),
+        "p": tmp_path,
+        3: None,
+    }
+    assert provenance.jsonable(value) == {
+        "a": [1, 2],
+        "f": 0.5,
+        "nan": "nan",
+        "inf": "inf",
+        "arr": [0, 1, 2],
+        "jax": 1.5,
+        "jaxv": [1.0, 1.0],
+        "b": True,
+        "p": str(tmp_path),
+        "3": None,
+    }
     assert provenance.jsonable(value, nonfinite="null")["nan"] is None
     path = provenance.write_json(tmp_path / "x.json", value)
     assert json.loads(path.read_text())["inf"] == "inf" and path.read_text().endswith("\n")
@@ -319,10 +413,13 @@ def test_jsonable_and_write_json(tmp_path):
 # The command line
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--rounds", "0"], "--rounds must be >= 1"),
-    (["--json", "/nonexistent-dir/x.json"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--rounds", "0"], "--rounds must be >= 1"),
+        (["--json", "/nonexistent-dir/x.json"], "does not exist"),
+    ],
+)
 def test_cli_reports_bad_settings(argv, message, capsys):
     assert main(["bench", *argv]) == 2
     err = capsys.readouterr().err
@@ -383,7 +480,9 @@ def test_gpu_check_script_is_valid_and_names_real_tests():
     text = GPU_CHECK.read_text()
     named = set(re.findall(r"tests/test_\w+\.py", text))
     assert {"tests/test_ops_conv.py", "tests/test_layers.py", "tests/test_models.py"} <= named
-    missing = [t for t in named if not (REPO / t).exists() and t not in ("tests/test_per_example.py", "tests/test_hvp.py")]
+    missing = [
+        t for t in named if not (REPO / t).exists() and t not in ("tests/test_per_example.py", "tests/test_hvp.py")
+    ]
     assert not missing, missing
     assert "JAX_DEFAULT_MATMUL_PRECISION=highest" in text
     assert "--device gpu" in text and "gpu.json" in text
@@ -395,3 +494,32 @@ def test_gpu_check_script_refuses_a_machine_without_gpu(tmp_path):
     assert run.returncode != 0
     assert "not 'gpu'" in run.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "gpu.json").exists()
+
+
+def test_per_example_baselines_compute_what_the_hand_written_route_computes():
+    """The benchmark's vmap(jax.grad) contenders are the same computation: equal norms, and with no noise the
+    optax DP-SGD step applies the mean of the clipped per-example gradients that the manual step applies."""
+    import optax
+
+    from jaxcnn import gradients
+    from jaxcnn.bench import per_example as bench_pe
+    from jaxcnn.train import TrainState, make_step, train_step
+
+    spec = get_model("lenet5")
+    model = spec.build()
+    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 28, 28, 1), jnp.float32)
+    target = jnp.arange(4, dtype=jnp.int32)
+    params, state, _ = model.init(jax.random.PRNGKey(0), (1, 28, 28, 1))
+    want = gradients.per_example_grad_norms(model, spec.loss, params, state, x, target)
+    got = jax.jit(bench_pe.vmap_grad_norms(model, spec.loss))(params, state, x, target)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    clip = float(np.median(want))
+    tx = optax.sgd(1.0)
+    init, step = bench_pe.vmap_grad_dp_step(model, spec.loss, tx, clip=clip, noise=0.0)
+    new_params, _, _ = jax.jit(step)((params, state, init(params)), x, target)
+    manual = make_step(model, spec.loss, tx, dp_clip=clip, dp_noise_multiplier=0.0)
+    ours, _ = jax.jit(functools.partial(train_step, manual))(
+        TrainState(params, state, tx.init(params)), x, target, jax.random.PRNGKey(2)
+    )
+    for a, b in zip(jax.tree_util.tree_leaves(new_params), jax.tree_util.tree_leaves(ours.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-
 from jaxcnn import data as jdata
 from jaxcnn import fit
 from jaxcnn.layers import Layer

@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 
 import jax
-
 import jax.numpy as jnp
 
 from jaxcnn import cli, models
@@ -29,11 +28,37 @@ from jaxcnn.layers import AvgPool2D, Dense, Flatten, Sigmoid, serial
 from jaxcnn.train import CHECKPOINT, TrainConfig, loop, zoo
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL_RUN = ["--model", "seed_net", "--dataset", "mnist-offline", "--train-limit", "256", "--batch-size", "32",
-             "--epochs", "1", "--conv-method", "im2col", "--progress", "off"]
+SMALL_RUN = [
+    "--model",
+    "seed_net",
+    "--dataset",
+    "mnist-offline",
+    "--train-limit",
+    "256",
+    "--batch-size",
+    "32",
+    "--epochs",
+    "1",
+    "--conv-method",
+    "im2col",
+    "--progress",
+    "off",
+]
 # 16 steps of 16 per epoch, all in the first chunk (--chunk-steps 50).
-TWO_EPOCHS = ["--model", "seed_net", "--dataset", "mnist-offline", "--train-limit", "256", "--batch-size", "16",
-              "--epochs", "2", "--progress", "off"]
+TWO_EPOCHS = [
+    "--model",
+    "seed_net",
+    "--dataset",
+    "mnist-offline",
+    "--train-limit",
+    "256",
+    "--batch-size",
+    "16",
+    "--epochs",
+    "2",
+    "--progress",
+    "off",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -87,8 +112,15 @@ def option_blocks(help_text: str) -> dict[str, str]:
 
 def python_cli(*args, timeout=120, **kwargs):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "jaxcnn.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "jaxcnn.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
 
 
 def one_line_error(stderr: str) -> str:
@@ -136,8 +168,22 @@ def test_every_train_config_field_is_a_flag_with_its_help_text():
         help_text = re.sub(r"\s+", " ", field.metadata["help"].replace("%%", "%"))
         assert help_text and help_text in blocks[flag], (help_text, blocks[flag])
     assert from_flags(parser.parse_args([])) == TrainConfig()
-    config = from_flags(parser.parse_args(["--conv-method", "im2col", "--offline", "--normalize", "--lr", "0.1",
-                                           "--train-limit", "100", "--devices", "1"]))
+    config = from_flags(
+        parser.parse_args(
+            [
+                "--conv-method",
+                "im2col",
+                "--offline",
+                "--normalize",
+                "--lr",
+                "0.1",
+                "--train-limit",
+                "100",
+                "--devices",
+                "1",
+            ]
+        )
+    )
     assert config == TrainConfig(conv_method="im2col", offline=True, normalize=True, lr=0.1, train_limit=100, devices=1)
 
 
@@ -180,16 +226,29 @@ def test_small_training_run(small_run):
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "config.json", "metrics.jsonl"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["epoch"] == 1
-    assert list(records[0]) == ["epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
-                                "images_per_s", "wall_s"]
+    assert list(records[0]) == [
+        "epoch",
+        "train_loss",
+        "train_accuracy",
+        "test_loss",
+        "test_accuracy",
+        "images_per_s",
+        "wall_s",
+    ]
     saved = json.loads((out / "config.json").read_text())
     # jaxcnn train records every setting, its presets included, and the data actually used.
     assert saved.pop("data")["source"].startswith("the bundled MNIST subset")
-    assert saved == TrainConfig(model="seed_net", dataset="mnist-offline", train_limit=256, batch_size=32, epochs=1,
-                                conv_method="im2col").to_json()
+    assert (
+        saved
+        == TrainConfig(
+            model="seed_net", dataset="mnist-offline", train_limit=256, batch_size=32, epochs=1, conv_method="im2col"
+        ).to_json()
+    )
     # The class-balanced --train-limit subset is drawn by digit and logged.
-    assert stdout[0] == ("train_limit 256: a class-balanced subset (seed 0): class 0: 26, class 1: 26, class 2: 26, "
-                         "class 3: 26, class 4: 26, class 5: 26, class 6: 25, class 7: 25, class 8: 25, class 9: 25")
+    assert stdout[0] == (
+        "train_limit 256: a class-balanced subset (seed 0): class 0: 26, class 1: 26, class 2: 26, "
+        "class 3: 26, class 4: 26, class 5: 26, class 6: 25, class 7: 25, class 8: 25, class 9: 25"
+    )
     assert any("256 train / 1,000 test images, 8 steps of 32 per epoch" in line for line in stdout), stdout
     assert re.fullmatch(r"final test accuracy 0\.\d{4} after 1 epoch \(\d+\.\d s\)", stdout[-1]), stdout
 
@@ -220,14 +279,19 @@ def test_second_invocation_needs_resume_and_the_same_settings(small_run, capsys)
 # User errors: one line on stderr, exit status 2
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--epochs", "0"], "jaxcnn train: --epochs must be >= 1, got 0"),
-    (["--lr", "-1"], "jaxcnn train: --lr must be a positive number, got -1.0"),
-    (["--resume"], "jaxcnn train: --resume needs --out DIR"),
-    (["--augment", "9"], "jaxcnn train: --augment must be between 0 and 8 pixels, got 9"),
-    (["--dataset", "mnist-offline", "--batch-size", "9000"],
-     "jaxcnn train: --batch-size 9000 exceeds the 4000 training examples"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--epochs", "0"], "jaxcnn train: --epochs must be >= 1, got 0"),
+        (["--lr", "-1"], "jaxcnn train: --lr must be a positive number, got -1.0"),
+        (["--resume"], "jaxcnn train: --resume needs --out DIR"),
+        (["--augment", "9"], "jaxcnn train: --augment must be between 0 and 8 pixels, got 9"),
+        (
+            ["--dataset", "mnist-offline", "--batch-size", "9000"],
+            "jaxcnn train: --batch-size 9000 exceeds the 4000 training examples",
+        ),
+    ],
+)
 def test_bad_values_exit_2_with_one_line(argv, message, capsys, tmp_path):
     assert cli.main(["train", *argv]) == 2
     assert one_line_error(capsys.readouterr().err).startswith(message)
@@ -271,8 +335,11 @@ def test_sigint_saves_and_exits_130(tmp_path, monkeypatch, capsys):
     # 16 steps per epoch, all in the first chunk: the signal stops the run at the end of epoch 1 of 2.
     assert cli.main(["train", *TWO_EPOCHS, "--out", str(tmp_path)]) == 130
     err = capsys.readouterr().err
-    assert re.search(r"SIGINT: checkpoint saved to .*checkpoint\.npz at epoch 2, step 0; "
-                     r"continue with the same command plus --resume", err), err
+    assert re.search(
+        r"SIGINT: checkpoint saved to .*checkpoint\.npz at epoch 2, step 0; "
+        r"continue with the same command plus --resume",
+        err,
+    ), err
     assert (tmp_path / CHECKPOINT).exists()
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
 
@@ -289,15 +356,33 @@ def test_non_finite_loss_exits_1(tmp_path, monkeypatch, capsys):
     patch_trainer(monkeypatch, poison)
     assert cli.main(["train", *TWO_EPOCHS, "--out", str(tmp_path)]) == 1
     line = one_line_error(capsys.readouterr().err)
-    assert re.match(r"jaxcnn train: loss became nan at step 0 of epoch 1 \(global step 0\); try a lower --lr$", line), line
+    assert re.match(r"jaxcnn train: loss became nan at step 0 of epoch 1 \(global step 0\); try a lower --lr$", line), (
+        line
+    )
     assert not (tmp_path / CHECKPOINT).exists()
 
 
 def test_sigterm_to_a_running_jaxcnn_train_saves_a_checkpoint_and_exits_143(tmp_path):
     """A real process: SIGTERM once training has started; the checkpoint is written and the exit status is 143."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    args = [sys.executable, "-m", "jaxcnn.cli", "train", "--model", "seed_net", "--dataset", "mnist-offline",
-            "--batch-size", "32", "--epochs", "500", "--progress", "off", "--out", str(tmp_path)]  # far more than 2 s
+    args = [
+        sys.executable,
+        "-m",
+        "jaxcnn.cli",
+        "train",
+        "--model",
+        "seed_net",
+        "--dataset",
+        "mnist-offline",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "500",
+        "--progress",
+        "off",
+        "--out",
+        str(tmp_path),
+    ]  # far more than 2 s
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stdout:  # the line logged just before the training loop starts
@@ -326,8 +411,14 @@ def test_gradcheck_seed_net_prints_the_tables_and_exits_0(tmp_path, capsys):
     report = tmp_path / "gradcheck.json"
     assert cli.main(["gradcheck", "--model", "seed_net", "--json", str(report)]) == 0
     out = capsys.readouterr().out
-    names = ["seed_net[0] Conv2D(3, kernel=5)", "seed_net[1] Sigmoid", "seed_net[2] Flatten", "seed_net[3] Dense(1)",
-             "seed_net[4] Sigmoid", "seed_net + mse"]
+    names = [
+        "seed_net[0] Conv2D(3, kernel=5)",
+        "seed_net[1] Sigmoid",
+        "seed_net[2] Flatten",
+        "seed_net[3] Dense(1)",
+        "seed_net[4] Sigmoid",
+        "seed_net + mse",
+    ]
     for name in names:
         assert f"gradcheck {name} [float64]" in out
     assert out.count("\nOK\n") == len(names)

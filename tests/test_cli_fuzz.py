@@ -24,16 +24,59 @@ from jaxcnn import cli
 from jaxcnn import data as jdata
 from jaxcnn.train import TrainConfig, train_and_evaluate
 
-FUZZ = settings(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                         HealthCheck.too_slow])
+FUZZ = settings(
+    deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
-TRAIN = ["train", "--model", "seed_net", "--dataset", "mnist-offline", "--offline", "--epochs", "1", "--train-limit",
-         "32", "--batch-size", "32", "--conv-method", "im2col", "--progress", "off"]
-TRAIN_FLAGS = ["--lr", "--momentum", "--weight-decay", "--seed", "--batch-size", "--augment", "--chunk-steps",
-               "--eval-batch-size", "--check-every", "--check-tolerance", "--devices", "--train-limit", "--optimizer",
-               "--schedule", "--precision", "--grad", "--loop", "--conv-method", "--model", "--dataset", "--data-dir",
-               "--out", "--num-processes", "--process-id", "--coordinator", "--epochs", "--resume", "--normalize",
-               "--checkpoint-every"]
+TRAIN = [
+    "train",
+    "--model",
+    "seed_net",
+    "--dataset",
+    "mnist-offline",
+    "--offline",
+    "--epochs",
+    "1",
+    "--train-limit",
+    "32",
+    "--batch-size",
+    "32",
+    "--conv-method",
+    "im2col",
+    "--progress",
+    "off",
+]
+TRAIN_FLAGS = [
+    "--lr",
+    "--momentum",
+    "--weight-decay",
+    "--seed",
+    "--batch-size",
+    "--augment",
+    "--chunk-steps",
+    "--eval-batch-size",
+    "--check-every",
+    "--check-tolerance",
+    "--devices",
+    "--train-limit",
+    "--optimizer",
+    "--schedule",
+    "--precision",
+    "--grad",
+    "--loop",
+    "--conv-method",
+    "--model",
+    "--dataset",
+    "--data-dir",
+    "--out",
+    "--num-processes",
+    "--process-id",
+    "--coordinator",
+    "--epochs",
+    "--resume",
+    "--normalize",
+    "--checkpoint-every",
+]
 # The largest value of a flag that keeps a valid run tiny; other values of these flags are left out.
 TRAIN_BOUNDS = {"--epochs": 2, "--train-limit": 256}
 PATH_FLAGS = {"--out", "--json", "--data-dir"}  # fuzzed paths stay inside the scratch directory
@@ -42,10 +85,32 @@ BENCH = ["bench", "--quick", "--models", "seed_net", "--sections", "peak", "--pe
 BENCH_FLAGS = ["--rounds", "--batch", "--json", "--device", "--options"]
 INFERENCE_FLAGS = ["--out", "--eval-batch-size", "--json", "--dataset", "--data-dir", "--offline", "--plot"]
 
-INTS = st.one_of(st.integers(-3, 3), st.sampled_from([64, 2**31, 2**63, -2**63, 10**30]))
+INTS = st.one_of(st.integers(-3, 3), st.sampled_from([64, 2**31, 2**63, -(2**63), 10**30]))
 FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([1e-300, 1e300, -0.0]))
-WORDS = st.sampled_from(["seed_net", "resnet_small", "mnist-offline", "sgd", "adam", "cosine", "bfloat16", "autodiff",
-                         "scan", "im2col", "cpu", "gpu", "float32", ".", "..", "/", "-", "--", "x.json", "a/b/c.json"])
+WORDS = st.sampled_from(
+    [
+        "seed_net",
+        "resnet_small",
+        "mnist-offline",
+        "sgd",
+        "adam",
+        "cosine",
+        "bfloat16",
+        "autodiff",
+        "scan",
+        "im2col",
+        "cpu",
+        "gpu",
+        "float32",
+        ".",
+        "..",
+        "/",
+        "-",
+        "--",
+        "x.json",
+        "a/b/c.json",
+    ]
+)
 VALUES = st.one_of(INTS.map(str), FLOATS.map(repr), WORDS, st.text(max_size=10))
 
 
@@ -101,8 +166,15 @@ def sandbox(tmp_path, monkeypatch):
 def run_dir(tmp_path_factory):
     """A trained seed_net run (one step) for evaluate and predict, with an image file to predict."""
     out = tmp_path_factory.mktemp("run")
-    config = TrainConfig(model="seed_net", dataset=jdata.OFFLINE_NAME, offline=True, epochs=1, train_limit=32,
-                         batch_size=32, conv_method="im2col")
+    config = TrainConfig(
+        model="seed_net",
+        dataset=jdata.OFFLINE_NAME,
+        offline=True,
+        epochs=1,
+        train_limit=32,
+        batch_size=32,
+        conv_method="im2col",
+    )
     train_and_evaluate(config, out, log=lambda line: None)
     images = jdata.load_dataset(jdata.OFFLINE_NAME, log=lambda line: None).test_images[:4]
     np.save(out / "images.npy", images)
@@ -176,17 +248,27 @@ def test_bench_flags(sandbox, pairs):
 
 
 def out_of_memory(*args, **kwargs):
-    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 73014444032 bytes.\n"
-                                     "BufferAssignment OOM Debugging.")
+    raise jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 73014444032 bytes.\nBufferAssignment OOM Debugging."
+    )
 
 
-@pytest.mark.parametrize("argv, target, hint", [
-    ([*TRAIN, "--batch-size", "16", "--eval-batch-size", "500"], "jaxcnn.train.train_and_evaluate",
-     "(--batch-size 16, --eval-batch-size 500)"),
-    (["evaluate", "--out", "RUN", "--eval-batch-size", "700"], "jaxcnn.inference_cli.evaluate",
-     "(--eval-batch-size 700)"),
-    (["predict", "--out", "RUN", "RUN/images.npy"], "jaxcnn.inference_cli.predict", "(default batch sizes)"),
-])
+@pytest.mark.parametrize(
+    "argv, target, hint",
+    [
+        (
+            [*TRAIN, "--batch-size", "16", "--eval-batch-size", "500"],
+            "jaxcnn.train.train_and_evaluate",
+            "(--batch-size 16, --eval-batch-size 500)",
+        ),
+        (
+            ["evaluate", "--out", "RUN", "--eval-batch-size", "700"],
+            "jaxcnn.inference_cli.evaluate",
+            "(--eval-batch-size 700)",
+        ),
+        (["predict", "--out", "RUN", "RUN/images.npy"], "jaxcnn.inference_cli.predict", "(default batch sizes)"),
+    ],
+)
 def test_out_of_memory_is_one_line_naming_the_batch_size(sandbox, run_dir, monkeypatch, argv, target, hint):
     monkeypatch.setattr(target, out_of_memory)
     argv = [a.replace("RUN", str(run_dir)) for a in argv]
@@ -206,17 +288,22 @@ def test_gradcheck_json_creates_missing_folders(sandbox, monkeypatch):
     assert json.loads((sandbox / "new" / "dir" / "checks.json").read_text()) == []
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["gradcheck", "--batch", "0"], "--batch must be between 1 and 256, got 0"),
-    (["gradcheck", "--batch", "-3"], "--batch must be between 1 and 256, got -3"),
-    (["gradcheck", "--seed", "-1"], "--seed must be an integer in 0..2**63-1"),
-    (["train", "--seed", str(2**63)], "--seed must be an integer in 0..2**63-1"),
-    (["train", "--check-every", str(2**31)], "--check-every must be below 2**31"),
-    (["bench", "--rounds", "1000000"], "--rounds must be at most 1000"),
-    (["train", "--model", "seed_net", "--out", "\0"], "arguments cannot contain NUL characters"),
-    (["train", "--coordinator", "host", "--num-processes", "1", "--process-id", "0"],
-     "--coordinator must be HOST:PORT"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["gradcheck", "--batch", "0"], "--batch must be between 1 and 256, got 0"),
+        (["gradcheck", "--batch", "-3"], "--batch must be between 1 and 256, got -3"),
+        (["gradcheck", "--seed", "-1"], "--seed must be an integer in 0..2**63-1"),
+        (["train", "--seed", str(2**63)], "--seed must be an integer in 0..2**63-1"),
+        (["train", "--check-every", str(2**31)], "--check-every must be below 2**31"),
+        (["bench", "--rounds", "1000000"], "--rounds must be at most 1000"),
+        (["train", "--model", "seed_net", "--out", "\0"], "arguments cannot contain NUL characters"),
+        (
+            ["train", "--coordinator", "host", "--num-processes", "1", "--process-id", "0"],
+            "--coordinator must be HOST:PORT",
+        ),
+    ],
+)
 def test_out_of_range_values_are_one_line(sandbox, argv, message):
     code, _, err = call(argv)
     lines = err.strip().splitlines()

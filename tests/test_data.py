@@ -70,9 +70,7 @@ def random_split(rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.n
     return images, labels
 
 
-def write_dataset(
-    directory: Path, *, train: int = 30, test: int = 10, seed: int = 0, compress: bool = True
-) -> dict:
+def write_dataset(directory: Path, *, train: int = 30, test: int = 10, seed: int = 0, compress: bool = True) -> dict:
     """Writes the four standard IDX files; returns the arrays by role."""
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -125,9 +123,7 @@ IDX_DTYPES = [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64]
 @FUZZ
 @given(
     array=hnp.arrays(
-        dtype=st.sampled_from(IDX_DTYPES).flatmap(
-            lambda d: st.sampled_from([np.dtype(d), np.dtype(d).newbyteorder()])
-        ),
+        dtype=st.sampled_from(IDX_DTYPES).flatmap(lambda d: st.sampled_from([np.dtype(d), np.dtype(d).newbyteorder()])),
         shape=hnp.array_shapes(min_dims=1, max_dims=4, min_side=0, max_side=5),
     ),
     compress=st.booleans(),
@@ -145,9 +141,7 @@ def test_idx_round_trip(tmp_path, array, compress):
 def test_idx_byte_layout(tmp_path):
     path = tmp_path / "layout"
     write_idx(path, np.array([[1, 2, 3], [4, 5, -6]], dtype=np.int16))
-    assert path.read_bytes() == bytes([0, 0, 0x0B, 2, 0, 0, 0, 2, 0, 0, 0, 3]) + struct.pack(
-        ">6h", 1, 2, 3, 4, 5, -6
-    )
+    assert path.read_bytes() == bytes([0, 0, 0x0B, 2, 0, 0, 0, 2, 0, 0, 0, 3]) + struct.pack(">6h", 1, 2, 3, 4, 5, -6)
 
 
 def test_idx_compression_is_recognised_by_content(tmp_path):
@@ -231,9 +225,7 @@ def test_idx_corruption_messages(tmp_path, data, fragments, compress):
 
 
 def test_idx_huge_declared_size_is_rejected_without_allocating(tmp_path):
-    path = write_bytes(
-        tmp_path / "huge.gz", idx_header(0x0E, (2**32 - 1, 2**32 - 1, 2**32 - 1)) + bytes(64), True
-    )
+    path = write_bytes(tmp_path / "huge.gz", idx_header(0x0E, (2**32 - 1, 2**32 - 1, 2**32 - 1)) + bytes(64), True)
     with pytest.raises(DataError, match="truncated"):
         read_idx(path)
 
@@ -243,16 +235,16 @@ def test_idx_corrupt_and_truncated_gzip(tmp_path):
     write_idx(path, np.random.default_rng(0).integers(0, 256, (50, 28, 28), dtype=np.uint8))
     compressed = path.read_bytes()
     truncated = write_bytes(tmp_path / "truncated.gz", compressed[: len(compressed) // 2], False)
-    with pytest.raises(DataError, match="truncated|corrupt gzip"):
+    with pytest.raises(DataError, match=r"truncated|corrupt gzip"):
         read_idx(truncated)
     flipped = bytearray(compressed)
     flipped[len(flipped) // 2] ^= 0xFF
     corrupt = write_bytes(tmp_path / "corrupt.gz", bytes(flipped), False)
-    with pytest.raises(DataError, match="corrupt gzip|file length"):
+    with pytest.raises(DataError, match=r"corrupt gzip|file length"):
         read_idx(corrupt)
     bad_crc = bytearray(compressed)
     bad_crc[-8] ^= 0xFF
-    with pytest.raises(DataError, match="corrupt gzip data.*CRC"):
+    with pytest.raises(DataError, match=r"corrupt gzip data.*CRC"):
         read_idx(write_bytes(tmp_path / "crc.gz", bytes(bad_crc), False))
 
 
@@ -365,7 +357,7 @@ def test_directory_dataset_bad_contents(tmp_path, role, array, fragments):
 
 
 def test_unknown_dataset_name(tmp_path):
-    with pytest.raises(DataError, match="unknown dataset.*mnist, fashion-mnist, mnist-offline"):
+    with pytest.raises(DataError, match=r"unknown dataset.*mnist, fashion-mnist, mnist-offline"):
         load_dataset("cifar-10")
 
 
@@ -383,7 +375,6 @@ def test_named_dataset_from_data_dir(published):
 
 @pytest.mark.parametrize("where", ["data_dir/name", "JAXCNN_DATA", "cache", "system"])
 def test_named_dataset_lookup_locations(tmp_path, monkeypatch, published, where):
-    source, _ = published
     root = tmp_path / "root"
     target = {
         "data_dir/name": root / "mnist",
@@ -421,15 +412,12 @@ def test_recompressed_and_uncompressed_copies_verify_by_content(tmp_path, publis
             (copy / STEMS[role]).write_bytes(data)
         else:
             (copy / f"{STEMS[role]}.gz").write_bytes(gzip.compress(data, compresslevel=1, mtime=12345))
-    assert (copy / "t10k-images-idx3-ubyte.gz").read_bytes() != (
-        source / "t10k-images-idx3-ubyte.gz"
-    ).read_bytes()
+    assert (copy / "t10k-images-idx3-ubyte.gz").read_bytes() != (source / "t10k-images-idx3-ubyte.gz").read_bytes()
     dataset = load_dataset("fashion-mnist", data_dir=copy, download=False)
     np.testing.assert_array_equal(dataset.train_labels, arrays["train_labels"])
 
 
 def test_checksum_mismatch_is_reported_and_the_file_kept(tmp_path, monkeypatch, published):
-    source, _ = published
     other = tmp_path / "other"
     write_dataset(other, seed=2)
     with pytest.raises(DataError) as raised:
@@ -449,7 +437,7 @@ def test_only_the_original_gzip_verifies_without_published_sha256(tmp_path, monk
     register(monkeypatch, catalog.MNIST, source, with_sha256=False)
     copy = tmp_path / "uncompressed"
     write_dataset(copy, seed=1, compress=False)
-    with pytest.raises(DataError, match="only the original .gz verifies"):
+    with pytest.raises(DataError, match=r"only the original \.gz verifies"):
         load_dataset("mnist", data_dir=copy, download=False)
 
 
@@ -489,11 +477,7 @@ def test_mnist_falls_back_to_the_bundled_split_in_one_line(monkeypatch):
     monkeypatch.setenv("JAXCNN_OFFLINE", "1")
     log = Log()
     dataset = load_dataset("mnist", log=log)
-    assert (
-        dataset.name == OFFLINE_NAME
-        and len(dataset.train_labels) == 4000
-        and len(dataset.test_labels) == 1000
-    )
+    assert dataset.name == OFFLINE_NAME and len(dataset.train_labels) == 4000 and len(dataset.test_labels) == 1000
     assert len(log) == 1
     assert log[0].startswith("MNIST unavailable (") and "not found, downloads disabled" in log[0]
     assert "4,000 train / 1,000 held-out test" in log[0]
@@ -606,9 +590,7 @@ class MirrorServer:
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def respond(self, handler):
         _, kind, name = handler.path.split("/", 2)
@@ -743,7 +725,7 @@ def test_download_gives_up_after_retries_then_tries_the_next_mirror(tmp_path, se
 
 
 def test_download_retries_a_dropped_connection(tmp_path, server, sleeps):
-    with pytest.raises(DataError, match="transfer ended after .* bytes \\(after 3 attempts\\)"):
+    with pytest.raises(DataError, match=r"transfer ended after .* bytes \(after 3 attempts\)"):
         load_dataset("fashion-mnist", mirrors=[server.mirror("cut")])
     assert server.requests.count("/cut/train-images-idx3-ubyte.gz") == 3
 
@@ -757,7 +739,7 @@ def test_unreachable_mirror_fails_fast_and_is_skipped_afterwards(tmp_path, serve
     start = time.monotonic()
     with pytest.raises(DataError, match="unreachable \\(Connection refused\\)"):
         downloader.fetch("first.gz", tmp_path / "x", lambda path, url: None)
-    with pytest.raises(DataError, match="skipped, 127.0.0.1:[0-9]+ was unreachable a moment ago"):
+    with pytest.raises(DataError, match=r"skipped, 127\.0\.0\.1:[0-9]+ was unreachable a moment ago"):
         downloader.fetch("second.gz", tmp_path / "x", lambda path, url: None)
     assert time.monotonic() - start < 2
     assert os.listdir(tmp_path / "x") == []
@@ -773,9 +755,7 @@ def test_all_mirrors_unreachable_message(tmp_path):
         "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz: "
         "not found, download failed: no mirror reachable, likewise." in message
     )
-    assert (
-        "or place train-images-idx3-ubyte.gz (MD5" in message and "t10k-labels-idx1-ubyte.gz (MD5" in message
-    )
+    assert "or place train-images-idx3-ubyte.gz (MD5" in message and "t10k-labels-idx1-ubyte.gz (MD5" in message
 
 
 def test_offline_mode_never_touches_the_network(monkeypatch, server):
@@ -798,7 +778,7 @@ def test_mirrors_from_the_environment(monkeypatch, server):
 
 def test_a_malformed_mirror_url_is_reported(monkeypatch):
     monkeypatch.setenv("JAXCNN_MIRRORS", "not-a-url")
-    with pytest.raises(DataError, match="not-a-url/train-images-idx3-ubyte.gz: not a usable URL"):
+    with pytest.raises(DataError, match=r"not-a-url/train-images-idx3-ubyte\.gz: not a usable URL"):
         load_dataset("fashion-mnist")
 
 
@@ -814,10 +794,7 @@ def test_unwritable_download_directory(tmp_path, monkeypatch, server):
     with pytest.raises(DataError) as raised:
         load_dataset("fashion-mnist", mirrors=[server.mirror("good")])
     message = str(raised.value)
-    assert (
-        "cannot write to the download directory" in message
-        and "Set JAXCNN_DATA to a writable directory" in message
-    )
+    assert "cannot write to the download directory" in message and "Set JAXCNN_DATA to a writable directory" in message
     assert server.requests == []
     log = Log()
     assert load_dataset("mnist", mirrors=[server.mirror("good")], log=log).name == OFFLINE_NAME
@@ -845,9 +822,7 @@ def test_download_is_placed_only_after_verification(tmp_path, server):
         seen.append((url, temporary.stat().st_size))
         return read_idx(temporary)
 
-    labels = Downloader([server.mirror("good")], log=Log()).fetch(
-        "t10k-labels-idx1-ubyte.gz", destination, verify
-    )
+    labels = Downloader([server.mirror("good")], log=Log()).fetch("t10k-labels-idx1-ubyte.gz", destination, verify)
     assert len(labels) == 10 and len(seen) == 1
     assert os.listdir(destination) == ["t10k-labels-idx1-ubyte.gz"]
 

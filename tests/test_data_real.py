@@ -25,17 +25,14 @@ from jaxcnn.data import OFFLINE_NAME, DataError, catalog, files, load_dataset, r
 
 pytestmark = pytest.mark.realdata
 
-SHARED_DATA = Path(
-    os.environ.get("JAXCNN_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
-)
+SHARED_DATA = Path(os.environ.get("JAXCNN_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 SHARED_MNIST = SHARED_DATA / "mnist"
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 MNIST_TEST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte.gz")
 
 needs_mnist = pytest.mark.skipif(
     not all((SHARED_MNIST / name).is_file() for name in MNIST_TEST_FILES),
-    reason=f"the official MNIST files are not in {SHARED_MNIST} "
-    "(set JAXCNN_SHARED_DATA to the shared data directory)",
+    reason=f"the official MNIST files are not in {SHARED_MNIST} (set JAXCNN_SHARED_DATA to the shared data directory)",
 )
 needs_fashion = pytest.mark.skipif(
     not all((DEBIAN_FASHION / f"{stem}.gz").is_file() for stem in catalog.STANDARD_STEMS.values()),
@@ -159,10 +156,8 @@ def test_bundled_subset_is_disjoint_from_the_official_test_set():
 def test_a_misplaced_file_is_identified(tmp_path):
     directory = tmp_path / "mixed"
     directory.mkdir()
-    (directory / "t10k-labels-idx1-ubyte.gz").write_bytes(
-        (DEBIAN_FASHION / "t10k-labels-idx1-ubyte.gz").read_bytes()
-    )
-    with pytest.raises(DataError, match="this is Fashion-MNIST's t10k-labels-idx1-ubyte.gz"):
+    (directory / "t10k-labels-idx1-ubyte.gz").write_bytes((DEBIAN_FASHION / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    with pytest.raises(DataError, match=r"this is Fashion-MNIST's t10k-labels-idx1-ubyte\.gz"):
         load_dataset("mnist", data_dir=directory, download=False)
 
 

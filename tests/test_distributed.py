@@ -81,11 +81,12 @@ def _run(specs, tmp_path, devices=8):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAXCNN_OFFLINE": "1"}
     for spec in specs:
         spec["workdir"] = str(tmp_path / spec["name"])
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(specs)], capture_output=True, text=True,
-                          env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, json.dumps(specs)], capture_output=True, text=True, env=env, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
-    return json.loads(line[len("RESULT"):])
+    return json.loads(line[len("RESULT") :])
 
 
 def _assert_same(a, b, what, *, array_tolerance=None):
@@ -94,7 +95,7 @@ def _assert_same(a, b, what, *, array_tolerance=None):
     np.testing.assert_allclose(a["losses"], b["losses"], rtol=RTOL, atol=ATOL, err_msg=f"{what}: train losses")
     np.testing.assert_allclose(a["test"], b["test"], rtol=RTOL, atol=ATOL, err_msg=f"{what}: test losses")
     assert len(a["params"]) == len(b["params"])
-    for i, (x, y) in enumerate(zip(a["params"], b["params"])):
+    for i, (x, y) in enumerate(zip(a["params"], b["params"], strict=True)):
         x, y = np.asarray(x), np.asarray(y)
         if array_tolerance is None:
             np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL, err_msg=f"{what}: array {i}")
@@ -103,10 +104,14 @@ def _assert_same(a, b, what, *, array_tolerance=None):
 
 
 def test_device_counts_agree_with_one_device(tmp_path):
-    specs = [{"name": f"{grad}-{d}", "grad": grad, "devices": d}
-             for grad in ("manual", "autodiff") for d in ((1, 2, 4, 8) if grad == "manual" else (1, 8))]
-    specs.append({"name": "resume-8-to-1", "grad": "manual", "devices": 8, "interrupt_after_epoch": True,
-                  "resume_devices": 1})
+    specs = [
+        {"name": f"{grad}-{d}", "grad": grad, "devices": d}
+        for grad in ("manual", "autodiff")
+        for d in ((1, 2, 4, 8) if grad == "manual" else (1, 8))
+    ]
+    specs.append(
+        {"name": "resume-8-to-1", "grad": "manual", "devices": 8, "interrupt_after_epoch": True, "resume_devices": 1}
+    )
     specs += [{"name": f"bn-{d}", "network": "tiny_bn", "augment": 2, "grad": "manual", "devices": d} for d in (1, 8)]
     out = _run(specs, tmp_path)
     assert out["manual-1"]["devices"] == 8
@@ -133,20 +138,59 @@ def _free_port() -> int:
 
 
 def test_two_processes_agree_with_one(tmp_path):
-    common = ["--model", "lenet5", "--dataset", "mnist-offline", "--train-limit", "256", "--epochs", "2",
-              "--batch-size", "32", "--augment", "0", "--progress", "off", "--offline"]
+    common = [
+        "--model",
+        "lenet5",
+        "--dataset",
+        "mnist-offline",
+        "--train-limit",
+        "256",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--augment",
+        "0",
+        "--progress",
+        "off",
+        "--offline",
+    ]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    single = subprocess.run([sys.executable, "-m", "jaxcnn.cli", "train", *common, "--out", str(tmp_path / "single")],
-                            capture_output=True, text=True, env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
-                            timeout=300)
+    single = subprocess.run(
+        [sys.executable, "-m", "jaxcnn.cli", "train", *common, "--out", str(tmp_path / "single")],
+        capture_output=True,
+        text=True,
+        env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr[-2000:]
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "jaxcnn.cli", "train", *common, "--out", str(tmp_path / "multi"),
-                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jaxcnn.cli",
+                "train",
+                *common,
+                "--out",
+                str(tmp_path / "multi"),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
     outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
+    for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-2000:]
     # Only process 0 logs and writes.
     assert "final test accuracy" in outputs[0][0] and "final test accuracy" not in outputs[1][0]
@@ -166,8 +210,25 @@ def test_two_processes_agree_with_one(tmp_path):
 
 def test_batch_must_divide_over_devices(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    proc = subprocess.run([sys.executable, "-m", "jaxcnn.cli", "train", "--dataset", "mnist-offline", "--batch-size", "30",
-                           "--epochs", "1", "--offline"], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxcnn.cli",
+            "train",
+            "--dataset",
+            "mnist-offline",
+            "--batch-size",
+            "30",
+            "--epochs",
+            "1",
+            "--offline",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "--batch-size 30 does not divide evenly over 4 devices" in proc.stderr
     assert "Traceback" not in proc.stderr

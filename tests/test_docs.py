@@ -48,14 +48,30 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 
 PUBLIC_MODULES = (
-    "jaxcnn", "jaxcnn.ops", "jaxcnn.layers", "jaxcnn.gradients", "jaxcnn.gradcheck", "jaxcnn.reference",
-    "jaxcnn.models", "jaxcnn.train", "jaxcnn.data", "jaxcnn.bench", "jaxcnn.inference",
+    "jaxcnn",
+    "jaxcnn.ops",
+    "jaxcnn.layers",
+    "jaxcnn.gradients",
+    "jaxcnn.gradcheck",
+    "jaxcnn.reference",
+    "jaxcnn.models",
+    "jaxcnn.train",
+    "jaxcnn.data",
+    "jaxcnn.bench",
+    "jaxcnn.inference",
     "jaxcnn.per_example",
 )
 # Modules of the package that are not part of the documented API (their docstrings are still checked by
 # the doctest collector). The submodules of a public package are its implementation: the package's
 # ``__all__`` is its API.
-INTERNAL_MODULES = ("jaxcnn.__main__", "jaxcnn.cli", "jaxcnn.inference_cli", "jaxcnn.modelcheck", "jaxcnn.provenance", "jaxcnn.shapes")
+INTERNAL_MODULES = (
+    "jaxcnn.__main__",
+    "jaxcnn.cli",
+    "jaxcnn.inference_cli",
+    "jaxcnn.modelcheck",
+    "jaxcnn.provenance",
+    "jaxcnn.shapes",
+)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -65,9 +81,11 @@ INTERNAL_MODULES = ("jaxcnn.__main__", "jaxcnn.cli", "jaxcnn.inference_cli", "ja
 def test_every_module_is_public_or_internal():
     found = {f"jaxcnn.{m.name}" for m in pkgutil.iter_modules(jaxcnn.__path__)}
     unplaced = sorted(found - set(PUBLIC_MODULES) - set(INTERNAL_MODULES))
-    assert not unplaced, (f"modules {unplaced} are neither in PUBLIC_MODULES (give each a page docs/api/NAME.md "
-                          "holding '::: module' and a line in mkdocs.yml's nav) nor in INTERNAL_MODULES of "
-                          "tests/test_docs.py")
+    assert not unplaced, (
+        f"modules {unplaced} are neither in PUBLIC_MODULES (give each a page docs/api/NAME.md "
+        "holding '::: module' and a line in mkdocs.yml's nav) nor in INTERNAL_MODULES of "
+        "tests/test_docs.py"
+    )
     gone = sorted((set(PUBLIC_MODULES) | set(INTERNAL_MODULES)) - found - {"jaxcnn"})
     assert not gone, f"tests/test_docs.py lists modules that do not exist: {gone}"
 
@@ -142,8 +160,9 @@ def constant_documented(module_name: str, name: str) -> bool:
     tree = _module_tree(module_name)
     body = tree.body
     for i, node in enumerate(body):
-        targets = (node.targets if isinstance(node, ast.Assign) else
-                   [node.target] if isinstance(node, ast.AnnAssign) else [])
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
         if not any(isinstance(t, ast.Name) and t.id == name for t in targets):
             continue
         following = body[i + 1] if i + 1 < len(body) else None
@@ -222,8 +241,11 @@ GUIDES = ("training.md", "gradients.md")
 
 
 def _pages_with_python() -> list[str]:
-    return sorted(page.relative_to(DOCS).as_posix() for page in DOCS.rglob("*.md")
-                  if python_blocks(page.read_text(), source=str(page.relative_to(REPO))))
+    return sorted(
+        page.relative_to(DOCS).as_posix()
+        for page in DOCS.rglob("*.md")
+        if python_blocks(page.read_text(), source=str(page.relative_to(REPO)))
+    )
 
 
 def test_python_fences_are_runnable_or_notest():
@@ -363,8 +385,13 @@ def test_site_builds_strict(tmp_path):
     for name in ("mkdocs", "mkdocstrings", "mkdocstrings_handlers"):
         if importlib.util.find_spec(name) is None:
             pytest.skip(f'{name} is not installed (pip install -e ".[docs]")')
-    run = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if run.returncode:
         warnings = "\n".join(line for line in run.stderr.splitlines() if not line.startswith("INFO"))
         pytest.fail(f"mkdocs build --strict failed:\n{warnings[-6000:]}", pytrace=False)

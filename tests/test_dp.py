@@ -9,11 +9,11 @@ import functools
 import math
 
 import numpy as np
-import optax
 import pytest
 
 import jax
 import jax.numpy as jnp
+import optax
 
 import jaxcnn
 from jaxcnn import gradients
@@ -42,15 +42,18 @@ def batch():
 def _step_gradient(model, params, state, x, target, *, clip, noise, key):
     """The gradient a DP-SGD train step applies: plain SGD with learning rate 1 makes it ``params - new``."""
     step = make_step(model, CE, optax.sgd(1.0), dp_clip=clip, dp_noise_multiplier=noise)
-    new, _ = jax.jit(functools.partial(train_step, step))(TrainState(params, state, step.tx.init(params)), x, target, key)
+    new, _ = jax.jit(functools.partial(train_step, step))(
+        TrainState(params, state, step.tx.init(params)), x, target, key
+    )
     return jax.tree_util.tree_map(lambda p, q: p - q, params, new.params)
 
 
 def test_noiseless_step_applies_the_mean_of_clipped_per_example_gradients(batch):
     model, params, state, x, target = batch
     per_example = gradients.per_example_grads(model, CE, params, state, x, target)
-    norms = np.sqrt(sum(np.sum(np.asarray(g).reshape(len(x), -1) ** 2, axis=1)
-                        for g in jax.tree_util.tree_leaves(per_example)))
+    norms = np.sqrt(
+        sum(np.sum(np.asarray(g).reshape(len(x), -1) ** 2, axis=1) for g in jax.tree_util.tree_leaves(per_example))
+    )
     clip = float(np.median(norms))  # half the examples are clipped, half are not
     assert (norms > clip).sum() >= 2 and (norms < clip).sum() >= 2
     factor = np.minimum(1.0, clip / norms)
@@ -67,8 +70,12 @@ def test_noise_is_gaussian_with_std_sigma_clip_over_batch(batch):
     clip, sigma, key = 0.5, 2.0, jax.random.PRNGKey(3)
     clean = _step_gradient(model, params, state, x, target, clip=clip, noise=0.0, key=key)
     noisy = _step_gradient(model, params, state, x, target, clip=clip, noise=sigma, key=key)
-    z = np.concatenate([(np.asarray(n) - np.asarray(c)).ravel() for n, c in
-                        zip(jax.tree_util.tree_leaves(noisy), jax.tree_util.tree_leaves(clean), strict=True)])
+    z = np.concatenate(
+        [
+            (np.asarray(n) - np.asarray(c)).ravel()
+            for n, c in zip(jax.tree_util.tree_leaves(noisy), jax.tree_util.tree_leaves(clean), strict=True)
+        ]
+    )
     z = z * len(x) / (sigma * clip)  # standard normal if the noise has the documented scale
     assert z.size == 931
     assert abs(z.mean()) < 4 / math.sqrt(z.size)
@@ -108,14 +115,26 @@ def _digits(n, seed):
     y = rng.integers(0, 3, n)
     x = rng.normal(0, 0.3, (n, 8, 8, 1)).astype(np.float32)
     for i, c in enumerate(y):
-        x[i, 2 * c:2 * c + 3, 2:6, 0] += 2.0
+        x[i, 2 * c : 2 * c + 3, 2:6, 0] += 2.0
     return x, y
 
 
 def test_fit_reports_epsilon_per_epoch_and_learns():
     train, test = _digits(192, 0), _digits(96, 1)
-    result = jaxcnn.fit(small_net(), CE, train, test, epochs=2, batch_size=32, lr=0.1, augment=0, dp_clip=1.0,
-                        dp_noise_multiplier=0.8, dp_delta=1e-4, **QUIET)
+    result = jaxcnn.fit(
+        small_net(),
+        CE,
+        train,
+        test,
+        epochs=2,
+        batch_size=32,
+        lr=0.1,
+        augment=0,
+        dp_clip=1.0,
+        dp_noise_multiplier=0.8,
+        dp_delta=1e-4,
+        **QUIET,
+    )
     eps = [h["dp_epsilon"] for h in result.history]
     want = [privacy.epsilon(noise_multiplier=0.8, sample_rate=32 / 192, steps=6 * e, delta=1e-4) for e in (1, 2)]
     assert eps == want and eps[0] < eps[1]
@@ -125,11 +144,14 @@ def test_fit_reports_epsilon_per_epoch_and_learns():
 
 def test_dp_settings_are_checked_in_one_line():
     bn_net = serial(Conv2D(4, 3), BatchNorm(), Relu(), Flatten(), Dense(3))
-    with pytest.raises(ConfigError, match="^--dp-clip: .*BatchNorm"):
+    with pytest.raises(ConfigError, match=r"^--dp-clip: .*BatchNorm"):
         jaxcnn.fit(bn_net, CE, _digits(64, 0), epochs=1, batch_size=32, dp_clip=1.0, **QUIET)
     for settings, message in [
         (dict(dp_clip=0.0), "--dp-clip must be a positive number, got 0.0"),
-        (dict(dp_noise_multiplier=1.0), "--dp-noise-multiplier scales the noise by the clipping norm; it needs --dp-clip"),
+        (
+            dict(dp_noise_multiplier=1.0),
+            "--dp-noise-multiplier scales the noise by the clipping norm; it needs --dp-clip",
+        ),
         (dict(dp_clip=1.0, dp_noise_multiplier=-1.0), "--dp-noise-multiplier must be >= 0"),
         (dict(dp_clip=1.0, dp_delta=1.0), "--dp-delta must be in (0, 1)"),
         (dict(dp_clip=1.0, grad="autodiff"), "--dp-clip clips per-example gradients"),

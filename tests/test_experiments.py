@@ -19,14 +19,14 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO
 
 sys.path.insert(0, str(REPO))  # ``experiments`` is a directory of scripts beside the package, not installed
 
-from experiments import (  # noqa: E402
+from experiments import (
     check_tolerance,
     common,
+    dp_sgd,
     gradient_report,
     readme_numbers,
     speed,
@@ -37,14 +37,26 @@ from experiments import (  # noqa: E402
 )
 
 try:
-    import matplotlib  # noqa: F401
+    import matplotlib  # noqa: F401  (only whether it imports matters)
 
     HAVE_MATPLOTLIB = True
 except ImportError:
     HAVE_MATPLOTLIB = False
 
-SCRIPTS = {m.NAME: m for m in (tutorial_cnn, worked_examples, gradient_report, training_comparison, what_it_learned, speed,
-                                check_tolerance, readme_numbers)}
+SCRIPTS = {
+    m.NAME: m
+    for m in (
+        tutorial_cnn,
+        worked_examples,
+        gradient_report,
+        training_comparison,
+        what_it_learned,
+        speed,
+        check_tolerance,
+        readme_numbers,
+        dp_sgd,
+    )
+}
 EXPERIMENTS_README = (REPO / "experiments" / "README.md").read_text()
 
 
@@ -76,7 +88,9 @@ def test_worked_examples_match_the_tutorials(tmp_path):
     summary = worked_examples.run(tmp_path, smoke=True, log=quiet)
     assert summary["failed"] == []
     assert summary["n_checks"] >= 50
-    assert_files(tmp_path, ["worked_examples.md", "worked_examples.json", "output_size.csv"], ["worked_examples_maxpool.png"])
+    assert_files(
+        tmp_path, ["worked_examples.md", "worked_examples.json", "output_size.csv"], ["worked_examples_maxpool.png"]
+    )
     checks = load_json(tmp_path / "worked_examples.json")["checks"]
     by_name = {(c["section"], c["check"]): c for c in checks}
     # Seed 003's four outputs, as the tutorial writes them.
@@ -91,8 +105,12 @@ def test_worked_examples_match_the_tutorials(tmp_path):
     routed = by_name[("001 max-pool routing", "max_pool2d_backward routes dE/dP to the winners (local gradient 1)")]
     assert np.array_equal(routed["got"], [[0, 1, 0, 2], [0, 0, 0, 0], [3, 0, 0, 0], [0, 0, 4, 0]])
     slips = [c for c in checks if "slip" in c]
-    assert {c["section"] for c in slips} == {"001 max-pool routing", "001 filter gradient", "004 output size",
-                                             "000 matrix-form shapes"}
+    assert {c["section"] for c in slips} == {
+        "001 max-pool routing",
+        "001 filter gradient",
+        "004 output size",
+        "000 matrix-form shapes",
+    }
     # Every formulation of conv2d and conv2d_backward gives the tutorials' numbers.
     from jaxcnn.ops.conv import METHODS
 
@@ -113,8 +131,11 @@ def test_worked_examples_match_the_tutorials(tmp_path):
 
 def test_tutorial_cnn_smoke(tmp_path):
     summary = tutorial_cnn.run(tmp_path, smoke=True, offline=True, log=quiet)
-    assert_files(tmp_path, ["tutorial_cnn.md", "tutorial_cnn.json", "tutorial_cnn_steps.csv"],
-                 ["tutorial_cnn_loss.png", "tutorial_cnn_grad_diff.png", "tutorial_cnn_step_time.png"])
+    assert_files(
+        tmp_path,
+        ["tutorial_cnn.md", "tutorial_cnn.json", "tutorial_cnn_steps.csv"],
+        ["tutorial_cnn_loss.png", "tutorial_cnn_grad_diff.png", "tutorial_cnn_step_time.png"],
+    )
     stored = load_json(tmp_path / "tutorial_cnn.json")
     assert stored["environment"]["jax"] and stored["config"]["steps"] == tutorial_cnn.SMOKE["steps"]
     with open(tmp_path / stored["steps_csv"], newline="") as f:
@@ -132,8 +153,13 @@ def test_tutorial_cnn_smoke(tmp_path):
     check = summary["numpy_check"]
     assert max(check["gradient_rel_diff_vs_jitted_float64"].values()) < 1e-12
     assert check["max_rel_loss_diff_vs_float64"] < 1e-12
-    assert set(summary["time_per_step"]) == {"NumPy loops (float64)", "jitted manual (float64)", "jitted manual (float32)",
-                                            tutorial_cnn.AUTODIFF_LAX, tutorial_cnn.AUTODIFF_SAME}
+    assert set(summary["time_per_step"]) == {
+        "NumPy loops (float64)",
+        "jitted manual (float64)",
+        "jitted manual (float32)",
+        tutorial_cnn.AUTODIFF_LAX,
+        tutorial_cnn.AUTODIFF_SAME,
+    }
     assert all(t["median_ms"] > 0 for t in summary["time_per_step"].values())
 
 
@@ -156,9 +182,12 @@ def test_tutorial_numpy_network_matches_seed_net_on_a_few_images():
     X = np.moveaxis(images, 0, -1)
     loss, grads, _ = net.loss_and_grads(net.patches(X, 5, 5), X, labels[None, :])
     (ref_loss, _), ref = value_and_grad(model, spec.loss, "autodiff_same_forward")(
-        params, tuple({} for _ in params), jnp.asarray(images[..., None]), jnp.asarray(labels[:, None]))
+        params, tuple({} for _ in params), jnp.asarray(images[..., None]), jnp.asarray(labels[:, None])
+    )
     assert loss == pytest.approx(float(ref_loss), rel=1e-13)
-    for got, want in zip(jax.tree_util.tree_leaves(net.grads_as_params(grads)), jax.tree_util.tree_leaves(ref)):
+    for got, want in zip(
+        jax.tree_util.tree_leaves(net.grads_as_params(grads)), jax.tree_util.tree_leaves(ref), strict=True
+    ):
         np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-14)
 
 
@@ -170,11 +199,15 @@ def test_tutorial_numpy_network_matches_seed_net_on_a_few_images():
 def test_gradient_report_smoke(tmp_path):
     summary = gradient_report.run(tmp_path, smoke=True, log=quiet)
     assert summary["failed"] == []
-    assert_files(tmp_path, ["gradient_report.md", "gradient_report.json", "gradient_report.csv"],
-                 ["gradient_report_histogram.png"])
+    assert_files(
+        tmp_path,
+        ["gradient_report.md", "gradient_report.json", "gradient_report.csv"],
+        ["gradient_report_histogram.png"],
+    )
     rows = summary["rows"]
     assert {(r["case"], r["dtype"]) for r in rows if r["kind"] == "op"} == {
-        (c, d) for c in gradient_report.SMOKE["cases"] for d in gradient_report.DTYPES}
+        (c, d) for c in gradient_report.SMOKE["cases"] for d in gradient_report.DTYPES
+    }
     for r in rows:
         if r["dtype"] == "float64":
             assert r["manual_vs_autodiff"] < 1e-12 and r["manual_vs_fd"] < 1e-6
@@ -192,11 +225,38 @@ def test_gradient_report_cases_cover_ops_and_layers():
     cases = gradient_report.op_cases() + gradient_report.layer_cases()
     names = [c.name for c in cases]
     assert len(names) == len(set(names))
-    for op in ("conv2d", "max_pool2d", "avg_pool2d", "dense", "relu", "sigmoid", "tanh", "softmax", "log_softmax",
-               "mse", "binary_cross_entropy_with_logits", "softmax_cross_entropy"):
+    for op in (
+        "conv2d",
+        "max_pool2d",
+        "avg_pool2d",
+        "dense",
+        "relu",
+        "sigmoid",
+        "tanh",
+        "softmax",
+        "log_softmax",
+        "mse",
+        "binary_cross_entropy_with_logits",
+        "softmax_cross_entropy",
+    ):
         assert any(n.startswith(op) for n in names), op
-    for layer in ("Conv2D", "Dense", "BatchNorm", "Dropout", "MaxPool2D", "AvgPool2D", "GlobalAvgPool", "Flatten",
-                  "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "Residual"):
+    for layer in (
+        "Conv2D",
+        "Dense",
+        "BatchNorm",
+        "Dropout",
+        "MaxPool2D",
+        "AvgPool2D",
+        "GlobalAvgPool",
+        "Flatten",
+        "Relu",
+        "LeakyRelu",
+        "Sigmoid",
+        "Tanh",
+        "Softmax",
+        "LogSoftmax",
+        "Residual",
+    ):
         assert any(n.startswith(layer) for n in names), layer
     # Every convolution formulation, as an op (forward and backward alike) and as a layer.
     from jaxcnn.ops.conv import METHODS
@@ -214,8 +274,11 @@ def test_gradient_report_cases_cover_ops_and_layers():
 @pytest.mark.slow
 def test_training_comparison_smoke(tmp_path):
     summary = training_comparison.run(tmp_path, smoke=True, offline=True, log=quiet)
-    assert_files(tmp_path, ["training_comparison.md", "training_comparison.json", "training_comparison.csv"],
-                 ["training_comparison.png"])
+    assert_files(
+        tmp_path,
+        ["training_comparison.md", "training_comparison.json", "training_comparison.csv"],
+        ["training_comparison.png"],
+    )
     (pair,) = summary["comparison"]
     assert pair["model"] == "lenet5" and pair["dataset"] == "mnist"
     assert pair["max_abs_diff_per_epoch"]["train_loss"] < 1e-3  # same trajectory up to float32 rounding
@@ -223,16 +286,25 @@ def test_training_comparison_smoke(tmp_path):
     assert all(v > 0 for v in pair["images_per_s"].values())
     assert len(summary["runs"]) == 2 and all(len(r["history"]) == 1 for r in summary["runs"])
     assert {r["train_config"]["grad"] for r in summary["runs"]} == {"manual", "autodiff"}  # autodiff: the lax baseline
-    assert all(r["train_config"]["train_limit"] == dict(training_comparison.SMOKE["train_limit"])["mnist"]
-               for r in summary["runs"])
+    assert all(
+        r["train_config"]["train_limit"] == dict(training_comparison.SMOKE["train_limit"])["mnist"]
+        for r in summary["runs"]
+    )
 
 
 @pytest.mark.slow
 def test_what_it_learned_smoke(tmp_path):
     summary = what_it_learned.run(tmp_path, smoke=True, offline=True, log=quiet)
-    assert_files(tmp_path, ["what_it_learned.md", "what_it_learned.json", "what_it_learned_confusion.csv"],
-                 ["what_it_learned_filters.png", "what_it_learned_feature_maps.png", "what_it_learned_confusion.png",
-                  "what_it_learned_mistakes.png"])
+    assert_files(
+        tmp_path,
+        ["what_it_learned.md", "what_it_learned.json", "what_it_learned_confusion.csv"],
+        [
+            "what_it_learned_filters.png",
+            "what_it_learned_feature_maps.png",
+            "what_it_learned_confusion.png",
+            "what_it_learned_mistakes.png",
+        ],
+    )
     confusion = np.asarray(summary["confusion_matrix"])
     assert confusion.shape == (10, 10) and confusion.sum() == what_it_learned.SMOKE["test_limit"]
     assert summary["test_accuracy"] == pytest.approx(np.trace(confusion) / confusion.sum())
@@ -242,11 +314,14 @@ def test_what_it_learned_smoke(tmp_path):
 
 def test_what_it_learned_reads_the_config_of_a_run(tmp_path):
     """--workdir takes a `jaxcnn train --out` run, or a `jaxcnn.fit(out=...)` run of a zoo network."""
-    (tmp_path / "config.json").write_text(json.dumps({"model": "small_cnn", "conv_method": "conv", "epochs": 3,
-                                                      "download": True}))  # an unknown (older) field is ignored
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model": "small_cnn", "conv_method": "conv", "epochs": 3, "download": True})
+    )  # an unknown (older) field is ignored
     tc = what_it_learned._saved_config(tmp_path)
     assert (tc.model, tc.conv_method, tc.epochs) == ("small_cnn", "conv", 3)
-    (tmp_path / "config.json").write_text(json.dumps({"network": "lenet5", "loss": "softmax_cross_entropy", "epochs": 2}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"network": "lenet5", "loss": "softmax_cross_entropy", "epochs": 2})
+    )
     assert what_it_learned._saved_config(tmp_path).model == "lenet5"
     (tmp_path / "config.json").write_text(json.dumps({"network": "serial", "loss": "mse"}))
     with pytest.raises(SystemExit, match="not of a zoo model"):
@@ -261,20 +336,31 @@ def test_what_it_learned_reads_the_config_of_a_run(tmp_path):
 
 def _synthetic_report():
     """A report in the format ``jaxcnn bench --json`` writes, with known medians and per-round samples."""
-    def rec(bench, contender, family, samples, **info):
-        return {"benchmark": bench, "contender": contender, "family": family, "status": "ok",
-                "median_ms": float(np.median(samples)), "samples_ms": samples, **info}
 
-    return {"results": [
-        rec("step/lenet5", "manual[loop,default]", "manual", [2.0, 2.2, 2.1], structure="loop", batch=128),
-        rec("step/lenet5", "autodiff[loop,default]", "autodiff", [4.0, 4.0, 4.2], structure="loop", batch=128),
-        rec("step/lenet5", "manual[scan,default]", "manual", [1.9, 2.0, 2.0], structure="scan", batch=128),
-        rec("step/lenet5", "autodiff[scan,default]", "autodiff", [20.0, 21.0, 19.0], structure="scan", batch=128),
-        rec("op/conv_dw/lenet5.conv2", "manual:im2col[default]", "manual", [0.5, 0.5, 0.5], structure="jit"),
-        rec("op/conv_dw/lenet5.conv2", "manual:conv[default]", "manual", [0.9, 0.9, 0.9], structure="jit"),
-        rec("op/conv_dw/lenet5.conv2", "autodiff:jax.vjp[default]", "autodiff", [1.0, 1.0, 1.0], structure="jit"),
-        rec("peak/matmul2048", "matmul[default]", "peak", [10.0, 10.0, 10.0]),
-    ], "ratios": {}}
+    def rec(bench, contender, family, samples, **info):
+        return {
+            "benchmark": bench,
+            "contender": contender,
+            "family": family,
+            "status": "ok",
+            "median_ms": float(np.median(samples)),
+            "samples_ms": samples,
+            **info,
+        }
+
+    return {
+        "results": [
+            rec("step/lenet5", "manual[loop,default]", "manual", [2.0, 2.2, 2.1], structure="loop", batch=128),
+            rec("step/lenet5", "autodiff[loop,default]", "autodiff", [4.0, 4.0, 4.2], structure="loop", batch=128),
+            rec("step/lenet5", "manual[scan,default]", "manual", [1.9, 2.0, 2.0], structure="scan", batch=128),
+            rec("step/lenet5", "autodiff[scan,default]", "autodiff", [20.0, 21.0, 19.0], structure="scan", batch=128),
+            rec("op/conv_dw/lenet5.conv2", "manual:im2col[default]", "manual", [0.5, 0.5, 0.5], structure="jit"),
+            rec("op/conv_dw/lenet5.conv2", "manual:conv[default]", "manual", [0.9, 0.9, 0.9], structure="jit"),
+            rec("op/conv_dw/lenet5.conv2", "autodiff:jax.vjp[default]", "autodiff", [1.0, 1.0, 1.0], structure="jit"),
+            rec("peak/matmul2048", "matmul[default]", "peak", [10.0, 10.0, 10.0]),
+        ],
+        "ratios": {},
+    }
 
 
 def test_speed_plots_a_bench_report(tmp_path):
@@ -282,13 +368,21 @@ def test_speed_plots_a_bench_report(tmp_path):
     report.write_text(json.dumps(_synthetic_report()))
     summary = speed.run(tmp_path / "out", bench_json=str(report), log=quiet)
     rows = {(r["benchmark"], r["structure"]): r for r in summary["rows"]}
-    assert set(rows) == {("step/lenet5", "loop"), ("step/lenet5", "scan"), ("step/lenet5", "best"),
-                         ("op/conv_dw/lenet5.conv2", "jit")}
-    assert rows[("step/lenet5", "loop")]["manual_over_autodiff"] == pytest.approx(np.median([2.0 / 4.0, 2.2 / 4.0, 2.1 / 4.2]))
+    assert set(rows) == {
+        ("step/lenet5", "loop"),
+        ("step/lenet5", "scan"),
+        ("step/lenet5", "best"),
+        ("op/conv_dw/lenet5.conv2", "jit"),
+    }
+    assert rows[("step/lenet5", "loop")]["manual_over_autodiff"] == pytest.approx(
+        np.median([2.0 / 4.0, 2.2 / 4.0, 2.1 / 4.2])
+    )
     best = rows[("step/lenet5", "best")]  # the scan step for manual, the loop step for autodiff
     assert (best["manual_contender"], best["autodiff_contender"]) == ("manual[scan,default]", "autodiff[loop,default]")
     assert best["manual_over_autodiff"] == pytest.approx(np.median([1.9 / 4.0, 2.0 / 4.0, 2.0 / 4.2]))
-    assert rows[("op/conv_dw/lenet5.conv2", "jit")]["manual_contender"] == "manual:im2col[default]"  # the fastest manual
+    assert (
+        rows[("op/conv_dw/lenet5.conv2", "jit")]["manual_contender"] == "manual:im2col[default]"
+    )  # the fastest manual
     assert_files(tmp_path / "out", ["speed.md", "speed.json", "speed.csv"], ["speed_steps.png", "speed_ops.png"])
 
 
@@ -343,10 +437,14 @@ def test_committed_results_match_the_readme():
         stored = results / name / f"{name}.json"
         assert stored.is_file(), f"no committed results for {name}"
         recorded = load_json(stored)["environment"]["command"]
-        assert recorded == commands[name], f"{name}: results were made by `{recorded}`, the README gives `{commands[name]}`"
+        assert recorded == commands[name], (
+            f"{name}: results were made by `{recorded}`, the README gives `{commands[name]}`"
+        )
         assert not load_json(stored).get("failed"), f"{name}: the committed results record failures"
         for png in (results / name).glob("*.png"):
-            assert png.stat().st_size < 200_000, f"{png.name} is {png.stat().st_size:,} bytes; keep committed figures small"
+            assert png.stat().st_size < 200_000, (
+                f"{png.name} is {png.stat().st_size:,} bytes; keep committed figures small"
+            )
 
 
 def test_check_tolerance_smoke(tmp_path):
@@ -369,6 +467,19 @@ def test_readme_numbers_smoke(tmp_path):
     # 4 steps of lenet5: above the 10-class chance level, not yet trained.
     assert row["test_accuracy"] == records[-1]["test_accuracy"] and 0.15 < row["test_accuracy"] <= 1.0
     assert not (tmp_path / "smoke" / "checkpoint.npz").exists()
+
+
+def test_dp_sgd_smoke(tmp_path):
+    """Four DP-SGD steps of lenet5: the epsilon recorded is the accountant's for those steps, the report renders."""
+    from jaxcnn.train import privacy
+
+    assert dp_sgd.main(["--smoke", "--out", str(tmp_path)]) == 0
+    report = load_json(tmp_path / "dp_sgd.json")
+    (epoch,) = report["history"]
+    assert epoch["dp_epsilon"] == privacy.epsilon(noise_multiplier=1.1, sample_rate=64 / 256, steps=4, delta=1e-5)
+    assert report["jaxcnn_train"].startswith("jaxcnn train --model lenet5 --dataset mnist-offline")
+    assert (tmp_path / "dp_sgd.md").read_text() == dp_sgd.report(report)
+    assert_files(tmp_path, ["dp_sgd.json", "dp_sgd.md"], figures=["dp_sgd.png"])
 
 
 def test_matplotlib_hint_names_the_extra():

@@ -42,8 +42,22 @@ from jaxcnn.train.config import array_settings
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING_KEYS = ("images_per_s", "wall_s")
-RUN = ["--model", "seed_net", "--batch-size", "16", "--epochs", "3", "--chunk-steps", "4", "--checkpoint-every", "8",
-       "--conv-method", "im2col", "--progress", "off"]
+RUN = [
+    "--model",
+    "seed_net",
+    "--batch-size",
+    "16",
+    "--epochs",
+    "3",
+    "--chunk-steps",
+    "4",
+    "--checkpoint-every",
+    "8",
+    "--conv-method",
+    "im2col",
+    "--progress",
+    "off",
+]
 # The atomic writes of checkpoint.npz in an uninterrupted run: after steps 8 and 16 (the end) of each epoch.
 WRITES = [(0, 8), (1, 0), (1, 8), (2, 0), (2, 8), (3, 0)]  # (epoch, step) of the saved position
 
@@ -70,8 +84,13 @@ def write_split(directory: Path, images, labels, prefix: str) -> None:
 @pytest.fixture(scope="module")
 def env() -> dict:
     """The environment of a ``jaxcnn train`` subprocess: CPU, and this module's compilation cache."""
-    environment = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    environment = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     environment.pop(ckpt.PAUSE_VARIABLE, None)
     return environment
 
@@ -82,8 +101,14 @@ def train_argv(data_dir: Path, out: Path, *extra: str) -> list[str]:
 
 def start(env: dict, argv: list[str], pause: str | None = None) -> subprocess.Popen:
     env = dict(env, **({ckpt.PAUSE_VARIABLE: pause} if pause else {}))
-    return subprocess.Popen([sys.executable, "-m", "jaxcnn.cli", *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "jaxcnn.cli", *argv],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def kill_at(env: dict, argv: list[str], pause: str) -> list[str]:
@@ -111,8 +136,9 @@ def kill_at(env: dict, argv: list[str], pause: str) -> list[str]:
 
 
 def run_to_end(env: dict, argv: list[str]) -> list[str]:
-    result = subprocess.run([sys.executable, "-m", "jaxcnn.cli", *argv], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxcnn.cli", *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stderr == "", result.stderr
     return result.stdout.splitlines()
@@ -176,8 +202,12 @@ def test_the_reference_run_records_its_data_and_checkpoints_every_8_steps(refere
     m = meta(reference["out"])
     assert position(reference["out"]) == (3, 0) and m["steps_per_epoch"] == 16
     assert m["version"] == jaxcnn.__version__
-    assert m["params"] == [["[0]['b']", [3], "float32"], ["[0]['w']", [5, 5, 1, 3], "float32"],
-                           ["[3]['b']", [1], "float32"], ["[3]['w']", [1728, 1], "float32"]]
+    assert m["params"] == [
+        ["[0]['b']", [3], "float32"],
+        ["[0]['w']", [5, 5, 1, 3], "float32"],
+        ["[3]['b']", [1], "float32"],
+        ["[3]['w']", [1728, 1], "float32"],
+    ]
     # The data actually used, in the checkpoint and in config.json.
     source = f"IDX files in {data_dir} (256 train / 200 test; no checksums to verify)"
     recorded = json.loads((reference["out"] / "config.json").read_text())["data"]
@@ -196,21 +226,23 @@ def test_kill_9_anywhere_loses_only_the_steps_since_the_last_checkpoint(referenc
     assert position(out) == WRITES[1] and [r["epoch"] for r in metrics(out)] == [1]
     assert len(temporaries(out)) == 1 and temporaries(out)[0].startswith(".checkpoint.npz.")
     # 2. Resumed (the temporary file removed), killed right after epoch 2's checkpoint, its second write.
-    lines = kill_at(env, argv + ["--resume"], "checkpoint.npz:2:after")
-    assert any(line.startswith("removed 1 temporary file(s) of an interrupted write: .checkpoint.npz.") for line in lines)
+    lines = kill_at(env, [*argv, "--resume"], "checkpoint.npz:2:after")
+    assert any(
+        line.startswith("removed 1 temporary file(s) of an interrupted write: .checkpoint.npz.") for line in lines
+    )
     assert any("resuming from" in line and "at epoch 2, step 0" in line for line in lines), lines
     assert position(out) == WRITES[3] and [r["epoch"] for r in metrics(out)] == [1, 2] and not temporaries(out)
     # 3. Resumed, killed in the write of epoch 3's end: checkpoint.npz holds --checkpoint-every's mid-epoch
     #    checkpoint (epoch 3, step 8) and metrics.jsonl already holds epoch 3's record.
-    kill_at(env, argv + ["--resume"], "checkpoint.npz:2")
+    kill_at(env, [*argv, "--resume"], "checkpoint.npz:2")
     assert position(out) == WRITES[4] and len(meta(out)["partial_epoch"]["losses"]) == 8
     assert [r["epoch"] for r in metrics(out)] == [1, 2, 3] and len(temporaries(out)) == 1
     # 4. A crash in the middle of appending that record: its line torn.
     text = (out / "metrics.jsonl").read_bytes()
-    torn = text[:text.rindex(b"\n", 0, len(text) - 1) + 1 + 40]
+    torn = text[: text.rindex(b"\n", 0, len(text) - 1) + 1 + 40]
     (out / "metrics.jsonl").write_bytes(torn)
     # 5. Resumed to the end: exactly the uninterrupted run's records and arrays.
-    lines = run_to_end(env, argv + ["--resume"])
+    lines = run_to_end(env, [*argv, "--resume"])
     assert "metrics.jsonl: dropped a torn last line (40 bytes) written after the checkpoint" in lines
     assert any("resuming from" in line and "at epoch 3, step 8" in line for line in lines), lines
     assert without_timing(metrics(out)) == without_timing(reference["metrics"])
@@ -267,17 +299,22 @@ def test_other_data_under_the_same_settings_is_refused(finished, data_dir, offli
             (data_dir / name).write_bytes(content)
     assert status == 2
     line = one_line_error(err)
-    pattern = (r"jaxcnn train: --resume: .*checkpoint\.npz was trained on other data \(train: 256 uint8\[28, 28, 1\] "
-               r"images, sha256 [0-9a-f]{12} -> 256 uint8\[28, 28, 1\] images, sha256 [0-9a-f]{12}\); resume on the "
-               r"same data \(the same --dataset and --data-dir, or the same arrays\), or choose another --out$")
+    pattern = (
+        r"jaxcnn train: --resume: .*checkpoint\.npz was trained on other data \(train: 256 uint8\[28, 28, 1\] "
+        r"images, sha256 [0-9a-f]{12} -> 256 uint8\[28, 28, 1\] images, sha256 [0-9a-f]{12}\); resume on the "
+        r"same data \(the same --dataset and --data-dir, or the same arrays\), or choose another --out$"
+    )
     assert re.match(pattern, line), line
     assert (finished / CHECKPOINT).read_bytes() == before
 
 
-@pytest.mark.skipif(any(Path(root, "mnist").exists() for root in ("/usr/share/datasets", "/usr/local/share/datasets")),
-                    reason="MNIST is installed system-wide, so --dataset mnist does not fall back")
-def test_a_resume_after_mnist_fell_back_to_the_bundled_subset_is_refused_on_other_data(shared_data, tmp_path, capsys,
-                                                                                         monkeypatch):
+@pytest.mark.skipif(
+    any(Path(root, "mnist").exists() for root in ("/usr/share/datasets", "/usr/local/share/datasets")),
+    reason="MNIST is installed system-wide, so --dataset mnist does not fall back",
+)
+def test_a_resume_after_mnist_fell_back_to_the_bundled_subset_is_refused_on_other_data(
+    shared_data, tmp_path, capsys, monkeypatch
+):
     """``--dataset mnist`` without the MNIST files trains on the bundled subset (recorded in config.json); the same
     command with a --data-dir holding the official files trains on other data, which --resume refuses."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -285,28 +322,46 @@ def test_a_resume_after_mnist_fell_back_to_the_bundled_subset_is_refused_on_othe
     (tmp_path / "empty").mkdir()
     out = tmp_path / "run"
     argv = ["train", *RUN, "--dataset", "mnist", "--offline", "--train-limit", "256", "--out", str(out)]
-    status, lines, err = train_here(capsys, argv + ["--data-dir", str(tmp_path / "empty")])
+    status, lines, err = train_here(capsys, [*argv, "--data-dir", str(tmp_path / "empty")])
     assert status == 0, err
     assert lines[0].startswith("MNIST unavailable (") and "using the bundled MNIST subset" in lines[0]
     source = json.loads((out / "config.json").read_text())["data"]["source"]
     assert source.startswith("the bundled MNIST subset") and meta(out)["data"]["source"] == source
-    status, _, err = train_here(capsys, argv + ["--data-dir", str(shared_data / "mnist"), "--resume"])
+    status, _, err = train_here(capsys, [*argv, "--data-dir", str(shared_data / "mnist"), "--resume"])
     assert status == 2
-    assert re.match(r"jaxcnn train: --resume: .*checkpoint\.npz was trained on other data \(train: 256 .* -> 256 .*; "
-                    r"test: 1,000 uint8\[28, 28, 1\] images, sha256 \w+ -> 10,000 uint8\[28, 28, 1\] images, "
-                    r"sha256 \w+\); resume on the same data", one_line_error(err))
+    assert re.match(
+        r"jaxcnn train: --resume: .*checkpoint\.npz was trained on other data \(train: 256 .* -> 256 .*; "
+        r"test: 1,000 uint8\[28, 28, 1\] images, sha256 \w+ -> 10,000 uint8\[28, 28, 1\] images, "
+        r"sha256 \w+\); resume on the same data",
+        one_line_error(err),
+    )
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(steps_per_epoch=99), r"checkpoint\.npz was saved at 99 steps per epoch but this run has 16; resume with "
-                               r"the same data and --batch-size, or choose another --out$"),
-    # Arrays of the same shapes under other names (a layer renamed by another jaxcnn version).
-    (dict(params=[["[0]['b']", [3], "float32"], ["[0]['kernel']", [5, 5, 1, 3], "float32"],
-                  ["[3]['b']", [1], "float32"], ["[3]['w']", [1728, 1], "float32"]], version="0.0.1"),
-     r"checkpoint\.npz holds other parameters than this model \(params\[0\]\['kernel'\] float32\[5, 5, 1, 3\] -> "
-     r"absent\) \(it was written by jaxcnn 0\.0\.1, this is .+\); resume with the model and jaxcnn version that "
-     r"wrote it, or choose another --out$"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            dict(steps_per_epoch=99),
+            r"checkpoint\.npz was saved at 99 steps per epoch but this run has 16; resume with "
+            r"the same data and --batch-size, or choose another --out$",
+        ),
+        # Arrays of the same shapes under other names (a layer renamed by another jaxcnn version).
+        (
+            dict(
+                params=[
+                    ["[0]['b']", [3], "float32"],
+                    ["[0]['kernel']", [5, 5, 1, 3], "float32"],
+                    ["[3]['b']", [1], "float32"],
+                    ["[3]['w']", [1728, 1], "float32"],
+                ],
+                version="0.0.1",
+            ),
+            r"checkpoint\.npz holds other parameters than this model "
+            r"\(params\[0\]\['kernel'\] float32\[5, 5, 1, 3\] -> absent\) \(it was written by jaxcnn 0\.0\.1, "
+            r"this is .+\); resume with the model and jaxcnn version that wrote it, or choose another --out$",
+        ),
+    ],
+)
 def test_another_run_shape_is_refused(finished, data_dir, capsys, changes, message):
     rewrite_checkpoint(finished / CHECKPOINT, **changes)
     status, _, err = train_here(capsys, train_argv(data_dir, finished, "--resume"))
@@ -319,8 +374,10 @@ def test_another_version_with_the_same_parameters_resumes_with_a_note(finished, 
     rewrite_checkpoint(finished / CHECKPOINT, version="0.0.1")
     status, lines, err = train_here(capsys, train_argv(data_dir, finished, "--resume"))
     assert status == 0, err
-    assert (f"checkpoint.npz was written by jaxcnn 0.0.1, this is {jaxcnn.__version__}: its parameter structure "
-            "matches, so training continues, but the resumed epochs may differ slightly from a run under 0.0.1") in lines
+    assert (
+        f"checkpoint.npz was written by jaxcnn 0.0.1, this is {jaxcnn.__version__}: its parameter structure "
+        "matches, so training continues, but the resumed epochs may differ slightly from a run under 0.0.1"
+    ) in lines
     # A checkpoint older than these records: resumed, saying what could not be checked.
     rewrite_checkpoint(finished / CHECKPOINT, version=None, data=None, params=None, steps_per_epoch=None)
     status, lines, err = train_here(capsys, train_argv(data_dir, finished, "--resume"))
@@ -338,10 +395,15 @@ DAMAGES = {
     "truncated": (_truncate, r"\(not a zip archive\)"),
     "a .npy array": (lambda p: p.write_bytes(_npy_bytes()), r"\(a single \.npy array, not an archive of arrays\)"),
     "foreign archive": (lambda p: np.savez(p, weights=np.zeros(3)), r"\(it has no 'meta' record\)"),
-    "meta not JSON": (lambda p: np.savez(p, meta=np.frombuffer(b"{epoch: 1", np.uint8)),
-                      r"\(its 'meta' record is damaged or not JSON: .+\)"),
+    "meta not JSON": (
+        lambda p: np.savez(p, meta=np.frombuffer(b"{epoch: 1", np.uint8)),
+        r"\(its 'meta' record is damaged or not JSON: .+\)",
+    ),
     "meta without a step": (lambda p: rewrite_checkpoint(p, step=None), r"\(its 'meta' record has no int 'step'\)"),
-    "a missing array": (lambda p: rewrite_checkpoint(p, drop=("leaf_00002",)), r"\(array leaf_00002 of \d+ is missing\)"),
+    "a missing array": (
+        lambda p: rewrite_checkpoint(p, drop=("leaf_00002",)),
+        r"\(array leaf_00002 of \d+ is missing\)",
+    ),
 }
 
 
@@ -360,8 +422,11 @@ def test_a_damaged_or_foreign_checkpoint_is_one_line(finished, data_dir, capsys,
     status, _, err = train_here(capsys, train_argv(data_dir, finished, "--resume"))
     assert status == 2
     line = one_line_error(err)
-    assert re.fullmatch(rf"jaxcnn train: --resume: {re.escape(str(path))} is not a usable checkpoint {detail}; "
-                        r"restore an intact copy, or start afresh with another --out", line), line
+    assert re.fullmatch(
+        rf"jaxcnn train: --resume: {re.escape(str(path))} is not a usable checkpoint {detail}; "
+        r"restore an intact copy, or start afresh with another --out",
+        line,
+    ), line
     assert path.read_bytes() == spoiled  # left as it was, for the user to inspect
 
 
@@ -384,11 +449,16 @@ def test_read_metrics_drops_a_torn_last_line_and_names_a_corrupt_one(tmp_path):
     log.clear()
     path.write_text(ckpt.metrics_line(records[1]) + '{"epoch": 3, "train_lo')  # the record of epoch 1 lost
     assert ckpt.read_metrics(path, upto_epoch=2, log=log.append) == records[1:]
-    assert log == ["metrics.jsonl: dropped a torn last line (22 bytes)",
-                   "metrics.jsonl: the records of epochs 1 are missing; the history lacks them"]
+    assert log == [
+        "metrics.jsonl: dropped a torn last line (22 bytes)",
+        "metrics.jsonl: the records of epochs 1 are missing; the history lacks them",
+    ]
     path.write_text(ckpt.metrics_line(records[0]) + '{"epoch": 2, "tr\n' + ckpt.metrics_line({"epoch": 3}))
-    with pytest.raises(ConfigError, match=r"^--resume: .*metrics\.jsonl, line 2, is not a metrics record \(.+\); "
-                                          r"repair or remove that line, or choose another --out$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^--resume: .*metrics\.jsonl, line 2, is not a metrics record \(.+\); "
+        r"repair or remove that line, or choose another --out$",
+    ):
         ckpt.read_metrics(path, upto_epoch=2)
     path.write_text(ckpt.metrics_line(records[0]) + "[1, 2]\n" + ckpt.metrics_line(records[1]))
     with pytest.raises(ConfigError, match=r"line 2, is not a metrics record \(not a record with an integer 'epoch'\)"):
@@ -409,7 +479,10 @@ def test_a_corrupt_metrics_line_stops_the_resume_in_one_line(finished, data_dir,
 def test_metrics_lines_are_strict_json():
     line = ckpt.metrics_line({"epoch": 1, "images_per_s": float("nan"), "grad_check": {"a": float("inf")}})
     assert json.loads(line, parse_constant=lambda name: pytest.fail(f"non-standard JSON {name}")) == {
-        "epoch": 1, "images_per_s": None, "grad_check": {"a": None}}
+        "epoch": 1,
+        "images_per_s": None,
+        "grad_check": {"a": None},
+    }
     assert line.endswith("\n") and line.count("\n") == 1
 
 
@@ -424,12 +497,14 @@ def test_out_that_is_a_file_or_below_a_file_is_one_line(data_dir, tmp_path, caps
     assert status == 2 and one_line_error(err) == f"jaxcnn train: --out {a_file} is a file, not a directory"
     status, _, err = train_here(capsys, train_argv(data_dir, a_file / "run"))
     assert status == 2
-    assert one_line_error(err) == (f"jaxcnn train: --out {a_file / 'run'}: cannot create the directory (Not a "
-                                   "directory); choose another --out")
+    assert one_line_error(err) == (
+        f"jaxcnn train: --out {a_file / 'run'}: cannot create the directory (Not a directory); choose another --out"
+    )
 
 
 def test_out_without_write_permission_is_one_line(data_dir, tmp_path, capsys, monkeypatch):
     """Simulated (a root user writes anywhere): creating the temporary file is refused with EACCES."""
+
     def refuse(*args, dir=None, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(dir))
 
@@ -437,12 +512,16 @@ def test_out_without_write_permission_is_one_line(data_dir, tmp_path, capsys, mo
     out = tmp_path / "run"
     status, _, err = train_here(capsys, train_argv(data_dir, out))
     assert status == 2
-    assert one_line_error(err) == (f"jaxcnn train: cannot write {out / 'config.json'} (Permission denied); no "
-                                   "config.json was written; choose an --out directory you can write to")
+    assert one_line_error(err) == (
+        f"jaxcnn train: cannot write {out / 'config.json'} (Permission denied); no "
+        "config.json was written; choose an --out directory you can write to"
+    )
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
-                    reason="needs POSIX permissions that apply: the root user may write into a read-only directory")
+@pytest.mark.skipif(
+    os.name != "posix" or os.geteuid() == 0,
+    reason="needs POSIX permissions that apply: the root user may write into a read-only directory",
+)
 def test_out_in_a_read_only_directory_is_one_line(data_dir, tmp_path, capsys):
     parent = tmp_path / "read-only"
     parent.mkdir()
@@ -450,8 +529,9 @@ def test_out_in_a_read_only_directory_is_one_line(data_dir, tmp_path, capsys):
     try:
         status, _, err = train_here(capsys, train_argv(data_dir, parent / "run"))
         assert status == 2
-        assert one_line_error(err).startswith(f"jaxcnn train: --out {parent / 'run'}: cannot create the directory "
-                                              "(Permission denied)")
+        assert one_line_error(err).startswith(
+            f"jaxcnn train: --out {parent / 'run'}: cannot create the directory (Permission denied)"
+        )
         parent.chmod(0o755)
         (parent / "run").mkdir()
         parent.chmod(0o555)
@@ -482,11 +562,13 @@ def test_a_full_disk_keeps_the_previous_checkpoint_which_then_resumes(data_dir, 
     status, _, err = train_here(capsys, train_argv(data_dir, out))
     monkeypatch.undo()
     assert status == 2
-    assert one_line_error(err) == (f"jaxcnn train: cannot write {out / CHECKPOINT} (No space left on device); the "
-                                   "previous checkpoint.npz is intact; free some space, then continue with --resume")
+    assert one_line_error(err) == (
+        f"jaxcnn train: cannot write {out / CHECKPOINT} (No space left on device); the "
+        "previous checkpoint.npz is intact; free some space, then continue with --resume"
+    )
     assert (out / CHECKPOINT).read_bytes() == intact["bytes"] and not temporaries(out)
     assert position(out) == WRITES[1] and [r["epoch"] for r in metrics(out)] == [1]
-    status, lines, err = train_here(capsys, train_argv(data_dir, out, "--resume"))
+    status, _lines, err = train_here(capsys, train_argv(data_dir, out, "--resume"))
     assert status == 0, err
     assert [r["epoch"] for r in metrics(out)] == [1, 2, 3] and position(out) == (3, 0)
 
@@ -498,8 +580,11 @@ def test_a_full_disk_while_appending_a_metrics_line_is_one_line(tmp_path, monkey
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(ckpt.os, "fsync", full)
-    with pytest.raises(ConfigError, match=rf"^cannot write {path} \(No space left on device\); at most its last line "
-                                          r"is torn, which --resume repairs; free some space, then run again$"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^cannot write {path} \(No space left on device\); at most its last line "
+        r"is torn, which --resume repairs; free some space, then run again$",
+    ):
         ckpt.append_metrics(path, {"epoch": 1})
 
 
@@ -529,8 +614,14 @@ def test_a_run_writes_files_with_ordinary_permissions(reference):
 
 
 def test_remove_temporaries_removes_only_those_of_atomic_write(tmp_path):
-    names = [".checkpoint.npz.a1b2.tmp", ".config.json.x.tmp", ".metrics.jsonl.y.tmp", ".other.npz.z.tmp",
-             "checkpoint.npz", "notes.tmp"]
+    names = [
+        ".checkpoint.npz.a1b2.tmp",
+        ".config.json.x.tmp",
+        ".metrics.jsonl.y.tmp",
+        ".other.npz.z.tmp",
+        "checkpoint.npz",
+        "notes.tmp",
+    ]
     for name in names:
         (tmp_path / name).write_text("")
     removed = ckpt.remove_temporaries(tmp_path)

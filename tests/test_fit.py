@@ -10,12 +10,14 @@ import functools
 import json
 
 import numpy as np
-import optax
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 import jax
 import jax.numpy as jnp
+import optax
 
 import jaxcnn
 from jaxcnn import gradients
@@ -31,13 +33,21 @@ QUIET = dict(log=lambda s: None, progress=False)
 
 def digits_net(classes: int = 10):
     """Not a zoo model: a strided conv with BatchNorm, tanh, average pooling and one dense layer."""
-    return serial(Conv2D(8, 3, stride=2, padding="SAME", use_bias=False), BatchNorm(), Tanh(), AvgPool2D(2),
-                  Flatten(), Dense(classes), name="digits_net")
+    return serial(
+        Conv2D(8, 3, stride=2, padding="SAME", use_bias=False),
+        BatchNorm(),
+        Tanh(),
+        AvgPool2D(2),
+        Flatten(),
+        Dense(classes),
+        name="digits_net",
+    )
 
 
 def colour_net(classes: int):
-    return serial(Conv2D(8, 3, stride=2, padding="SAME"), Relu(), MaxPool2D(2), Flatten(), Dense(classes),
-                  name="colour_net")
+    return serial(
+        Conv2D(8, 3, stride=2, padding="SAME"), Relu(), MaxPool2D(2), Flatten(), Dense(classes), name="colour_net"
+    )
 
 
 def blobs(n: int, seed: int, *, by: str):
@@ -54,7 +64,7 @@ def blobs(n: int, seed: int, *, by: str):
         else:
             r, q = rng.integers(0, 16 - 6, 2) + 16 * np.array([c // 2, c % 2])
             channel = rng.integers(0, 3)
-        x[i, r:r + 6, q:q + 6, channel] = rng.uniform(0.75, 1.0)
+        x[i, r : r + 6, q : q + 6, channel] = rng.uniform(0.75, 1.0)
     return x, labels
 
 
@@ -76,8 +86,17 @@ def mnist_fit(offline, sorted_digits):
     ``sorted_digits``, tested on the subset's 1,000 held-out images."""
     log = []
     net = digits_net()
-    result = jaxcnn.fit(net, CE, sorted_digits, (offline.test_images, offline.test_labels), epochs=2, batch_size=25,
-                        train_limit=500, log=log.append, progress=False)
+    result = jaxcnn.fit(
+        net,
+        CE,
+        sorted_digits,
+        (offline.test_images, offline.test_labels),
+        epochs=2,
+        batch_size=25,
+        train_limit=500,
+        log=log.append,
+        progress=False,
+    )
     return dict(net=net, result=result, log=log)
 
 
@@ -90,8 +109,10 @@ def test_a_network_outside_the_zoo_learns_mnist(mnist_fit):
     assert [h["epoch"] for h in history] == [1, 2]
     assert history[1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["test_accuracy"] > 0.6, history  # chance: 0.1
-    assert any(line.startswith("digits_net (") and "500 train / 1,000 test images, 20 steps of 25 per epoch" in line
-               for line in mnist_fit["log"]), mnist_fit["log"]
+    assert any(
+        line.startswith("digits_net (") and "500 train / 1,000 test images, 20 steps of 25 per epoch" in line
+        for line in mnist_fit["log"]
+    ), mnist_fit["log"]
 
 
 @pytest.mark.parametrize("by, dtype", [("colour", np.uint8), ("quadrant", np.float64)])
@@ -103,8 +124,16 @@ def test_fit_learns_32x32_colour_images(by, dtype):
         x = np.round(x * 255).astype(np.uint8)
     classes = int(labels.max()) + 1
     log = []
-    result = jaxcnn.fit(colour_net(classes), CE, (x[:600], labels[:600]), (x[600:], labels[600:]), epochs=3,
-                        batch_size=30, log=log.append, progress=False)
+    result = jaxcnn.fit(
+        colour_net(classes),
+        CE,
+        (x[:600], labels[:600]),
+        (x[600:], labels[600:]),
+        epochs=3,
+        batch_size=30,
+        log=log.append,
+        progress=False,
+    )
     assert result.params[-1]["w"].shape == (8 * 8 * 8, classes)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(result.params))
     final = result.history[-1]
@@ -154,7 +183,7 @@ def test_an_optax_transformation_is_the_optimiser(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["optimizer"].startswith("custom ")
     # An update that is always zero leaves the initial parameters (seeded by fold_in(PRNGKey(seed), 0)) as they are.
     frozen = jaxcnn.fit(net, CE, train, optimizer=optax.set_to_zero(), epochs=1, batch_size=30, **QUIET)
-    for got, want in zip(jax.tree_util.tree_leaves(frozen.params), jax.tree_util.tree_leaves(init_params)):
+    for got, want in zip(jax.tree_util.tree_leaves(frozen.params), jax.tree_util.tree_leaves(init_params), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
@@ -187,20 +216,31 @@ def test_fit_rejects_presets_unknown_settings_and_bad_values():
     _one_line_config_error(fit(batch_size=61), r"^--batch-size 61 exceeds the 60 training examples")
 
 
-@pytest.mark.parametrize("train, test, match", [
-    ((np.zeros((10, 784), np.float32), np.zeros(10, np.int32)), None,
-     r"^train images must be NHWC \(N, H, W, C\) or \(N, H, W\), got shape \(10, 784\)$"),
-    ((np.zeros((2, 10, 8, 8, 1)), np.zeros(2, np.int32)), None, r"^train images must be NHWC"),
-    ((np.zeros((10, 8, 8, 1), np.float32), np.zeros(9, np.int32)), None, r"^train: 10 images but 9 targets$"),
-    ((np.zeros((0, 8, 8, 1), np.float32), np.zeros(0, np.int32)), None, r"^train: no examples$"),
-    ((np.full((10, 8, 8, 1), "a"), np.zeros(10, np.int32)), None, r"^train images must be uint8 or floating point"),
-    (np.zeros((10, 8, 8, 1), np.float32), None, r"^train must be a pair \(images, targets\)$"),
-    ((np.zeros((10, 8, 8, 1), np.float32), np.zeros(10, np.int32)),
-     (np.zeros((5, 8, 8, 1), np.float32), np.zeros(4, np.int32)), r"^test: 5 images but 4 targets$"),
-    ((np.zeros((10, 8, 8, 1), np.float32), np.zeros(10, np.int32)),
-     (np.zeros((5, 8, 8, 3), np.float32), np.zeros(5, np.int32)),
-     r"^test images \(8, 8, 3\) and train images \(8, 8, 1\) differ in shape$"),
-])
+@pytest.mark.parametrize(
+    "train, test, match",
+    [
+        (
+            (np.zeros((10, 784), np.float32), np.zeros(10, np.int32)),
+            None,
+            r"^train images must be NHWC \(N, H, W, C\) or \(N, H, W\), got shape \(10, 784\)$",
+        ),
+        ((np.zeros((2, 10, 8, 8, 1)), np.zeros(2, np.int32)), None, r"^train images must be NHWC"),
+        ((np.zeros((10, 8, 8, 1), np.float32), np.zeros(9, np.int32)), None, r"^train: 10 images but 9 targets$"),
+        ((np.zeros((0, 8, 8, 1), np.float32), np.zeros(0, np.int32)), None, r"^train: no examples$"),
+        ((np.full((10, 8, 8, 1), "a"), np.zeros(10, np.int32)), None, r"^train images must be uint8 or floating point"),
+        (np.zeros((10, 8, 8, 1), np.float32), None, r"^train must be a pair \(images, targets\)$"),
+        (
+            (np.zeros((10, 8, 8, 1), np.float32), np.zeros(10, np.int32)),
+            (np.zeros((5, 8, 8, 1), np.float32), np.zeros(4, np.int32)),
+            r"^test: 5 images but 4 targets$",
+        ),
+        (
+            (np.zeros((10, 8, 8, 1), np.float32), np.zeros(10, np.int32)),
+            (np.zeros((5, 8, 8, 3), np.float32), np.zeros(5, np.int32)),
+            r"^test images \(8, 8, 3\) and train images \(8, 8, 1\) differ in shape$",
+        ),
+    ],
+)
 def test_bad_shapes_and_lengths_are_config_errors(train, test, match):
     _one_line_config_error(lambda: jaxcnn.fit(colour_net(3), CE, train, test, batch_size=2, **QUIET), match)
 
@@ -214,25 +254,33 @@ def test_train_limit_draws_a_class_balanced_subset_and_logs_it(mnist_fit, sorted
     assert set(labels[:100].tolist()) == {0}  # a prefix would hold one digit
     assert ("train_limit 500: a class-balanced subset (seed 0): 50 each of classes 0-9") in mnist_fit["log"]
     log = []
-    trainer = Trainer(digits_net(), CE, sorted_digits, None, TrainConfig(train_limit=100, batch_size=10, seed=5),
-                      log=log.append)
+    trainer = Trainer(
+        digits_net(), CE, sorted_digits, None, TrainConfig(train_limit=100, batch_size=10, seed=5), log=log.append
+    )
     assert log == ["train_limit 100: a class-balanced subset (seed 5): 10 each of classes 0-9"]
     kept = np.asarray(trainer.train_targets)
     assert trainer.train_count == 100 and np.bincount(kept, minlength=10).tolist() == [10] * 10
     # The kept images are those of the drawn indices (in their original order), with their own labels.
-    keep, counts = balanced_subset(labels, 100, 5)
+    keep, _counts = balanced_subset(labels, 100, 5)
     np.testing.assert_array_equal(np.asarray(trainer.train_images)[..., 0], images[keep])
     np.testing.assert_array_equal(kept, labels[keep])
     # One-hot float targets are balanced by their argmax; uneven counts are logged class by class.
     onehot = np.eye(10, dtype=np.float32)[labels]
     log = []
-    trainer = Trainer(digits_net(), MSE, (images, onehot), None, TrainConfig(train_limit=23, batch_size=1), log=log.append)
-    assert log == ["train_limit 23: a class-balanced subset (seed 0): class 0: 3, class 1: 3, class 2: 3, class 3: 2, "
-                   "class 4: 2, class 5: 2, class 6: 2, class 7: 2, class 8: 2, class 9: 2"]
+    trainer = Trainer(
+        digits_net(), MSE, (images, onehot), None, TrainConfig(train_limit=23, batch_size=1), log=log.append
+    )
+    assert log == [
+        "train_limit 23: a class-balanced subset (seed 0): class 0: 3, class 1: 3, class 2: 3, class 3: 2, "
+        "class 4: 2, class 5: 2, class 6: 2, class 7: 2, class 8: 2, class 9: 2"
+    ]
     assert np.bincount(np.asarray(trainer.train_targets).argmax(1), minlength=10).tolist() == [3] * 3 + [2] * 7
     # A limit at or above the number of examples keeps everything and logs nothing.
     log = []
-    assert Trainer(digits_net(), CE, sorted_digits, None, TrainConfig(train_limit=1000), log=log.append).train_count == 1000
+    assert (
+        Trainer(digits_net(), CE, sorted_digits, None, TrainConfig(train_limit=1000), log=log.append).train_count
+        == 1000
+    )
     assert log == []
 
 
@@ -247,8 +295,8 @@ def test_balanced_subset_properties(sizes, n, seed):
     assert len(keep) == min(n, total) == sum(counts.values())
     assert np.all(np.diff(keep) > 0) and (total == 0 or keep.max() < total)  # distinct, in original order
     values, got = np.unique(classes[keep], return_counts=True)
-    assert dict(zip(values.tolist(), got.tolist())) == counts
-    present = {int(c): int(s) for c, s in zip(*np.unique(classes, return_counts=True))}
+    assert dict(zip(values.tolist(), got.tolist(), strict=True)) == counts
+    present = {int(c): int(s) for c, s in zip(*np.unique(classes, return_counts=True), strict=True)}
     share = min(n, total) // max(len(present), 1)
     for c, size in present.items():
         if size <= share:
@@ -284,8 +332,9 @@ def _shifted(image, dy: int, dx: int, fill):
     """``image`` moved by ``(dy, dx)`` pixels, the uncovered border set to ``fill``."""
     h, w = image.shape[:2]
     out = np.broadcast_to(np.asarray(fill, image.dtype), image.shape).copy()
-    out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = image[max(-dy, 0):h - max(dy, 0),
-                                                                      max(-dx, 0):w - max(dx, 0)]
+    out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = image[
+        max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)
+    ]
     return out
 
 
@@ -303,9 +352,13 @@ def test_random_shift_fills_normalised_digits_with_their_background(offline):
     y = np.asarray(random_shift(jax.random.PRNGKey(0), jnp.asarray(x), s))
     assert y.shape == x.shape and y.dtype == np.float32
     moved = 0
-    for original, got in zip(x, y):
-        matches = [(dy, dx) for dy in range(-s, s + 1) for dx in range(-s, s + 1)
-                   if np.allclose(got, _shifted(original, dy, dx, background), rtol=0, atol=1e-6)]
+    for original, got in zip(x, y, strict=True):
+        matches = [
+            (dy, dx)
+            for dy in range(-s, s + 1)
+            for dx in range(-s, s + 1)
+            if np.allclose(got, _shifted(original, dy, dx, background), rtol=0, atol=1e-6)
+        ]
         assert matches, "not a shift of the original"
         dy, dx = matches[0]
         uncovered = _shifted(np.zeros_like(original), dy, dx, 1.0) == 1.0
@@ -324,7 +377,9 @@ def test_random_shift_fills_colour_images_with_their_border_colour():
     y = np.asarray(random_shift(jax.random.PRNGKey(1), jnp.asarray(x), 2))
     np.testing.assert_allclose(y[:, :2], np.broadcast_to(colours, y[:, :2].shape), rtol=0, atol=1e-6)
     np.testing.assert_allclose(y[:, :, -2:], np.broadcast_to(colours, y[:, :, -2:].shape), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(y.sum(axis=(1, 2), dtype=np.float64), x.sum(axis=(1, 2), dtype=np.float64), rtol=0, atol=1e-4)  # content moved, not cut
+    np.testing.assert_allclose(
+        y.sum(axis=(1, 2), dtype=np.float64), x.sum(axis=(1, 2), dtype=np.float64), rtol=0, atol=1e-4
+    )  # content moved, not cut
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -378,15 +433,27 @@ def test_a_user_loop_over_train_step_matches_run_steps(offline):
     two round differently (measured: <= 2e-5 relative per array after 6 steps). The same loop with another
     dropout key scheme differs by more than 1e-3, so the tolerance below does tell the keys apart.
     """
-    net = serial(Conv2D(4, 3, stride=2, use_bias=False), BatchNorm(), Relu(), Dropout(0.3), Flatten(), Dense(10),
-                 name="dropout_net")
+    net = serial(
+        Conv2D(4, 3, stride=2, use_bias=False),
+        BatchNorm(),
+        Relu(),
+        Dropout(0.3),
+        Flatten(),
+        Dense(10),
+        name="dropout_net",
+    )
     images = offline.train_images[:320].astype(np.float32)[..., None] / 255.0  # float: fed to the step as they are
     labels = offline.train_labels[:320].astype(np.int32)
     tx = optax.sgd(0.05, momentum=0.9)
     seed, steps = 7, 6
-    trainer = Trainer(net, CE, (images, labels), None,
-                      TrainConfig(optimizer=tx, seed=seed, batch_size=32, augment=0, chunk_steps=steps),
-                      log=lambda s: None)
+    trainer = Trainer(
+        net,
+        CE,
+        (images, labels),
+        None,
+        TrainConfig(optimizer=tx, seed=seed, batch_size=32, augment=0, chunk_steps=steps),
+        log=lambda s: None,
+    )
     batches = trainer.epoch_batches(0)[:steps]
     scanned, metrics = trainer.train_chunk(trainer.init_state(), batches, 0)
     assert np.asarray(metrics["loss"]).shape == (steps,)
@@ -400,14 +467,17 @@ def test_a_user_loop_over_train_step_matches_run_steps(offline):
         state = jaxcnn.train.TrainState(params, model_state, tx.init(params))
         losses = []
         for t, idx in enumerate(batches):
-            state, m = step(state, jnp.asarray(images[idx]), jnp.asarray(labels[idx]),
-                            jax.random.fold_in(dropout_root, t), t)
+            state, m = step(
+                state, jnp.asarray(images[idx]), jnp.asarray(labels[idx]), jax.random.fold_in(dropout_root, t), t
+            )
             losses.append(float(m["loss"]))
         return state, np.asarray(losses)
 
     def max_relative_difference(got, want):
-        return max(float(np.max(np.abs(np.asarray(g) - np.asarray(w))) / np.max(np.abs(np.asarray(w))))
-                   for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)))
+        return max(
+            float(np.max(np.abs(np.asarray(g) - np.asarray(w))) / np.max(np.abs(np.asarray(w))))
+            for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True)
+        )
 
     state, losses = user_loop(jax.random.fold_in(root, 1))
     assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(scanned)

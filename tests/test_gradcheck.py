@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _opcases import normal, record_gradcheck
 
 import jax
 import jax.numpy as jnp
@@ -16,11 +17,9 @@ from jax import lax
 import jaxcnn.ops
 from jaxcnn import ops
 from jaxcnn.gradcheck import TOLERANCES, GradCheckError, gradcheck, worst_errors
-from jaxcnn.ops._windows import transpose_padding
 from jaxcnn.ops import conv as conv_module
+from jaxcnn.ops._windows import transpose_padding
 from jaxcnn.ops.conv import conv2d_geometry
-
-from _opcases import normal, record_gradcheck
 
 # One geometry for every check in this file: stride 2 with overlapping 3x3 windows, padding 1.
 HYPER = dict(stride=2, padding=1)
@@ -47,8 +46,14 @@ def _geom(x, w):
 def _input_grad(dy, w, geom, *, flip=True, lhs_dilation=None, pads=None):
     """The stride-dilated full correlation of dy with the (optionally unflipped) kernel, in/out swapped."""
     w_t = (jnp.flip(w, (0, 1)) if flip else w).transpose(0, 1, 3, 2)
-    return lax.conv_general_dilated(dy, w_t, (1, 1), pads or transpose_padding(geom),
-                                    lhs_dilation=geom.stride if lhs_dilation is None else lhs_dilation, dimension_numbers=DN)
+    return lax.conv_general_dilated(
+        dy,
+        w_t,
+        (1, 1),
+        pads or transpose_padding(geom),
+        lhs_dilation=geom.stride if lhs_dilation is None else lhs_dilation,
+        dimension_numbers=DN,
+    )
 
 
 def bwd_dw_scaled(dy, x, w, b):
@@ -97,7 +102,11 @@ def test_passes_a_correct_backward_and_names_the_arrays(dtype):
     assert table.splitlines()[-1] == "OK"
     tol = TOLERANCES[np.dtype(dtype).name]
     worst = result.worst
-    assert worst.autodiff <= tol.autodiff and worst.finite_difference <= tol.finite_difference and worst.adjoint <= tol.adjoint
+    assert (
+        worst.autodiff <= tol.autodiff
+        and worst.finite_difference <= tol.finite_difference
+        and worst.adjoint <= tol.adjoint
+    )
     assert worst_errors([result]) == worst
 
 
@@ -146,7 +155,9 @@ def test_fails_on_a_wrongly_shaped_cotangent():
     # The stride-dilation mistake left unpadded: dx comes back (2, 4, 4, 3) for x (2, 7, 7, 3).
     x, w, b = _inputs()
     assert bwd_no_stride_dilation(jnp.ones((2, 4, 4, 4)), x, w, b)[0].shape == (2, 4, 4, 3)
-    with pytest.raises(GradCheckError, match=r"x: backward returned shape \(2, 4, 4, 3\) but the argument has shape \(2, 7, 7, 3\)"):
+    with pytest.raises(
+        GradCheckError, match=r"x: backward returned shape \(2, 4, 4, 3\) but the argument has shape \(2, 7, 7, 3\)"
+    ):
         gradcheck(conv_f, bwd_no_stride_dilation, (x, w, b), names=("x", "w", "b"), name="conv2d")
 
 
@@ -173,12 +184,23 @@ def test_raise_on_failure_false_returns_the_failures():
 def test_non_differentiated_integer_argument():
     rng = np.random.default_rng(1)
     z, labels = normal(rng, (3, 4)), np.array([0, 3, 1])
-    result = gradcheck(ops.softmax_cross_entropy, lambda dl, z, y: (ops.softmax_cross_entropy_backward(dl, z, y),),
-                       (z, labels), argnums=(0,), names=("logits",), name="softmax_cross_entropy")
+    result = gradcheck(
+        ops.softmax_cross_entropy,
+        lambda dl, z, y: (ops.softmax_cross_entropy_backward(dl, z, y),),
+        (z, labels),
+        argnums=(0,),
+        names=("logits",),
+        name="softmax_cross_entropy",
+    )
     assert [r.name for r in result.rows] == ["logits"]
     with pytest.raises(GradCheckError, match=r"logits: manual vs autodiff"):
-        gradcheck(ops.softmax_cross_entropy, lambda dl, z, y: (2 * ops.softmax_cross_entropy_backward(dl, z, y),),
-                  (z, labels), argnums=(0,), names=("logits",))
+        gradcheck(
+            ops.softmax_cross_entropy,
+            lambda dl, z, y: (2 * ops.softmax_cross_entropy_backward(dl, z, y),),
+            (z, labels),
+            argnums=(0,),
+            names=("logits",),
+        )
 
 
 def test_rejects_bad_arguments():
@@ -195,8 +217,20 @@ def test_rejects_bad_arguments():
 # The backward passes are hand-written: no JAX differentiation anywhere in jaxcnn/ops
 # ----------------------------------------------------------------------------------------------
 
-FORBIDDEN = {"grad", "vjp", "jvp", "linear_transpose", "value_and_grad", "jacrev", "jacfwd", "hessian",
-             "custom_vjp", "custom_jvp", "linearize", "transpose"}
+FORBIDDEN = {
+    "grad",
+    "vjp",
+    "jvp",
+    "linear_transpose",
+    "value_and_grad",
+    "jacrev",
+    "jacfwd",
+    "hessian",
+    "custom_vjp",
+    "custom_jvp",
+    "linearize",
+    "transpose",
+}
 
 
 def test_ops_sources_use_no_autodiff():
@@ -209,8 +243,12 @@ def test_ops_sources_use_no_autodiff():
                 offenders.append(f"{path.name}:{node.lineno} .{node.attr}")
             elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jax"):
                 offenders += [f"{path.name}:{node.lineno} import {a.name}" for a in node.names if a.name in FORBIDDEN]
-            elif isinstance(node, ast.Attribute) and node.attr == "transpose" and isinstance(node.value, ast.Name) \
-                    and node.value.id in {"jax", "lax"}:
+            elif (
+                isinstance(node, ast.Attribute)
+                and node.attr == "transpose"
+                and isinstance(node.value, ast.Name)
+                and node.value.id in {"jax", "lax"}
+            ):
                 offenders.append(f"{path.name}:{node.lineno} {node.value.id}.transpose")
     assert offenders == []
 
@@ -223,8 +261,13 @@ CONV_CHANNELS = ((2, 3), (6, 8), (10, 6))
 
 
 def test_auto_resolves_to_taps_and_conv_for_the_shapes_run_below():
-    picked = [(conv_module.resolve_method("input_grad", (2, 2, c, o)), conv_module.resolve_method("kernel_grad", (2, 2, c, o)))
-              for c, o in CONV_CHANNELS]
+    picked = [
+        (
+            conv_module.resolve_method("input_grad", (2, 2, c, o)),
+            conv_module.resolve_method("kernel_grad", (2, 2, c, o)),
+        )
+        for c, o in CONV_CHANNELS
+    ]
     assert picked == [("taps", "conv"), ("taps", "conv"), ("conv", "conv")]
     # "taps" contracts the input gradient over O output channels: multiply-adds for (2, 3), a product for (6, 8).
     assert CONV_CHANNELS[0][1] <= conv_module.TAPS_ELEMENTWISE_MAX < CONV_CHANNELS[1][1]
@@ -240,16 +283,36 @@ def test_backwards_run_with_jax_differentiation_disabled(monkeypatch):
 
     @jax.jit  # tracing runs every line of Python in the backward passes; one compile for all of them
     def all_backwards(convs, x, dy_pool, z, labels):
-        out = [ops.conv2d_backward(dy_conv, x_conv, w, method=m) for x_conv, w, dy_conv in convs for m in conv_module.METHODS]
+        out = [
+            ops.conv2d_backward(dy_conv, x_conv, w, method=m)
+            for x_conv, w, dy_conv in convs
+            for m in conv_module.METHODS
+        ]
         out += [ops.max_pool2d_backward(dy_pool, x), ops.avg_pool2d_backward(dy_pool, x, count_include_pad=False)]
         out.append(ops.dense_backward(z[:, :3], z, z.T))
-        out += [bwd(z, z) for bwd in (ops.sigmoid_backward, ops.tanh_backward, ops.relu_backward,
-                                      ops.leaky_relu_backward, ops.softmax_backward, ops.log_softmax_backward)]
-        out += [ops.mse_backward(1.0, z, z), ops.binary_cross_entropy_with_logits_backward(1.0, z, z),
-                ops.softmax_cross_entropy_backward(1.0, z, labels)]
+        out += [
+            bwd(z, z)
+            for bwd in (
+                ops.sigmoid_backward,
+                ops.tanh_backward,
+                ops.relu_backward,
+                ops.leaky_relu_backward,
+                ops.softmax_backward,
+                ops.log_softmax_backward,
+            )
+        ]
+        out += [
+            ops.mse_backward(1.0, z, z),
+            ops.binary_cross_entropy_with_logits_backward(1.0, z, z),
+            ops.softmax_cross_entropy_backward(1.0, z, labels),
+        ]
         return out
 
-    convs = [(normal(rng, (1, 5, 4, c)), normal(rng, (2, 2, c, o)), normal(rng, (1, 4, 3, o))) for c, o in CONV_CHANNELS]
-    out = all_backwards(convs, normal(rng, (1, 5, 4, 2)), normal(rng, (1, 2, 2, 2)), normal(rng, (3, 4)), np.array([0, 1, 2]))
+    convs = [
+        (normal(rng, (1, 5, 4, c)), normal(rng, (2, 2, c, o)), normal(rng, (1, 4, 3, o))) for c, o in CONV_CHANNELS
+    ]
+    out = all_backwards(
+        convs, normal(rng, (1, 5, 4, 2)), normal(rng, (1, 2, 2, 2)), normal(rng, (3, 4)), np.array([0, 1, 2])
+    )
     assert len(out) == len(CONV_CHANNELS) * len(conv_module.METHODS) + 12
     assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree_util.tree_leaves(out))

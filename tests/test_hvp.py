@@ -46,7 +46,8 @@ def _direction(params, seed: int):
     """A random direction, each array scaled like the parameter array it moves."""
     rng = np.random.default_rng(seed)
     return jax.tree_util.tree_map(
-        lambda p: jnp.asarray(rng.standard_normal(p.shape) * max(float(jnp.std(p)), 0.1)), params)
+        lambda p: jnp.asarray(rng.standard_normal(p.shape) * max(float(jnp.std(p)), 0.1)), params
+    )
 
 
 def _scaled_backward(layer, factor: float):
@@ -85,8 +86,10 @@ def test_zoo_hvp_against_autodiff_and_finite_differences(name):
         manual = gradients.hvp(model, loss, params, state, x, target, v)
         autodiff = jax.jvp(jax.grad(_autodiff_loss(model, loss, state, x, target, train=True)), (params,), (v,))[1]
         grad = gradients.value_and_grad(model, loss, "manual")
-        shifted = [grad(jax.tree_util.tree_map(lambda p, t, s=s: p + s * FD_STEP * t, params, v), state, x, target)[1]
-                   for s in (1, -1)]
+        shifted = [
+            grad(jax.tree_util.tree_map(lambda p, t, s=s: p + s * FD_STEP * t, params, v), state, x, target)[1]
+            for s in (1, -1)
+        ]
         return manual, autodiff, shifted
 
     manual, autodiff, shifted = products(params, v)
@@ -103,9 +106,16 @@ def test_zoo_hvp_against_autodiff_and_finite_differences(name):
 def _tiny_plain():
     """Every conv formulation, leaky ReLU, ReLU, tanh, average and max pooling, dense; 101 params."""
     return serial(
-        Conv2D(3, 3, padding=1, method="im2col", dtype=jnp.float64), LeakyRelu(0.1), AvgPool2D(2),
-        Conv2D(4, 2, method="taps", dtype=jnp.float64), Relu(), MaxPool2D(2, stride=1),
-        Conv2D(2, 1, method="conv", dtype=jnp.float64), Tanh(), Flatten(), Dense(3, dtype=jnp.float64),
+        Conv2D(3, 3, padding=1, method="im2col", dtype=jnp.float64),
+        LeakyRelu(0.1),
+        AvgPool2D(2),
+        Conv2D(4, 2, method="taps", dtype=jnp.float64),
+        Relu(),
+        MaxPool2D(2, stride=1),
+        Conv2D(2, 1, method="conv", dtype=jnp.float64),
+        Tanh(),
+        Flatten(),
+        Dense(3, dtype=jnp.float64),
         name="tiny_plain",
     )
 
@@ -115,17 +125,25 @@ def _tiny_batchnorm():
     global average pooling; 131 params."""
     conv = dict(padding=1, method="conv", dtype=jnp.float64)
     return serial(
-        Conv2D(3, 3, use_bias=False, **conv), BatchNorm(dtype=jnp.float64), Relu(),
-        Residual(serial(Conv2D(3, 3, **conv), BatchNorm(dtype=jnp.float64))), Sigmoid(),
-        GlobalAvgPool(), Dense(2, dtype=jnp.float64),
+        Conv2D(3, 3, use_bias=False, **conv),
+        BatchNorm(dtype=jnp.float64),
+        Relu(),
+        Residual(serial(Conv2D(3, 3, **conv), BatchNorm(dtype=jnp.float64))),
+        Sigmoid(),
+        GlobalAvgPool(),
+        Dense(2, dtype=jnp.float64),
         name="tiny_batchnorm",
     )
 
 
 TINY = {
     "plain-softmax-ce": (_tiny_plain, (2, 6, 6, 1), gradients.softmax_cross_entropy, np.array([0, 2])),
-    "batchnorm-train-mse": (_tiny_batchnorm, (3, 4, 4, 1), gradients.mse,
-                            np.array([[0.2, -0.4], [1.0, 0.3], [-0.5, 0.8]])),
+    "batchnorm-train-mse": (
+        _tiny_batchnorm,
+        (3, 4, 4, 1),
+        gradients.mse,
+        np.array([[0.2, -0.4], [1.0, 0.3], [-0.5, 0.8]]),
+    ),
 }
 
 
@@ -202,9 +220,11 @@ def test_with_manual_vjp_forward_over_reverse_differentiates_the_hand_written_ba
 def test_with_manual_vjp_refuses_forward_mode_alone(tiny_problem):
     model, params, state, x, _, v = tiny_problem
     apply = gradients.with_manual_vjp(model)
-    message = (r"^with_manual_vjp: the wrapped model has a reverse-mode rule only \(its hand-written backward\), so "
-               r"forward-mode differentiation of it \(jax\.jvp, jax\.jacfwd\) is undefined; for Hessian-vector "
-               r"products use jaxcnn\.gradients\.hvp")
+    message = (
+        r"^with_manual_vjp: the wrapped model has a reverse-mode rule only \(its hand-written backward\), so "
+        r"forward-mode differentiation of it \(jax\.jvp, jax\.jacfwd\) is undefined; for Hessian-vector "
+        r"products use jaxcnn\.gradients\.hvp"
+    )
     with pytest.raises(TypeError, match=message):
         jax.jvp(lambda p: apply(p, state, x)[0], (params,), (v,))
     with pytest.raises(TypeError, match=message):
@@ -226,6 +246,9 @@ def test_hvp_checks_the_direction():
     with pytest.raises(ValueError, match=r"hvp: v must have the structure of params"):
         gradients.hvp(model, gradients.mse, params, state, x, target, params[0])
     bad = ({"b": params[0]["b"], "w": jnp.zeros((2, 3))},)
-    with pytest.raises(ValueError, match=r"hvp: v\[0\]\['w'\] has shape \(2, 3\) and dtype float64 but "
-                                         r"params\[0\]\['w'\] has \(3, 2\) and float64"):
+    with pytest.raises(
+        ValueError,
+        match=r"hvp: v\[0\]\['w'\] has shape \(2, 3\) and dtype float64 but "
+        r"params\[0\]\['w'\] has \(3, 2\) and float64",
+    ):
         gradients.hvp(model, gradients.mse, params, state, x, target, bad)

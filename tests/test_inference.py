@@ -38,8 +38,18 @@ def quiet(line):
 
 
 def zoo_config(**settings) -> TrainConfig:
-    return TrainConfig(**{"model": "seed_net", "dataset": jdata.OFFLINE_NAME, "offline": True, "epochs": 1,
-                          "train_limit": 128, "batch_size": 32, "conv_method": "im2col", **settings})
+    return TrainConfig(
+        **{
+            "model": "seed_net",
+            "dataset": jdata.OFFLINE_NAME,
+            "offline": True,
+            "epochs": 1,
+            "train_limit": 128,
+            "batch_size": 32,
+            "conv_method": "im2col",
+            **settings,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +60,14 @@ def seed_run(tmp_path_factory):
 
 
 def tiny_net(features: int = 4):
-    return serial(Conv2D(features, 3, padding="VALID", method="im2col"), Relu(), MaxPool2D(2), Flatten(), Dense(10),
-                  name="tiny_net")
+    return serial(
+        Conv2D(features, 3, padding="VALID", method="im2col"),
+        Relu(),
+        MaxPool2D(2),
+        Flatten(),
+        Dense(10),
+        name="tiny_net",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +76,17 @@ def fit_run(tmp_path_factory, offline):
     out = tmp_path_factory.mktemp("fit_run")
     train = (offline.train_images[:512], offline.train_labels[:512])
     test = (offline.test_images[:200], offline.test_labels[:200])
-    result = jaxcnn.fit(tiny_net(), gradients.softmax_cross_entropy, train, test, out=out, epochs=1, batch_size=64,
-                        log=quiet)
+    result = jaxcnn.fit(
+        tiny_net(), gradients.softmax_cross_entropy, train, test, out=out, epochs=1, batch_size=64, log=quiet
+    )
     return out, result, test
 
 
 def same_accuracy(evaluation, logged: float) -> bool:
     """The loop logs ``correct / n`` in float32: equal at that precision, and the same count of hits."""
-    return (np.float32(evaluation.accuracy) == np.float32(logged)
-            and round(evaluation.accuracy * evaluation.examples) == round(logged * evaluation.examples))
+    return np.float32(evaluation.accuracy) == np.float32(logged) and round(
+        evaluation.accuracy * evaluation.examples
+    ) == round(logged * evaluation.examples)
 
 
 def leaves_equal(a, b):
@@ -171,18 +189,29 @@ def test_a_fit_run_on_float_colour_images_keeps_their_shape_and_scale(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 1, (64, 12, 12, 3)).astype(np.float32)
     labels = rng.integers(0, 10, 64)
-    result = jaxcnn.fit(tiny_net(), gradients.softmax_cross_entropy, (images, labels), out=tmp_path, epochs=1,
-                        batch_size=32, augment=0, log=quiet)
+    result = jaxcnn.fit(
+        tiny_net(),
+        gradients.softmax_cross_entropy,
+        (images, labels),
+        out=tmp_path,
+        epochs=1,
+        batch_size=32,
+        augment=0,
+        log=quiet,
+    )
     ck = load_checkpoint(tmp_path, model=tiny_net())
     assert ck.input_shape == (1, 12, 12, 3) and ck.scaling.scale == 1.0
     y, _, _ = jax.jit(lambda p, s, x: tiny_net().forward(p, s, x, train=False))(result.params, result.state, images)
     np.testing.assert_allclose(jaxcnn.predict(ck, images).outputs, np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: lenet5(conv_method="im2col"), r"holds \d+ arrays, the model needs \d+ model arrays"),
-    (lambda: tiny_net(features=5), r"array 0 is float32\[4\] but the model's params\[0\]\['b'\] is float32\[5\]"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: lenet5(conv_method="im2col"), r"holds \d+ arrays, the model needs \d+ model arrays"),
+        (lambda: tiny_net(features=5), r"array 0 is float32\[4\] but the model's params\[0\]\['b'\] is float32\[5\]"),
+    ],
+)
 def test_a_checkpoint_that_does_not_fit_the_model_is_refused_in_one_line(fit_run, make, message):
     out = fit_run[0]
     with pytest.raises(ConfigError, match=message) as info:
@@ -259,8 +288,15 @@ def test_cli_predict_reads_idx_npy_and_png(tmp_path, seed_run, offline):
     assert code == 0, err
     rows = json.loads(text)
     assert [(Path(r["file"]).name, r["index"]) for r in rows] == [
-        ("a-idx3-ubyte", 0), ("a-idx3-ubyte", 1), ("a-idx3-ubyte", 2), ("b.npy", 0), ("b.npy", 1), ("c.png", 0),
-        ("d.png", 0), ("e.npy", 0)]
+        ("a-idx3-ubyte", 0),
+        ("a-idx3-ubyte", 1),
+        ("a-idx3-ubyte", 2),
+        ("b.npy", 0),
+        ("b.npy", 1),
+        ("c.png", 0),
+        ("d.png", 0),
+        ("e.npy", 0),
+    ]
     expected = [*want.classes.tolist(), int(want.classes[5]), int(want.classes[0])]
     assert [r["class"] for r in rows] == expected
     np.testing.assert_allclose([r["probabilities"] for r in rows[:6]], want.probabilities, atol=1e-6)
@@ -268,13 +304,16 @@ def test_cli_predict_reads_idx_npy_and_png(tmp_path, seed_run, offline):
     assert code == 0 and "index  class  p(class)" in text and "c.png" in text
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("big.png", "png32", r"big.png: images of shape \(32, 32, 1\)"),
-    ("notes.txt", b"hello world", "notes.txt: unrecognised image file"),
-    ("bad.png", b"\x89PNG\r\n\x1a\n\x00\x00", "bad.png: truncated PNG"),
-    ("obj.npy", "object", "obj.npy: unreadable .npy file"),
-    ("missing.npy", None, "missing.npy: no such file"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("big.png", "png32", r"big.png: images of shape \(32, 32, 1\)"),
+        ("notes.txt", b"hello world", "notes.txt: unrecognised image file"),
+        ("bad.png", b"\x89PNG\r\n\x1a\n\x00\x00", "bad.png: truncated PNG"),
+        ("obj.npy", "object", "obj.npy: unreadable .npy file"),
+        ("missing.npy", None, "missing.npy: no such file"),
+    ],
+)
 def test_cli_predict_refuses_unusable_files_in_one_line(tmp_path, seed_run, name, content, message):
     path = tmp_path / name
     if content == "png32":
@@ -342,8 +381,12 @@ def encode_png(image: np.ndarray, filters: list[int]) -> bytes:
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(bytes(raw))) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(bytes(raw)))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_png_reader_undoes_every_filter_type(tmp_path):
@@ -374,7 +417,11 @@ def test_png_reader_refuses_corrupt_and_unsupported_files(tmp_path):
 
     for depth, interlace in ((16, 0), (8, 1)):
         header = struct.pack(">IIBBBBB", 4, 4, depth, 0, 0, 0, interlace)
-        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 40))
-                         + chunk(b"IEND", b""))
+        path.write_bytes(
+            b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 40))
+            + chunk(b"IEND", b"")
+        )
         with pytest.raises(jdata.DataError, match=r"unsupported PNG: expected 8-bit samples, not interlaced.*Re-save"):
             jdata.read_png(path)

@@ -23,8 +23,8 @@ from jaxcnn.layers import (
     Dropout,
     Flatten,
     GlobalAvgPool,
-    LeakyRelu,
     Layer,
+    LeakyRelu,
     LogSoftmax,
     MaxPool2D,
     Relu,
@@ -98,8 +98,14 @@ CASES = [
     # 4 channels make "taps" (and "auto", which picks it here) use the broadcast multiply-adds; IMG6's 6
     # channels, the per-tap matrix products.
     *[
-        pytest.param(lambda m=m, kw=kw: Conv2D(4, **kw, method=m), IMG, {}, {}, id=f"conv-{name}-{m}",
-                     marks=() if m in default else SLOW)
+        pytest.param(
+            lambda m=m, kw=kw: Conv2D(4, **kw, method=m),
+            IMG,
+            {},
+            {},
+            id=f"conv-{name}-{m}",
+            marks=() if m in default else SLOW,
+        )
         for name, kw, default in [
             ("k3-s2-same", dict(kernel=3, stride=2, padding="SAME"), ("conv", "auto")),
             ("k2x3-s2x1-p1-d2", dict(kernel=(2, 3), stride=(2, 1), padding=1, dilation=2), ("im2col", "taps")),
@@ -109,19 +115,28 @@ CASES = [
         ]
         for m in ("im2col", "conv", "taps", "auto")
     ],
-    pytest.param(lambda: Conv2D(4, 3, stride=2, padding=1, groups=2, method="im2col"), IMG, {}, {},
-                 id="conv-k3-s2-p1-groups2-im2col", marks=SLOW),
-    pytest.param(lambda: Conv2D(4, 3, stride=2, padding=1, method="taps"), IMG6, {}, {}, id="conv-taps-matmul-s2-p1",
-                 marks=SLOW),
+    pytest.param(
+        lambda: Conv2D(4, 3, stride=2, padding=1, groups=2, method="im2col"),
+        IMG,
+        {},
+        {},
+        id="conv-k3-s2-p1-groups2-im2col",
+        marks=SLOW,
+    ),
+    pytest.param(
+        lambda: Conv2D(4, 3, stride=2, padding=1, method="taps"), IMG6, {}, {}, id="conv-taps-matmul-s2-p1", marks=SLOW
+    ),
     pytest.param(lambda: Conv2D(5, 3, padding="SAME", method="taps"), IMG6, {}, {}, id="conv-taps-matmul", marks=SLOW),
     pytest.param(lambda: Dense(5), VEC, {}, {}, id="dense"),
     pytest.param(lambda: Dense(5, use_bias=False), VEC, {}, {}, id="dense-nobias"),
     pytest.param(BatchNorm, IMG, TRAIN, dict(params_fn=_perturbed_affine), id="batchnorm-nhwc-train"),
-    pytest.param(BatchNorm, IMG, {}, dict(params_fn=_perturbed_affine, state_fn=_random_running_stats),
-                 id="batchnorm-nhwc-eval"),
+    pytest.param(
+        BatchNorm, IMG, {}, dict(params_fn=_perturbed_affine, state_fn=_random_running_stats), id="batchnorm-nhwc-eval"
+    ),
     pytest.param(BatchNorm, VEC, TRAIN, dict(params_fn=_perturbed_affine), id="batchnorm-dense-train", marks=SLOW),
-    pytest.param(BatchNorm, VEC, {}, dict(params_fn=_perturbed_affine, state_fn=_random_running_stats),
-                 id="batchnorm-dense-eval"),
+    pytest.param(
+        BatchNorm, VEC, {}, dict(params_fn=_perturbed_affine, state_fn=_random_running_stats), id="batchnorm-dense-eval"
+    ),
     pytest.param(lambda: Dropout(0.0), IMG, DROP, {}, id="dropout-0-train"),
     pytest.param(lambda: Dropout(0.5), IMG, DROP, {}, id="dropout-0.5-train"),
     pytest.param(lambda: Dropout(0.5), VEC, {}, {}, id="dropout-0.5-eval"),
@@ -129,8 +144,9 @@ CASES = [
     pytest.param(lambda: MaxPool2D(3, stride=2, padding=1), IMG, {}, {}, id="maxpool-3-s2-p1-overlap"),
     pytest.param(lambda: AvgPool2D(2), IMG, {}, {}, id="avgpool-2"),
     pytest.param(lambda: AvgPool2D(3, stride=2, padding=1), IMG, {}, {}, id="avgpool-3-s2-p1-incl-pad"),
-    pytest.param(lambda: AvgPool2D(3, stride=2, padding=1, count_include_pad=False), IMG, {}, {},
-                 id="avgpool-3-s2-p1-excl-pad"),
+    pytest.param(
+        lambda: AvgPool2D(3, stride=2, padding=1, count_include_pad=False), IMG, {}, {}, id="avgpool-3-s2-p1-excl-pad"
+    ),
     pytest.param(GlobalAvgPool, IMG, {}, {}, id="global-avgpool"),
     pytest.param(Flatten, IMG, {}, {}, id="flatten"),
     pytest.param(Relu, IMG, {}, {}, id="relu"),
@@ -140,23 +156,56 @@ CASES = [
     pytest.param(Softmax, VEC, {}, {}, id="softmax"),
     pytest.param(LogSoftmax, VEC, {}, {}, id="log-softmax"),
     pytest.param(
-        lambda: serial(Conv2D(4, 3, stride=2, padding="SAME", use_bias=False, method="conv"), BatchNorm(), Relu(),
-                       MaxPool2D(3, stride=2, padding=1), Flatten(), Dense(5)),
-        IMG, TRAIN, dict(skip_kinks=True), id="serial-conv-bn-relu-pool-dense"),
+        lambda: serial(
+            Conv2D(4, 3, stride=2, padding="SAME", use_bias=False, method="conv"),
+            BatchNorm(),
+            Relu(),
+            MaxPool2D(3, stride=2, padding=1),
+            Flatten(),
+            Dense(5),
+        ),
+        IMG,
+        TRAIN,
+        dict(skip_kinks=True),
+        id="serial-conv-bn-relu-pool-dense",
+    ),
     pytest.param(
-        lambda: Residual(serial(Conv2D(4, 3, padding="SAME", use_bias=False, method="conv"), BatchNorm(), Relu(),
-                                Conv2D(4, 3, padding="SAME", use_bias=False, method="conv"), BatchNorm())),
-        IMG, TRAIN, dict(skip_kinks=True), id="residual-identity", marks=SLOW),
+        lambda: Residual(
+            serial(
+                Conv2D(4, 3, padding="SAME", use_bias=False, method="conv"),
+                BatchNorm(),
+                Relu(),
+                Conv2D(4, 3, padding="SAME", use_bias=False, method="conv"),
+                BatchNorm(),
+            )
+        ),
+        IMG,
+        TRAIN,
+        dict(skip_kinks=True),
+        id="residual-identity",
+        marks=SLOW,
+    ),
     pytest.param(
-        lambda: Residual(serial(Conv2D(4, 3, stride=2, padding="SAME", use_bias=False, method="conv"),
-                                BatchNorm(), Relu()),
-                         serial(Conv2D(4, 1, stride=2, use_bias=False, method="conv"), BatchNorm())),
-        IMG, TRAIN, dict(skip_kinks=True), id="residual-projection"),
+        lambda: Residual(
+            serial(Conv2D(4, 3, stride=2, padding="SAME", use_bias=False, method="conv"), BatchNorm(), Relu()),
+            serial(Conv2D(4, 1, stride=2, use_bias=False, method="conv"), BatchNorm()),
+        ),
+        IMG,
+        TRAIN,
+        dict(skip_kinks=True),
+        id="residual-projection",
+    ),
     pytest.param(
-        lambda: Residual(serial(Conv2D(4, 3, padding="SAME", method="conv"), BatchNorm()),
-                         shortcut=serial(Conv2D(4, 1, method="conv"), BatchNorm())),
-        IMG, {}, dict(state_fn=lambda s: jax.tree_util.tree_map(lambda a: a * 0.5 + 0.25, s)),
-        id="residual-projection-eval", marks=SLOW),
+        lambda: Residual(
+            serial(Conv2D(4, 3, padding="SAME", method="conv"), BatchNorm()),
+            shortcut=serial(Conv2D(4, 1, method="conv"), BatchNorm()),
+        ),
+        IMG,
+        {},
+        dict(state_fn=lambda s: jax.tree_util.tree_map(lambda a: a * 0.5 + 0.25, s)),
+        id="residual-projection-eval",
+        marks=SLOW,
+    ),
 ]
 
 
@@ -180,7 +229,9 @@ def test_layer_gradcheck_with_loss_covers_the_loss_gradient():
     layer = serial(Dense(5), Relu(), Dense(3))
     params, state, x, _ = setup(layer, VEC)
     labels = jnp.array([0, 2, 1])
-    result = gradcheck_layer(layer, params, state, x, loss=gradients.softmax_cross_entropy, target=labels, skip_kinks=True)
+    result = gradcheck_layer(
+        layer, params, state, x, loss=gradients.softmax_cross_entropy, target=labels, skip_kinks=True
+    )
     assert result.ok
 
 
@@ -217,7 +268,7 @@ def test_gradcheck_layer_catches_a_backward_that_ignores_the_batch_statistics():
     bn = BatchNorm()
 
     def eval_like_backward(params, residuals, dy):
-        (x_hat, inv_std), = residuals.values()
+        ((x_hat, inv_std),) = residuals.values()
         return bn.backward(params, {"eval": (x_hat, inv_std)}, dy)
 
     layer = bn._replace(backward=eval_like_backward)
@@ -236,13 +287,16 @@ def test_relu_gradient_at_exactly_zero_matches_autodiff():
     (_, _), manual = gradients.value_and_grad(layer, gradients.mse, "manual")(params, state, x, jnp.ones((4, 3)))
     for route in ("autodiff", "autodiff_same_forward"):
         (_, _), auto = gradients.value_and_grad(layer, gradients.mse, route)(params, state, x, jnp.ones((4, 3)))
-        for m, a in zip(jax.tree_util.tree_leaves(manual), jax.tree_util.tree_leaves(auto)):
+        for m, a in zip(jax.tree_util.tree_leaves(manual), jax.tree_util.tree_leaves(auto), strict=True):
             np.testing.assert_array_equal(m, a)
 
 
 def test_value_and_grad_rejects_an_unknown_route():
-    with pytest.raises(ValueError, match=r"value_and_grad: route must be one of manual, autodiff, autodiff_same_forward, "
-                                         r"got 'jax'"):
+    with pytest.raises(
+        ValueError,
+        match=r"value_and_grad: route must be one of manual, autodiff, autodiff_same_forward, "
+        r"got 'jax'",
+    ):
         gradients.value_and_grad(Dense(2), gradients.mse, "jax")
 
 
@@ -287,13 +341,16 @@ def test_init_out_shape_matches_the_forward_output(factory, in_shape, expected):
     assert tuple(out_shape) == expected
     # The batch dimension is free: init with batch 1, run with batch 3 (abstractly: shapes and dtypes).
     x = jax.ShapeDtypeStruct((3, *in_shape[1:]), jnp.float32)
-    y, new_state = jax.eval_shape(lambda p, s, x: layer.forward(p, s, x, train=True, key=jax.random.PRNGKey(1))[:2],
-                                  params, state, x)
+    y, new_state = jax.eval_shape(
+        lambda p, s, x: layer.forward(p, s, x, train=True, key=jax.random.PRNGKey(1))[:2], params, state, x
+    )
     assert y.shape == (3, *expected[1:])
     assert y.dtype == jnp.float32
     assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
-    assert all(a.shape == b.shape and a.dtype == b.dtype
-               for a, b in zip(jax.tree_util.tree_leaves(new_state), jax.tree_util.tree_leaves(state)))
+    assert all(
+        a.shape == b.shape and a.dtype == b.dtype
+        for a, b in zip(jax.tree_util.tree_leaves(new_state), jax.tree_util.tree_leaves(state), strict=True)
+    )
     for leaf in jax.tree_util.tree_leaves(params):
         assert leaf.dtype == jnp.float32
 
@@ -318,9 +375,14 @@ def test_init_param_shapes_and_initial_values():
         assert p == {} and s == {}
 
 
-@pytest.mark.parametrize("factory, shape", [(lambda d: Conv2D(2, 3, dtype=d), (1, 5, 5, 1)),
-                                            (lambda d: Dense(2, dtype=d), (1, 3)),
-                                            (lambda d: BatchNorm(dtype=d), (1, 3))])
+@pytest.mark.parametrize(
+    "factory, shape",
+    [
+        (lambda d: Conv2D(2, 3, dtype=d), (1, 5, 5, 1)),
+        (lambda d: Dense(2, dtype=d), (1, 3)),
+        (lambda d: BatchNorm(dtype=d), (1, 3)),
+    ],
+)
 def test_init_dtype_argument(factory, shape):
     params, state, _ = abstract_init(factory(jnp.float64), shape)
     for leaf in jax.tree_util.tree_leaves((params, state)):
@@ -329,12 +391,12 @@ def test_init_dtype_argument(factory, shape):
 
 def test_serial_params_are_a_tuple_per_layer_and_keys_differ():
     net = serial(Dense(3), Relu(), Dense(3), name="mlp")
-    params, state, _ = net.init(KEY, (1, 3))
+    params, _state, _ = net.init(KEY, (1, 3))
     assert isinstance(params, tuple) and len(params) == 3 and params[1] == {}
     assert not np.allclose(params[0]["w"], params[2]["w"])  # each layer gets its own key
     assert net.name == "mlp" and len(net.children) == 3
     res = Residual(Dense(3))
-    p, s, _ = res.init(KEY, (1, 3))
+    p, _s, _ = res.init(KEY, (1, 3))
     assert set(p) == {"block", "shortcut"} and p["shortcut"] == {}
     assert len(res.children) == 2
 
@@ -347,8 +409,11 @@ def test_residual_forward_is_block_plus_shortcut():
     y, _, _ = res.forward(params, state, x)
     expected = x @ params["block"]["w"] + params["block"]["b"] + x @ params["shortcut"]["w"]
     np.testing.assert_allclose(y, expected, rtol=1e-6)
-    y_id, _, _ = Residual(Dense(3)).forward({"block": params["block"] | {"w": jnp.eye(3)[:, :3], "b": jnp.zeros(3)},
-                                             "shortcut": {}}, {"block": {}, "shortcut": {}}, x)
+    y_id, _, _ = Residual(Dense(3)).forward(
+        {"block": params["block"] | {"w": jnp.eye(3)[:, :3], "b": jnp.zeros(3)}, "shortcut": {}},
+        {"block": {}, "shortcut": {}},
+        x,
+    )
     np.testing.assert_allclose(y_id, 2 * x)
 
 
@@ -392,12 +457,15 @@ def _composed_networks():
     """Networks whose autodiff_forward must differ from forward, with the number of their Conv2D layers."""
     return {
         "serial": (serial(Conv2D(3, 3, padding="SAME", method="taps"), Relu(), MaxPool2D(2), Flatten(), Dense(4)), 1),
-        "serial-mixed": (serial(Conv2D(1, 3, padding="SAME", method="taps"), Tanh(),
-                                Conv2D(2, 3, method="conv"), Flatten(), Dense(4)), 2),
+        "serial-mixed": (
+            serial(
+                Conv2D(1, 3, padding="SAME", method="taps"), Tanh(), Conv2D(2, 3, method="conv"), Flatten(), Dense(4)
+            ),
+            2,
+        ),
         "nested": (serial(serial(Conv2D(2, 3, method="auto"), Relu()), Flatten(), Dense(3)), 1),
         "residual-block": (Residual(serial(Conv2D(1, 3, padding="SAME", method="taps"), Relu())), 1),
-        "residual-shortcut": (Residual(Conv2D(2, 3, padding="SAME", method="conv"),
-                                       Conv2D(2, 1, method="im2col")), 2),
+        "residual-shortcut": (Residual(Conv2D(2, 3, padding="SAME", method="conv"), Conv2D(2, 1, method="im2col")), 2),
         "residual-only-shortcut": (Residual(serial(Relu(), Tanh()), Conv2D(1, 1, method="taps")), 1),
     }
 
@@ -421,28 +489,42 @@ def test_serial_and_residual_compose_autodiff_forward(name):
 def test_composed_autodiff_forward_in_training_mode_keeps_state_and_keys():
     """BatchNorm's running statistics and Dropout's mask come out of both forms alike: serial hands each
     layer the same state and the same key in both."""
-    net = serial(Conv2D(3, 3, padding="SAME", method="taps"), BatchNorm(), Relu(), Dropout(0.5),
-                 Residual(serial(Conv2D(3, 3, padding="SAME", method="im2col"), BatchNorm())), Flatten(), Dense(2))
+    net = serial(
+        Conv2D(3, 3, padding="SAME", method="taps"),
+        BatchNorm(),
+        Relu(),
+        Dropout(0.5),
+        Residual(serial(Conv2D(3, 3, padding="SAME", method="im2col"), BatchNorm())),
+        Flatten(),
+        Dense(2),
+    )
     params, state, x, _ = setup(net, GRAY)
     key = jax.random.PRNGKey(3)
     y, new_state, res = jax.jit(functools.partial(net.forward, train=True))(params, state, x, key=key)
     y_ad, new_state_ad, res_ad = jax.jit(functools.partial(net.autodiff_forward, train=True))(params, state, x, key=key)
     np.testing.assert_allclose(y_ad, y, rtol=1e-12, atol=1e-14)
-    for a, b in zip(jax.tree_util.tree_leaves(new_state_ad), jax.tree_util.tree_leaves(new_state)):
+    for a, b in zip(jax.tree_util.tree_leaves(new_state_ad), jax.tree_util.tree_leaves(new_state), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
     np.testing.assert_array_equal(res_ad[3], res[3])  # the dropout mask
     assert not np.all(np.asarray(res[3]))
 
 
-@pytest.mark.parametrize("net", [
-    pytest.param(lambda: serial(Dense(3), Relu(), Dense(2)), id="mlp"),
-    pytest.param(lambda: serial(BatchNorm(), MaxPool2D(2), AvgPool2D(1), GlobalAvgPool(), Dense(2)), id="no-conv"),
-    pytest.param(lambda: serial(Conv2D(2, 3, method="conv"), Relu(), Flatten(), Dense(2)), id="conv-method-conv"),
-    pytest.param(lambda: Residual(Dense(3)), id="residual-dense"),
-    pytest.param(lambda: Residual(serial(Conv2D(2, 3, padding="SAME", method="conv")), Conv2D(2, 1, method="conv")),
-                 id="residual-conv-method-conv"),
-    pytest.param(lambda: serial(serial(Conv2D(2, 3, method="conv")), Residual(Relu())), id="nested-conv-method-conv"),
-])
+@pytest.mark.parametrize(
+    "net",
+    [
+        pytest.param(lambda: serial(Dense(3), Relu(), Dense(2)), id="mlp"),
+        pytest.param(lambda: serial(BatchNorm(), MaxPool2D(2), AvgPool2D(1), GlobalAvgPool(), Dense(2)), id="no-conv"),
+        pytest.param(lambda: serial(Conv2D(2, 3, method="conv"), Relu(), Flatten(), Dense(2)), id="conv-method-conv"),
+        pytest.param(lambda: Residual(Dense(3)), id="residual-dense"),
+        pytest.param(
+            lambda: Residual(serial(Conv2D(2, 3, padding="SAME", method="conv")), Conv2D(2, 1, method="conv")),
+            id="residual-conv-method-conv",
+        ),
+        pytest.param(
+            lambda: serial(serial(Conv2D(2, 3, method="conv")), Residual(Relu())), id="nested-conv-method-conv"
+        ),
+    ],
+)
 def test_autodiff_forward_is_none_when_forward_already_is_the_lax_form(net):
     net = net()
     assert net.autodiff_forward is None
@@ -472,17 +554,20 @@ def test_value_and_grad_autodiff_route_differentiates_autodiff_forward():
     np.testing.assert_allclose(g_a[0]["w"], 4 * g_m[0]["w"], rtol=1e-13)
 
 
-@pytest.mark.parametrize("make, shape, match", [
-    (lambda: Conv2D(4, 3, groups=2), (1, 5, 5, 3), "groups=2 does not divide the 3 input channels"),
-    (lambda: Conv2D(3, 3, groups=2), (1, 5, 5, 4), "groups=2 does not divide the 3 output features"),
-    (lambda: Conv2D(4, 3), (1, 5, 5), r"expects NHWC inputs \(rank 4\)"),
-    (lambda: Conv2D(4, 7), (1, 5, 5, 1), "Conv2D"),
-    (lambda: Dense(4), (1, 5, 5), r"expects \(N, features\) inputs"),
-    (lambda: MaxPool2D(2), (1, 5), "MaxPool2D"),
-    (lambda: GlobalAvgPool(), (1, 5), "GlobalAvgPool"),
-    (lambda: BatchNorm(), (5,), "rank >= 2"),
-    (lambda: Residual(Conv2D(4, 3, stride=2, padding="SAME")), (1, 6, 6, 4), "give a projection shortcut"),
-])
+@pytest.mark.parametrize(
+    "make, shape, match",
+    [
+        (lambda: Conv2D(4, 3, groups=2), (1, 5, 5, 3), "groups=2 does not divide the 3 input channels"),
+        (lambda: Conv2D(3, 3, groups=2), (1, 5, 5, 4), "groups=2 does not divide the 3 output features"),
+        (lambda: Conv2D(4, 3), (1, 5, 5), r"expects NHWC inputs \(rank 4\)"),
+        (lambda: Conv2D(4, 7), (1, 5, 5, 1), "Conv2D"),
+        (lambda: Dense(4), (1, 5, 5), r"expects \(N, features\) inputs"),
+        (lambda: MaxPool2D(2), (1, 5), "MaxPool2D"),
+        (lambda: GlobalAvgPool(), (1, 5), "GlobalAvgPool"),
+        (lambda: BatchNorm(), (5,), "rank >= 2"),
+        (lambda: Residual(Conv2D(4, 3, stride=2, padding="SAME")), (1, 6, 6, 4), "give a projection shortcut"),
+    ],
+)
 def test_init_rejects_bad_shapes_with_a_message(make, shape, match):
     with pytest.raises(ValueError, match=match):
         make().init(KEY, shape)
@@ -490,15 +575,30 @@ def test_init_rejects_bad_shapes_with_a_message(make, shape, match):
 
 # A pooling layer that its op would reject fails at init, with the op's own message (named after the layer).
 POOL_INIT_ERRORS = [
-    (lambda: MaxPool2D(2, padding=2), ops.max_pool2d, dict(window=2, padding=2),
-     r"padding \(2, 2\) along the height must be smaller than the window height 2"),
-    (lambda: MaxPool2D(3, padding=((0, 3), (0, 0))), ops.max_pool2d, dict(window=3, padding=((0, 3), (0, 0))),
-     r"padding \(0, 3\) along the height must be smaller than the window height 3"),
-    (lambda: AvgPool2D(3, padding=(1, 3)), ops.avg_pool2d, dict(window=3, padding=(1, 3)),
-     r"padding \(3, 3\) along the width must be smaller than the window width 3"),
-    (lambda: AvgPool2D(2, stride=1, padding=((0, 0), (2, 0)), count_include_pad=False), ops.avg_pool2d,
-     dict(window=2, stride=1, padding=((0, 0), (2, 0)), count_include_pad=False),
-     r"padding \(2, 0\) along the width must be smaller than the window width 2"),
+    (
+        lambda: MaxPool2D(2, padding=2),
+        ops.max_pool2d,
+        dict(window=2, padding=2),
+        r"padding \(2, 2\) along the height must be smaller than the window height 2",
+    ),
+    (
+        lambda: MaxPool2D(3, padding=((0, 3), (0, 0))),
+        ops.max_pool2d,
+        dict(window=3, padding=((0, 3), (0, 0))),
+        r"padding \(0, 3\) along the height must be smaller than the window height 3",
+    ),
+    (
+        lambda: AvgPool2D(3, padding=(1, 3)),
+        ops.avg_pool2d,
+        dict(window=3, padding=(1, 3)),
+        r"padding \(3, 3\) along the width must be smaller than the window width 3",
+    ),
+    (
+        lambda: AvgPool2D(2, stride=1, padding=((0, 0), (2, 0)), count_include_pad=False),
+        ops.avg_pool2d,
+        dict(window=2, stride=1, padding=((0, 0), (2, 0)), count_include_pad=False),
+        r"padding \(2, 0\) along the width must be smaller than the window width 2",
+    ),
     (lambda: MaxPool2D(7), ops.max_pool2d, dict(window=7), "window height 7 exceeds the padded input height 5"),
     (lambda: AvgPool2D(2, stride=0), ops.avg_pool2d, dict(window=2, stride=0), "stride must be positive"),
 ]
@@ -520,15 +620,26 @@ def test_pool_init_rejects_what_the_op_rejects_with_the_same_message(make, op, h
         abstract_init(layer, shape)
 
 
-@pytest.mark.parametrize("make, op, hyper, out_hw", [
-    (lambda: MaxPool2D(2, padding=1), ops.max_pool2d, dict(window=2, padding=1), (3, 3)),
-    (lambda: MaxPool2D(3, stride=2, padding=((0, 2), (2, 0))), ops.max_pool2d,
-     dict(window=3, stride=2, padding=((0, 2), (2, 0))), (3, 3)),
-    (lambda: AvgPool2D(3, stride=1, padding=2), ops.avg_pool2d, dict(window=3, stride=1, padding=2), (7, 7)),
-    (lambda: AvgPool2D(3, padding=(2, 1), count_include_pad=False), ops.avg_pool2d,
-     dict(window=3, padding=(2, 1), count_include_pad=False), (3, 2)),
-    (lambda: MaxPool2D(2, padding="SAME"), ops.max_pool2d, dict(window=2, padding="SAME"), (3, 3)),
-])
+@pytest.mark.parametrize(
+    "make, op, hyper, out_hw",
+    [
+        (lambda: MaxPool2D(2, padding=1), ops.max_pool2d, dict(window=2, padding=1), (3, 3)),
+        (
+            lambda: MaxPool2D(3, stride=2, padding=((0, 2), (2, 0))),
+            ops.max_pool2d,
+            dict(window=3, stride=2, padding=((0, 2), (2, 0))),
+            (3, 3),
+        ),
+        (lambda: AvgPool2D(3, stride=1, padding=2), ops.avg_pool2d, dict(window=3, stride=1, padding=2), (7, 7)),
+        (
+            lambda: AvgPool2D(3, padding=(2, 1), count_include_pad=False),
+            ops.avg_pool2d,
+            dict(window=3, padding=(2, 1), count_include_pad=False),
+            (3, 2),
+        ),
+        (lambda: MaxPool2D(2, padding="SAME"), ops.max_pool2d, dict(window=2, padding="SAME"), (3, 3)),
+    ],
+)
 def test_pool_init_accepts_padding_smaller_than_the_window(make, op, hyper, out_hw):
     layer = make()
     x = tie_free(3, (2, 5, 5, 2))
@@ -541,14 +652,17 @@ def test_pool_init_accepts_padding_smaller_than_the_window(make, op, hyper, out_
     assert dx.shape == x.shape
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: Conv2D(0), "features must be positive"),
-    (lambda: Dense(0), "features must be positive"),
-    (lambda: Dropout(1.0), r"rate must be in \[0, 1\)"),
-    (lambda: Dropout(-0.1), r"rate must be in \[0, 1\)"),
-    (lambda: BatchNorm(momentum=1.0), r"momentum must be in \[0, 1\)"),
-    (lambda: serial(), "needs at least one layer"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: Conv2D(0), "features must be positive"),
+        (lambda: Dense(0), "features must be positive"),
+        (lambda: Dropout(1.0), r"rate must be in \[0, 1\)"),
+        (lambda: Dropout(-0.1), r"rate must be in \[0, 1\)"),
+        (lambda: BatchNorm(momentum=1.0), r"momentum must be in \[0, 1\)"),
+        (lambda: serial(), "needs at least one layer"),
+    ],
+)
 def test_factories_reject_bad_hyperparameters(make, match):
     with pytest.raises(ValueError, match=match):
         make()
@@ -672,8 +786,10 @@ def small_problem():
 
 
 def _max_rel(a, b):
-    return max(float(jnp.max(jnp.abs(u - v)) / jnp.max(jnp.abs(v)))
-               for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    return max(
+        float(jnp.max(jnp.abs(u - v)) / jnp.max(jnp.abs(v)))
+        for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    )
 
 
 def test_with_manual_vjp_grad_equals_manual_and_autodiff_under_jit(small_problem):
@@ -701,7 +817,7 @@ def test_with_manual_vjp_returns_the_new_state_and_forward_values(small_problem)
     y, new_state = jax.jit(with_manual_vjp(model, train=True))(params, state, x, key)
     y_ref, state_ref, _ = model.forward(params, state, x, train=True, key=key)
     np.testing.assert_allclose(y, y_ref, rtol=1e-13, atol=1e-15)  # jit vs eager: rounding only
-    for a, b in zip(jax.tree_util.tree_leaves(new_state), jax.tree_util.tree_leaves(state_ref)):
+    for a, b in zip(jax.tree_util.tree_leaves(new_state), jax.tree_util.tree_leaves(state_ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
     # Evaluation mode, no key.
     y_eval, _ = with_manual_vjp(model)(params, state, x)
@@ -734,7 +850,7 @@ def test_with_manual_vjp_runs_the_hand_written_backward():
 
 
 def test_with_manual_vjp_state_and_key_cotangents_are_zero(small_problem):
-    model, params, state, x, labels, key = small_problem
+    model, params, state, x, _labels, key = small_problem
     apply = with_manual_vjp(model, train=True)
     d_state = jax.grad(lambda s: jnp.sum(apply(params, s, x, key)[0]))(state)
     for leaf in jax.tree_util.tree_leaves(d_state):
@@ -742,6 +858,22 @@ def test_with_manual_vjp_state_and_key_cotangents_are_zero(small_problem):
 
 
 def test_layers_module_exports_the_documented_layers():
-    for name in ("Conv2D", "Dense", "BatchNorm", "Dropout", "MaxPool2D", "AvgPool2D", "GlobalAvgPool", "Flatten",
-                 "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "serial", "Residual"):
+    for name in (
+        "Conv2D",
+        "Dense",
+        "BatchNorm",
+        "Dropout",
+        "MaxPool2D",
+        "AvgPool2D",
+        "GlobalAvgPool",
+        "Flatten",
+        "Relu",
+        "LeakyRelu",
+        "Sigmoid",
+        "Tanh",
+        "Softmax",
+        "LogSoftmax",
+        "serial",
+        "Residual",
+    ):
         assert callable(getattr(layers, name))

@@ -57,7 +57,7 @@ def _abstract_init(model, shape=INPUT_SHAPE):
 def _max_rel_per_leaf(a, b):
     """``{leaf path: max|a - b| / max|b|}``."""
     out = {}
-    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_leaves(b)):
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_leaves(b), strict=True):
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
         out[jax.tree_util.keystr(path)] = float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-300))
     return out
@@ -73,7 +73,9 @@ def test_zoo_names_and_unknown_model_error():
         spec = get_model(name)
         assert spec.name == name and spec.description
         assert spec.input_shape == INPUT_SHAPE
-    with pytest.raises(ValueError, match=r"unknown model 'vgg16'; choose one of seed_net, lenet5, small_cnn, resnet_small"):
+    with pytest.raises(
+        ValueError, match=r"unknown model 'vgg16'; choose one of seed_net, lenet5, small_cnn, resnet_small"
+    ):
         get_model("vgg16")
 
 
@@ -85,8 +87,12 @@ def test_architecture_output_shape_and_parameter_count(name):
     assert sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(params)) == PARAMETER_COUNTS[name]
     assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves((params, state)))
     # The forward pass agrees with init's out_shape, for another batch size too.
-    y = jax.eval_shape(lambda p, s, x: spec.build().forward(p, s, x, train=True)[0], params, state,
-                       jax.ShapeDtypeStruct((5, 28, 28, 1), jnp.float32))
+    y = jax.eval_shape(
+        lambda p, s, x: spec.build().forward(p, s, x, train=True)[0],
+        params,
+        state,
+        jax.ShapeDtypeStruct((5, 28, 28, 1), jnp.float32),
+    )
     assert y.shape == (5, out_shape[1])
 
 
@@ -120,7 +126,9 @@ def test_builders_default_to_the_default_conv_method(name):
 
     assert str(jaxpr_of(default.forward)) == str(jaxpr_of(auto.forward))
     assert str(jaxpr_of(default.autodiff_forward)) == str(jaxpr_of(lax_conv.forward))
-    assert str(jaxpr_of(default.forward)) != str(jaxpr_of(lax_conv.forward))  # "auto" takes taps for the 1-channel input
+    assert str(jaxpr_of(default.forward)) != str(
+        jaxpr_of(lax_conv.forward)
+    )  # "auto" takes taps for the 1-channel input
 
 
 def test_seed_net_default_forward_has_no_lax_convolution():
@@ -204,8 +212,10 @@ def _all_routes(spec, model, params, state, x, target, *, train):
 
     @jax.jit
     def run(params):
-        routes = {route: gradients.value_and_grad(model, spec.loss, route)(params, state, x, target, train=train)
-                  for route in gradients.ROUTES}
+        routes = {
+            route: gradients.value_and_grad(model, spec.loss, route)(params, state, x, target, train=train)
+            for route in gradients.ROUTES
+        }
         g_vjp = jax.grad(lambda p: spec.loss.value(apply(p, state, x)[0], target))(params)
         return routes, g_vjp
 
@@ -222,12 +232,12 @@ def _assert_routes_agree(spec, model, params, state, x, target, *, train=True):
     # The same forward pass: identical values. The lax forward: the same function, to rounding.
     assert loss_m == loss_s
     np.testing.assert_array_equal(pred_m, pred_s)
-    for a, b in zip(jax.tree_util.tree_leaves(state_m), jax.tree_util.tree_leaves(state_s)):
+    for a, b in zip(jax.tree_util.tree_leaves(state_m), jax.tree_util.tree_leaves(state_s), strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(loss_a, loss_m, rtol=1e-13)
     assert max(_max_rel_per_leaf(pred_a, pred_m).values()) <= 1e-13
     assert jax.tree_util.tree_structure(state_a) == jax.tree_util.tree_structure(state)
-    for a, b in zip(jax.tree_util.tree_leaves(state_a), jax.tree_util.tree_leaves(state_m)):
+    for a, b in zip(jax.tree_util.tree_leaves(state_a), jax.tree_util.tree_leaves(state_m), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
 
     n_leaves = len(jax.tree_util.tree_leaves(params))
@@ -270,8 +280,9 @@ def test_gradient_routes_agree_float64_resnet_small_evaluation_mode(mnist_batch)
     model = spec.build()
     params, state, images, target = _problem(spec, model, mnist_batch)
     # Non-trivial running statistics, so that evaluation differs from the identity-like initial state.
-    state = jax.tree_util.tree_map(lambda s: s + 0.1 * jnp.cos(jnp.arange(s.size, dtype=s.dtype)).reshape(s.shape) ** 2,
-                                   state)
+    state = jax.tree_util.tree_map(
+        lambda s: s + 0.1 * jnp.cos(jnp.arange(s.size, dtype=s.dtype)).reshape(s.shape) ** 2, state
+    )
     _assert_routes_agree(spec, model, params, state, images, target, train=False)
 
 
@@ -300,9 +311,12 @@ def test_resnet_small_evaluation_mode_uses_running_statistics(mnist_batch):
     y_train, new_state, _ = forward(params, state, images, train=True)
     y_eval, same_state, _ = forward(params, state, images, train=False)
     assert not np.allclose(y_train, y_eval)
-    for a, b in zip(jax.tree_util.tree_leaves(same_state), jax.tree_util.tree_leaves(state)):
+    for a, b in zip(jax.tree_util.tree_leaves(same_state), jax.tree_util.tree_leaves(state), strict=True):
         np.testing.assert_array_equal(a, b)  # evaluation leaves the running statistics alone
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(new_state), jax.tree_util.tree_leaves(state)))
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree_util.tree_leaves(new_state), jax.tree_util.tree_leaves(state), strict=True)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -312,7 +326,7 @@ def test_resnet_small_evaluation_mode_uses_running_statistics(mnist_batch):
 def _assert_model_check(name, results, dtype="float64"):
     model = get_model(name).build()
     assert len(results) == len(model.children) + 1
-    for i, (layer, result) in enumerate(zip(model.children, results)):
+    for i, (layer, result) in enumerate(zip(model.children, results[:-1], strict=True)):
         assert result.name == f"{name}[{i}] {layer.name}"
     assert results[-1].name == f"{name} + {get_model(name).loss.name}"
     failures = [r.table() for r in results if not r.ok]

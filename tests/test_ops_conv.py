@@ -7,6 +7,17 @@ import functools
 
 import numpy as np
 import pytest
+from _opcases import (
+    FWD_TOL,
+    GRAD_TOL,
+    J,
+    assert_close,
+    conv_configs,
+    normal,
+    record_gradcheck,
+    resolved,
+    unread_mask,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,21 +27,9 @@ from jax import lax
 
 from jaxcnn import ops
 from jaxcnn import reference as ref
-from jaxcnn.ops import conv as conv_module
 from jaxcnn.gradcheck import gradcheck
+from jaxcnn.ops import conv as conv_module
 from jaxcnn.shapes import window_geometry
-
-from _opcases import (
-    J,
-    FWD_TOL,
-    GRAD_TOL,
-    assert_close,
-    conv_configs,
-    normal,
-    record_gradcheck,
-    resolved,
-    unread_mask,
-)
 
 # Every formulation conv2d offers, written out (not imported) so that test_every_formulation_is_covered
 # fails when the module gains one these tests do not run.
@@ -51,8 +50,14 @@ def lax_conv(x, w, b, *, stride, padding, dilation, groups):
     else:
         pads = [tuple(p) for p in padding]
     y = lax.conv_general_dilated(
-        jnp.asarray(x, jnp.float64), jnp.asarray(w, jnp.float64), s, pads, rhs_dilation=d,
-        dimension_numbers=DN, feature_group_count=groups, precision=lax.Precision.HIGHEST,
+        jnp.asarray(x, jnp.float64),
+        jnp.asarray(w, jnp.float64),
+        s,
+        pads,
+        rhs_dilation=d,
+        dimension_numbers=DN,
+        feature_group_count=groups,
+        precision=lax.Precision.HIGHEST,
     )
     return np.asarray(y if b is None else y + jnp.asarray(b, jnp.float64))
 
@@ -61,7 +66,7 @@ def _hyper(cfg):
     return {k: cfg[k] for k in ("stride", "padding", "dilation", "groups")}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def conv_suite(stride, padding, dilation, groups):
     """One compiled function per hyperparameter set: forward and manual backward of every method, and ``jax.vjp``."""
     hyper = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
@@ -71,7 +76,11 @@ def conv_suite(stride, padding, dilation, groups):
         _, vjp = jax.vjp(functools.partial(ops.conv2d, method="conv", **hyper), x, w, b)
         auto = vjp(dy)
         return {
-            m: dict(y=ops.conv2d(x, w, b, method=m, **hyper), manual=ops.conv2d_backward(dy, x, w, method=m, **hyper), vjp=auto)
+            m: dict(
+                y=ops.conv2d(x, w, b, method=m, **hyper),
+                manual=ops.conv2d_backward(dy, x, w, method=m, **hyper),
+                vjp=auto,
+            )
             for m in METHODS
         }
 
@@ -91,7 +100,9 @@ def check_conv_case(cfg, rng, dtype):
     window, stride, dilation, pads = resolved(cfg)
     y_ref = ref.conv2d(x, w, b, stride=stride, padding=pads, dilation=dilation, groups=cfg["groups"])
     dy = normal(rng, y_ref.shape, dtype)
-    dx_ref, dw_ref, db_ref = ref.conv2d_backward(dy, x, w, stride=stride, padding=pads, dilation=dilation, groups=cfg["groups"])
+    dx_ref, dw_ref, db_ref = ref.conv2d_backward(
+        dy, x, w, stride=stride, padding=pads, dilation=dilation, groups=cfg["groups"]
+    )
     y_lax = lax_conv(x, w, b, **_hyper(cfg))
     assert_close(y_lax, y_ref, 1e-12, op="lax.conv (witness)", dtype="float64", kind="fwd vs numpy")
 
@@ -104,7 +115,9 @@ def check_conv_case(cfg, rng, dtype):
         assert r["y"].dtype == dtype and r["y"].shape == y_ref.shape
         assert_close(r["y"], y_ref, FWD_TOL[dt], op=op, dtype=dt, kind="fwd vs numpy", what=str(cfg))
         assert_close(r["y"], y_lax, FWD_TOL[dt], op=op, dtype=dt, kind="fwd vs lax", what=str(cfg))
-        for name, got, want, auto in zip(("dx", "dw", "db"), r["manual"], (dx_ref, dw_ref, db_ref), r["vjp"]):
+        for name, got, want, auto in zip(
+            ("dx", "dw", "db"), r["manual"], (dx_ref, dw_ref, db_ref), r["vjp"], strict=True
+        ):
             assert got.dtype == dtype and got.shape == want.shape, (name, got.shape, want.shape)
             assert_close(got, want, GRAD_TOL[dt], op=op, dtype=dt, kind="grad vs numpy", what=f"{name} {cfg}")
             assert_close(got, auto, GRAD_TOL[dt], op=op, dtype=dt, kind="grad vs autodiff", what=f"{name} {cfg}")
@@ -143,15 +156,19 @@ def _tutorial_elementwise():
     (X11, X12, X13), (X21, X22, X23), (X31, X32, X33) = X
     (F11, F12), (F21, F22) = F
     (dO11, dO12), (dO21, dO22) = DO
-    dF = np.array([
-        [X11 * dO11 + X12 * dO12 + X21 * dO21 + X22 * dO22, X12 * dO11 + X13 * dO12 + X22 * dO21 + X23 * dO22],
-        [X21 * dO11 + X22 * dO12 + X31 * dO21 + X32 * dO22, X22 * dO11 + X23 * dO12 + X32 * dO21 + X33 * dO22],
-    ])
-    dX = np.array([
-        [F11 * dO11, F12 * dO11 + F11 * dO12, F12 * dO12],
-        [F21 * dO11 + F11 * dO21, F22 * dO11 + F21 * dO12 + F12 * dO21 + F11 * dO22, F22 * dO12 + F12 * dO22],
-        [F21 * dO21, F22 * dO21 + F21 * dO22, F22 * dO22],
-    ])
+    dF = np.array(
+        [
+            [X11 * dO11 + X12 * dO12 + X21 * dO21 + X22 * dO22, X12 * dO11 + X13 * dO12 + X22 * dO21 + X23 * dO22],
+            [X21 * dO11 + X22 * dO12 + X31 * dO21 + X32 * dO22, X22 * dO11 + X23 * dO12 + X32 * dO21 + X33 * dO22],
+        ]
+    )
+    dX = np.array(
+        [
+            [F11 * dO11, F12 * dO11 + F11 * dO12, F12 * dO12],
+            [F21 * dO11 + F11 * dO21, F22 * dO11 + F21 * dO12 + F12 * dO21 + F11 * dO22, F22 * dO12 + F12 * dO22],
+            [F21 * dO21, F22 * dO21 + F21 * dO22, F22 * dO22],
+        ]
+    )
     return dF, dX
 
 
@@ -200,22 +217,39 @@ def test_conv_sweep_float32(cfg, seed):
 PINNED = {
     "plain 3x3": dict(x_shape=(2, 5, 5, 3), w_shape=(3, 3, 3, 2), stride=1, padding=0, dilation=1, groups=1),
     "stride not dividing, pairs, dilation, groups": dict(
-        x_shape=(2, 7, 6, 4), w_shape=(3, 2, 2, 4), stride=(2, 3), padding=((1, 0), (2, 1)), dilation=(1, 2), groups=2),
-    "depthwise SAME stride 2": dict(x_shape=(2, 7, 6, 4), w_shape=(3, 3, 1, 4), stride=2, padding="SAME", dilation=1, groups=4),
-    "depthwise x2, pair padding": dict(x_shape=(1, 7, 5, 3), w_shape=(2, 3, 1, 6), stride=(1, 2), padding=(2, 1), dilation=1, groups=3),
-    "1x1 kernel, stride > kernel": dict(x_shape=(2, 8, 7, 2), w_shape=(1, 1, 2, 3), stride=3, padding=(1, 0), dilation=1, groups=1),
-    "padding > kernel span": dict(x_shape=(2, 7, 6, 4), w_shape=(3, 2, 2, 4), stride=1, padding=3, dilation=1, groups=2),
+        x_shape=(2, 7, 6, 4), w_shape=(3, 2, 2, 4), stride=(2, 3), padding=((1, 0), (2, 1)), dilation=(1, 2), groups=2
+    ),
+    "depthwise SAME stride 2": dict(
+        x_shape=(2, 7, 6, 4), w_shape=(3, 3, 1, 4), stride=2, padding="SAME", dilation=1, groups=4
+    ),
+    "depthwise x2, pair padding": dict(
+        x_shape=(1, 7, 5, 3), w_shape=(2, 3, 1, 6), stride=(1, 2), padding=(2, 1), dilation=1, groups=3
+    ),
+    "1x1 kernel, stride > kernel": dict(
+        x_shape=(2, 8, 7, 2), w_shape=(1, 1, 2, 3), stride=3, padding=(1, 0), dilation=1, groups=1
+    ),
+    "padding > kernel span": dict(
+        x_shape=(2, 7, 6, 4), w_shape=(3, 2, 2, 4), stride=1, padding=3, dilation=1, groups=2
+    ),
     # H = 7, kernel 3, stride 3: row 6 is never read; W = 6, kernel 2, stride 4: columns 2, 3 are never read.
-    "trailing rows/cols unread": dict(x_shape=(2, 7, 6, 4), w_shape=(3, 2, 2, 4), stride=(3, 4), padding="VALID", dilation=1, groups=2),
-    "dilated SAME, odd extra": dict(x_shape=(2, 6, 9, 2), w_shape=(2, 3, 2, 4), stride=(1, 2), padding="SAME", dilation=(3, 2), groups=1),
+    "trailing rows/cols unread": dict(
+        x_shape=(2, 7, 6, 4), w_shape=(3, 2, 2, 4), stride=(3, 4), padding="VALID", dilation=1, groups=2
+    ),
+    "dilated SAME, odd extra": dict(
+        x_shape=(2, 6, 9, 2), w_shape=(2, 3, 2, 4), stride=(1, 2), padding="SAME", dilation=(3, 2), groups=1
+    ),
     # The sweep draws at most 3 channels per group, where "taps" always takes its broadcast multiply-adds and
     # "auto" always takes "taps" for the forward pass and the input gradient. These two have more input and
     # output channels per group than TAPS_ELEMENTWISE_MAX (5 in, 6 out; 10 in, 6 out), so "taps" contracts
     # with a matrix product; "auto" takes "conv" for the forward pass of both and for the input gradient of
     # the second, "taps" for the input gradient of the grouped one (5 <= TAPS_FEW_OUTPUTS_MAX input channels
     # per group); see test_auto_takes_every_formulation_on_the_pinned_cases.
-    "many channels, grouped": dict(x_shape=(1, 6, 5, 10), w_shape=(2, 3, 5, 12), stride=(2, 1), padding=(1, 0), dilation=1, groups=2),
-    "many channels": dict(x_shape=(1, 5, 6, 10), w_shape=(3, 2, 10, 6), stride=1, padding="SAME", dilation=(1, 2), groups=1),
+    "many channels, grouped": dict(
+        x_shape=(1, 6, 5, 10), w_shape=(2, 3, 5, 12), stride=(2, 1), padding=(1, 0), dilation=1, groups=2
+    ),
+    "many channels": dict(
+        x_shape=(1, 5, 6, 10), w_shape=(3, 2, 10, 6), stride=1, padding="SAME", dilation=(1, 2), groups=1
+    ),
 }
 
 
@@ -245,15 +279,20 @@ def test_trailing_rows_and_columns_get_exactly_zero_gradient():
 
 # Finite differences on two geometries that exercise every hyperparameter (the sweep and the pinned cases
 # above compare every geometry with the NumPy loops and jax.vjp).
-GRADCHECK_CASES = [(case, m) for case in ("stride not dividing, pairs, dilation, groups", "depthwise SAME stride 2")
-                   for m in METHODS]
+GRADCHECK_CASES = [
+    (case, m) for case in ("stride not dividing, pairs, dilation, groups", "depthwise SAME stride 2") for m in METHODS
+]
 
 
 def _conv_gradcheck(case, method, dtype, seed=0):
     cfg = PINNED[case]
     hyper = _hyper(cfg)
     rng = np.random.default_rng(seed)
-    x, w, b = normal(rng, cfg["x_shape"], dtype), normal(rng, cfg["w_shape"], dtype), normal(rng, cfg["w_shape"][3:], dtype)
+    x, w, b = (
+        normal(rng, cfg["x_shape"], dtype),
+        normal(rng, cfg["w_shape"], dtype),
+        normal(rng, cfg["w_shape"][3:], dtype),
+    )
     # Jitted (one compile per method, case and dtype): op by op, the tap-at-a-time formulations compile every
     # slice and product of every tap separately, which takes twice as long. Eager and jitted results are
     # compared in test_conv_jit_matches_eager_and_does_not_recompile.
@@ -261,7 +300,9 @@ def _conv_gradcheck(case, method, dtype, seed=0):
     result = gradcheck(
         J(ops.conv2d, method=method, **hyper),
         lambda dy, x, w, b: backward(dy, x, w),
-        (x, w, b), names=("x", "w", "b"), name=f"conv2d[{method}] {case}",
+        (x, w, b),
+        names=("x", "w", "b"),
+        name=f"conv2d[{method}] {case}",
     )
     record_gradcheck(f"conv2d[{method}]", result)
     return result
@@ -292,8 +333,10 @@ def test_auto_takes_every_formulation_on_the_pinned_cases():
     # "taps" and the "conv" code path for the forward pass and the input gradient (the kernel gradient is
     # always "conv"), so every branch of conv2d/conv2d_backward under "auto" is exercised.
     picked = {
-        case: {grad: conv_module.resolve_method(grad, cfg["w_shape"], cfg["groups"])
-               for grad in ("forward", "input_grad", "kernel_grad")}
+        case: {
+            grad: conv_module.resolve_method(grad, cfg["w_shape"], cfg["groups"])
+            for grad in ("forward", "input_grad", "kernel_grad")
+        }
         for case, cfg in PINNED.items()
     }
     assert picked["plain 3x3"] == dict(forward="taps", input_grad="taps", kernel_grad="conv")
@@ -346,7 +389,9 @@ def test_im2col_matches_reference_and_col2im_is_its_adjoint(g):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("case", ["plain 3x3", "stride not dividing, pairs, dilation, groups", "depthwise x2, pair padding"])
+@pytest.mark.parametrize(
+    "case", ["plain 3x3", "stride not dividing, pairs, dilation, groups", "depthwise x2, pair padding"]
+)
 def test_conv_bfloat16_forward(case, method):
     cfg = PINNED[case]
     rng = np.random.default_rng(11)
@@ -378,7 +423,7 @@ def test_conv_jit_matches_eager_and_does_not_recompile(method):
     y_j, g_j = jitted(x, w, b, dy)
     assert len(traces) == 1
     np.testing.assert_allclose(y_j, y_e, rtol=0, atol=1e-12)
-    for a, e in zip(g_j, g_e):
+    for a, e in zip(g_j, g_e, strict=True):
         np.testing.assert_allclose(a, e, rtol=0, atol=1e-12)
     jitted(x + 1.0, w, b, dy)  # same shapes, new values: no retrace
     jitted(x, w * 2.0, b, dy)
@@ -407,26 +452,69 @@ _w = np.zeros((3, 3, 4, 6))
 @pytest.mark.parametrize(
     "x, w, kwargs, exc, match",
     [
-        (_x, np.zeros((3, 3, 3, 6)), {}, ValueError,
-         r"conv2d: channel mismatch: x \(2, 5, 5, 4\) has 4 channels but w \(3, 3, 3, 6\) \(HWIO\) expects 3 x groups=1 = 3"),
-        (_x, np.zeros((3, 3, 4, 6)), dict(groups=2), ValueError,
-         r"conv2d: channel mismatch: x \(2, 5, 5, 4\) has 4 channels but w \(3, 3, 4, 6\) \(HWIO\) expects 4 x groups=2 = 8"),
-        (_x, np.zeros((3, 3, 1, 6)), dict(groups=3), ValueError,
-         r"conv2d: groups=3 does not divide the 4 input channels of x \(2, 5, 5, 4\)"),
-        (_x, np.zeros((3, 3, 2, 5)), dict(groups=2), ValueError,
-         r"conv2d: groups=2 does not divide the 5 output channels of w \(3, 3, 2, 5\)"),
+        (
+            _x,
+            np.zeros((3, 3, 3, 6)),
+            {},
+            ValueError,
+            r"conv2d: channel mismatch: x \(2, 5, 5, 4\) has 4 channels but w \(3, 3, 3, 6\) \(HWIO\) "
+            r"expects 3 x groups=1 = 3",
+        ),
+        (
+            _x,
+            np.zeros((3, 3, 4, 6)),
+            dict(groups=2),
+            ValueError,
+            r"conv2d: channel mismatch: x \(2, 5, 5, 4\) has 4 channels but w \(3, 3, 4, 6\) \(HWIO\) "
+            r"expects 4 x groups=2 = 8",
+        ),
+        (
+            _x,
+            np.zeros((3, 3, 1, 6)),
+            dict(groups=3),
+            ValueError,
+            r"conv2d: groups=3 does not divide the 4 input channels of x \(2, 5, 5, 4\)",
+        ),
+        (
+            _x,
+            np.zeros((3, 3, 2, 5)),
+            dict(groups=2),
+            ValueError,
+            r"conv2d: groups=2 does not divide the 5 output channels of w \(3, 3, 2, 5\)",
+        ),
         (_x, _w, dict(groups=0), ValueError, r"conv2d: groups must be positive, got 0"),
         (_x, _w, dict(groups=1.0), TypeError, r"conv2d: groups must be an int"),
-        (_x, np.zeros((6, 3, 4, 6)), dict(padding=0), ValueError,
-         r"conv2d: kernel height 6 exceeds the padded input height 5 \(5 \+ 0 \+ 0\); output height would be \(5 - 6\)/1 \+ 1 = 0"),
-        (_x, _w, dict(dilation=3), ValueError,
-         r"conv2d: kernel height 3 \(dilation 3 -> 7\) exceeds the padded input height 5 \(5 \+ 0 \+ 0\); "
-         r"output height would be \(5 - 7\)/1 \+ 1 = -1"),
-        (_x, _w, dict(dilation=(1, 4), padding=1), ValueError,
-         r"conv2d: kernel width 3 \(dilation 4 -> 9\) exceeds the padded input width 7 \(5 \+ 1 \+ 1\); "
-         r"output width would be \(7 - 9\)/1 \+ 1 = -1"),
-        (_x, np.zeros((3, 6, 4, 6)), dict(padding=((0, 0), (0, 0))), ValueError,
-         r"conv2d: kernel width 6 exceeds the padded input width 5 \(5 \+ 0 \+ 0\)"),
+        (
+            _x,
+            np.zeros((6, 3, 4, 6)),
+            dict(padding=0),
+            ValueError,
+            r"conv2d: kernel height 6 exceeds the padded input height 5 \(5 \+ 0 \+ 0\); "
+            r"output height would be \(5 - 6\)/1 \+ 1 = 0",
+        ),
+        (
+            _x,
+            _w,
+            dict(dilation=3),
+            ValueError,
+            r"conv2d: kernel height 3 \(dilation 3 -> 7\) exceeds the padded input height 5 \(5 \+ 0 \+ 0\); "
+            r"output height would be \(5 - 7\)/1 \+ 1 = -1",
+        ),
+        (
+            _x,
+            _w,
+            dict(dilation=(1, 4), padding=1),
+            ValueError,
+            r"conv2d: kernel width 3 \(dilation 4 -> 9\) exceeds the padded input width 7 \(5 \+ 1 \+ 1\); "
+            r"output width would be \(7 - 9\)/1 \+ 1 = -1",
+        ),
+        (
+            _x,
+            np.zeros((3, 6, 4, 6)),
+            dict(padding=((0, 0), (0, 0))),
+            ValueError,
+            r"conv2d: kernel width 6 exceeds the padded input width 5 \(5 \+ 0 \+ 0\)",
+        ),
         (_x, _w, dict(padding=-1), ValueError, r"conv2d: padding must be non-negative, got -1"),
         (_x, _w, dict(padding=((0, -1), (0, 0))), ValueError, r"conv2d: padding must be non-negative"),
         (_x, _w, dict(padding="FULL"), ValueError, r"conv2d: padding must be .*'VALID' or 'SAME'; got 'FULL'"),
@@ -451,16 +539,25 @@ def test_conv2d_bad_input(x, w, kwargs, exc, match, method):
 
 
 def test_conv2d_errors_are_raised_at_trace_time_under_jit():
-    with pytest.raises(ValueError, match=r"conv2d: kernel height 3 \(dilation 2 -> 5\) exceeds the padded input height 4 \(4 \+ 0 \+ 0\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"conv2d: kernel height 3 \(dilation 2 -> 5\) exceeds the padded input height 4 \(4 \+ 0 \+ 0\)",
+    ):
         jax.jit(functools.partial(ops.conv2d, dilation=2))(np.zeros((1, 4, 9, 1)), np.zeros((3, 3, 1, 1)))
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_conv2d_backward_bad_cotangent(method):
     x, w = np.zeros((2, 6, 5, 4)), np.zeros((3, 3, 4, 6))
-    with pytest.raises(ValueError, match=r"conv2d_backward: dy has shape \(2, 4, 3, 5\) but the forward output has shape \(2, 4, 3, 6\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"conv2d_backward: dy has shape \(2, 4, 3, 5\) but the forward output has shape \(2, 4, 3, 6\)",
+    ):
         ops.conv2d_backward(np.zeros((2, 4, 3, 5)), x, w, method=method)
-    with pytest.raises(ValueError, match=r"conv2d_backward: dy has shape \(2, 4, 3, 6\) but the forward output has shape \(2, 2, 2, 6\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"conv2d_backward: dy has shape \(2, 4, 3, 6\) but the forward output has shape \(2, 2, 2, 6\)",
+    ):
         ops.conv2d_backward(np.zeros((2, 4, 3, 6)), x, w, stride=2, method=method)
     with pytest.raises(TypeError, match=r"conv2d_backward: dy must be floating point, got dtype int32"):
         ops.conv2d_backward(np.zeros((2, 4, 3, 6), np.int32), x, w, method=method)

@@ -8,6 +8,7 @@ import functools
 
 import numpy as np
 import pytest
+from _opcases import FWD_TOL, GRAD_TOL, assert_close, away_from_zero, normal, record_gradcheck
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,8 +18,6 @@ import jax.numpy as jnp
 from jaxcnn import gradients, ops
 from jaxcnn import reference as ref
 from jaxcnn.gradcheck import gradcheck
-
-from _opcases import FWD_TOL, GRAD_TOL, assert_close, away_from_zero, normal, record_gradcheck
 
 DTYPES = [np.float64, np.float32]
 
@@ -35,8 +34,13 @@ def _dense_suite(x, w, b, dy):
 
 
 @settings(max_examples=20, deadline=None)
-@given(n=st.integers(1, 3), fin=st.integers(1, 6), fout=st.integers(1, 6), seed=st.integers(0, 2**32 - 1),
-       dtype=st.sampled_from(DTYPES))
+@given(
+    n=st.integers(1, 3),
+    fin=st.integers(1, 6),
+    fout=st.integers(1, 6),
+    seed=st.integers(0, 2**32 - 1),
+    dtype=st.sampled_from(DTYPES),
+)
 def test_dense_sweep(n, fin, fout, seed, dtype):
     dt = np.dtype(dtype).name
     rng = np.random.default_rng(seed)
@@ -44,8 +48,10 @@ def test_dense_sweep(n, fin, fout, seed, dtype):
     y, manual, auto = _dense_suite(x, w, b, dy)
     assert y.dtype == dtype
     assert_close(y, ref.dense(x, w, b), FWD_TOL[dt], op="dense", dtype=dt, kind="fwd vs numpy")
-    assert_close(y, x.astype(np.float64) @ w.astype(np.float64) + b, FWD_TOL[dt], op="dense", dtype=dt, kind="fwd vs matmul")
-    for name, got, want, a in zip(("dx", "dw", "db"), manual, ref.dense_backward(dy, x, w), auto):
+    assert_close(
+        y, x.astype(np.float64) @ w.astype(np.float64) + b, FWD_TOL[dt], op="dense", dtype=dt, kind="fwd vs matmul"
+    )
+    for name, got, want, a in zip(("dx", "dw", "db"), manual, ref.dense_backward(dy, x, w), auto, strict=True):
         assert got.dtype == dtype and got.shape == want.shape
         assert_close(got, want, GRAD_TOL[dt], op="dense", dtype=dt, kind="grad vs numpy", what=name)
         assert_close(got, a, GRAD_TOL[dt], op="dense", dtype=dt, kind="grad vs autodiff", what=name)
@@ -55,8 +61,9 @@ def test_dense_sweep(n, fin, fout, seed, dtype):
 def test_dense_gradcheck(dtype):
     rng = np.random.default_rng(0)
     x, w, b = normal(rng, (3, 5), dtype), normal(rng, (5, 4), dtype), normal(rng, (4,), dtype)
-    result = gradcheck(ops.dense, lambda dy, x, w, b: ops.dense_backward(dy, x, w), (x, w, b),
-                       names=("x", "w", "b"), name="dense")
+    result = gradcheck(
+        ops.dense, lambda dy, x, w, b: ops.dense_backward(dy, x, w), (x, w, b), names=("x", "w", "b"), name="dense"
+    )
     record_gradcheck("dense", result)
     assert [r.name for r in result.rows] == ["x", "w", "b"]
 
@@ -95,7 +102,7 @@ def test_dense_jit_no_recompile():
     jf(2 * x, w, b, dy)
     assert len(traces) == 1
     np.testing.assert_allclose(y, ops.dense(x, w, b), rtol=0, atol=1e-14)
-    for a, e in zip(grads, ops.dense_backward(dy, x, w)):
+    for a, e in zip(grads, ops.dense_backward(dy, x, w), strict=True):
         np.testing.assert_allclose(a, e, rtol=0, atol=1e-14)
 
 
@@ -103,7 +110,11 @@ def test_dense_jit_no_recompile():
     "args, exc, match",
     [
         ((np.zeros((2, 3)), np.zeros((4, 5))), ValueError, r"{fn}: x \(2, 3\) has 3 features but w \(4, 5\) expects 4"),
-        ((np.zeros((2, 3, 1)), np.zeros((3, 5))), ValueError, r"{fn}: x must have rank 2 \(\(N, in\)\), got shape \(2, 3, 1\)"),
+        (
+            (np.zeros((2, 3, 1)), np.zeros((3, 5))),
+            ValueError,
+            r"{fn}: x must have rank 2 \(\(N, in\)\), got shape \(2, 3, 1\)",
+        ),
         ((np.zeros((2, 3)), np.zeros(3)), ValueError, r"{fn}: w must have rank 2 \(\(in, out\)\), got shape \(3,\)"),
         ((np.zeros((2, 3), np.int32), np.zeros((3, 5))), TypeError, r"{fn}: x must be floating point, got dtype int32"),
         ((np.zeros((2, 3)), np.zeros((3, 5), np.int64)), TypeError, r"{fn}: w must be floating point, got dtype int64"),
@@ -120,7 +131,9 @@ def test_dense_bad_bias_and_cotangent():
     x, w = np.zeros((2, 3)), np.zeros((3, 5))
     with pytest.raises(ValueError, match=r"dense: b must have shape \(5,\) to match w \(3, 5\), got \(3,\)"):
         ops.dense(x, w, np.zeros(3))
-    with pytest.raises(ValueError, match=r"dense_backward: dy has shape \(5, 2\) but the forward output has shape \(2, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"dense_backward: dy has shape \(5, 2\) but the forward output has shape \(2, 5\)"
+    ):
         ops.dense_backward(np.zeros((5, 2)), x, w)
     with pytest.raises(TypeError, match=r"dense_backward: dy must be floating point, got dtype int64"):
         ops.dense_backward(np.zeros((2, 5), np.int64), x, w)
@@ -166,32 +179,57 @@ NP_BACKWARD = {
 
 # name -> (forward, backward(dy, x) built from what the backward takes, NumPy formula, jax.nn reference)
 ACTIVATIONS = {
-    "sigmoid": (ops.sigmoid, lambda dy, x: ops.sigmoid_backward(dy, ops.sigmoid(x)),
-                lambda x: 1 / (1 + np.exp(-x)), jax.nn.sigmoid),
+    "sigmoid": (
+        ops.sigmoid,
+        lambda dy, x: ops.sigmoid_backward(dy, ops.sigmoid(x)),
+        lambda x: 1 / (1 + np.exp(-x)),
+        jax.nn.sigmoid,
+    ),
     "tanh": (ops.tanh, lambda dy, x: ops.tanh_backward(dy, ops.tanh(x)), np.tanh, jnp.tanh),
     "relu": (ops.relu, ops.relu_backward, lambda x: np.maximum(x, 0), jax.nn.relu),
-    "leaky_relu": (ops.leaky_relu, ops.leaky_relu_backward, lambda x: np.where(x >= 0, x, 0.01 * x),
-                   lambda x: jax.nn.leaky_relu(x, 0.01)),
-    "leaky_relu(0.2)": (functools.partial(ops.leaky_relu, negative_slope=0.2),
-                        functools.partial(ops.leaky_relu_backward, negative_slope=0.2),
-                        lambda x: np.where(x >= 0, x, 0.2 * x), lambda x: jax.nn.leaky_relu(x, 0.2)),
-    "softmax": (ops.softmax, lambda dy, x: ops.softmax_backward(dy, ops.softmax(x)),
-                lambda x: _np_softmax(x, -1), jax.nn.softmax),
-    "softmax(axis=0)": (functools.partial(ops.softmax, axis=0),
-                        lambda dy, x: ops.softmax_backward(dy, ops.softmax(x, axis=0), axis=0),
-                        lambda x: _np_softmax(x, 0), functools.partial(jax.nn.softmax, axis=0)),
-    "log_softmax": (ops.log_softmax, lambda dy, x: ops.log_softmax_backward(dy, ops.log_softmax(x)),
-                    lambda x: np.log(_np_softmax(x, -1)), jax.nn.log_softmax),
-    "log_softmax(axis=0)": (functools.partial(ops.log_softmax, axis=0),
-                            lambda dy, x: ops.log_softmax_backward(dy, ops.log_softmax(x, axis=0), axis=0),
-                            lambda x: np.log(_np_softmax(x, 0)), functools.partial(jax.nn.log_softmax, axis=0)),
+    "leaky_relu": (
+        ops.leaky_relu,
+        ops.leaky_relu_backward,
+        lambda x: np.where(x >= 0, x, 0.01 * x),
+        lambda x: jax.nn.leaky_relu(x, 0.01),
+    ),
+    "leaky_relu(0.2)": (
+        functools.partial(ops.leaky_relu, negative_slope=0.2),
+        functools.partial(ops.leaky_relu_backward, negative_slope=0.2),
+        lambda x: np.where(x >= 0, x, 0.2 * x),
+        lambda x: jax.nn.leaky_relu(x, 0.2),
+    ),
+    "softmax": (
+        ops.softmax,
+        lambda dy, x: ops.softmax_backward(dy, ops.softmax(x)),
+        lambda x: _np_softmax(x, -1),
+        jax.nn.softmax,
+    ),
+    "softmax(axis=0)": (
+        functools.partial(ops.softmax, axis=0),
+        lambda dy, x: ops.softmax_backward(dy, ops.softmax(x, axis=0), axis=0),
+        lambda x: _np_softmax(x, 0),
+        functools.partial(jax.nn.softmax, axis=0),
+    ),
+    "log_softmax": (
+        ops.log_softmax,
+        lambda dy, x: ops.log_softmax_backward(dy, ops.log_softmax(x)),
+        lambda x: np.log(_np_softmax(x, -1)),
+        jax.nn.log_softmax,
+    ),
+    "log_softmax(axis=0)": (
+        functools.partial(ops.log_softmax, axis=0),
+        lambda dy, x: ops.log_softmax_backward(dy, ops.log_softmax(x, axis=0), axis=0),
+        lambda x: np.log(_np_softmax(x, 0)),
+        functools.partial(jax.nn.log_softmax, axis=0),
+    ),
 }
 
 
 ACT_SHAPE = (2, 3, 4)  # one shape throughout: rank 3, so that softmax(axis=0) and axis=-1 differ
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _activation_suite(name):
     fwd, bwd, _, _ = ACTIVATIONS[name]
 
@@ -221,7 +259,8 @@ def test_activation_forward_and_backward(name, dtype):
 
 # float64 for every activation; float32 for one of each kind (the axis and slope variants differ only in a constant).
 GRADCHECK_ACTIVATIONS = [(name, np.float64) for name in ACTIVATIONS] + [
-    (name, np.float32) for name in ("sigmoid", "tanh", "relu", "leaky_relu", "softmax", "log_softmax")]
+    (name, np.float32) for name in ("sigmoid", "tanh", "relu", "leaky_relu", "softmax", "log_softmax")
+]
 
 
 @pytest.mark.parametrize("name, dtype", GRADCHECK_ACTIVATIONS)
@@ -250,9 +289,12 @@ def test_activations_stable_for_large_inputs(dtype):
     dy = np.ones_like(x)
     s = ops.sigmoid(x)
     np.testing.assert_array_equal(np.asarray(s)[0, [0, 2, 4]], [0.0, 0.5, 1.0])
-    for y, g in [(s, ops.sigmoid_backward(dy, s)), (ops.tanh(x), ops.tanh_backward(dy, ops.tanh(x))),
-                 (ops.softmax(x), ops.softmax_backward(dy, ops.softmax(x))),
-                 (ops.log_softmax(x), ops.log_softmax_backward(dy, ops.log_softmax(x)))]:
+    for y, g in [
+        (s, ops.sigmoid_backward(dy, s)),
+        (ops.tanh(x), ops.tanh_backward(dy, ops.tanh(x))),
+        (ops.softmax(x), ops.softmax_backward(dy, ops.softmax(x))),
+        (ops.log_softmax(x), ops.log_softmax_backward(dy, ops.log_softmax(x))),
+    ]:
         assert np.all(np.isfinite(y)) and np.all(np.isfinite(g))
     ls = np.asarray(ops.log_softmax(x), np.float64)
     np.testing.assert_allclose(ls[0, [0, 2, 4]], [-2e4, -1e4, 0.0], rtol=1e-7)
@@ -268,9 +310,14 @@ def test_softmax_backward_rows_orthogonal_to_ones():
 
 @pytest.mark.parametrize(
     "bwd, name, second",
-    [(ops.sigmoid_backward, "sigmoid_backward", "y"), (ops.tanh_backward, "tanh_backward", "y"),
-     (ops.relu_backward, "relu_backward", "x"), (ops.leaky_relu_backward, "leaky_relu_backward", "x"),
-     (ops.softmax_backward, "softmax_backward", "y"), (ops.log_softmax_backward, "log_softmax_backward", "y")],
+    [
+        (ops.sigmoid_backward, "sigmoid_backward", "y"),
+        (ops.tanh_backward, "tanh_backward", "y"),
+        (ops.relu_backward, "relu_backward", "x"),
+        (ops.leaky_relu_backward, "leaky_relu_backward", "x"),
+        (ops.softmax_backward, "softmax_backward", "y"),
+        (ops.log_softmax_backward, "log_softmax_backward", "y"),
+    ],
 )
 def test_activation_backward_bad_cotangent(bwd, name, second):
     with pytest.raises(ValueError, match=rf"{name}: dy has shape \(2, 3\) but the forward output has shape \(3, 2\)"):
@@ -290,14 +337,24 @@ def _np_log_sigmoid(z):
 
 LOSSES = {
     # name -> (loss(pred, target), backward(dloss, pred, target), NumPy formula, target maker)
-    "mse": (ops.mse, ops.mse_backward, lambda p, t: 0.5 * np.mean((p - t) ** 2),
-            lambda rng, shape, dtype: normal(rng, shape, dtype)),
-    "bce_with_logits": (ops.binary_cross_entropy_with_logits, ops.binary_cross_entropy_with_logits_backward,
-                        lambda z, y: np.mean(-y * _np_log_sigmoid(z) - (1 - y) * _np_log_sigmoid(-z)),
-                        lambda rng, shape, dtype: rng.uniform(0, 1, shape).astype(dtype)),
-    "softmax_cross_entropy": (ops.softmax_cross_entropy, ops.softmax_cross_entropy_backward,
-                              lambda z, y: -np.mean(np.log(_np_softmax(z, -1))[np.arange(len(y)), y]),
-                              lambda rng, shape, dtype: rng.integers(0, shape[1], shape[0])),
+    "mse": (
+        ops.mse,
+        ops.mse_backward,
+        lambda p, t: 0.5 * np.mean((p - t) ** 2),
+        lambda rng, shape, dtype: normal(rng, shape, dtype),
+    ),
+    "bce_with_logits": (
+        ops.binary_cross_entropy_with_logits,
+        ops.binary_cross_entropy_with_logits_backward,
+        lambda z, y: np.mean(-y * _np_log_sigmoid(z) - (1 - y) * _np_log_sigmoid(-z)),
+        lambda rng, shape, dtype: rng.uniform(0, 1, shape).astype(dtype),
+    ),
+    "softmax_cross_entropy": (
+        ops.softmax_cross_entropy,
+        ops.softmax_cross_entropy_backward,
+        lambda z, y: -np.mean(np.log(_np_softmax(z, -1))[np.arange(len(y)), y]),
+        lambda rng, shape, dtype: rng.integers(0, shape[1], shape[0]),
+    ),
 }
 
 # NumPy gradients of the losses with respect to the prediction, in float64.
@@ -316,12 +373,16 @@ def test_loss_value_and_gradient(name, dtype):
     rng = np.random.default_rng(4)
     pred = 2 * normal(rng, (4, 5), dtype)
     t = target(rng, (4, 5), dtype)
-    value, g, g_auto, g_scaled = jax.jit(lambda p, t: (loss(p, t), bwd(1.0, p, t), jax.grad(loss)(p, t), bwd(2.5, p, t)))(pred, t)
+    value, g, g_auto, g_scaled = jax.jit(
+        lambda p, t: (loss(p, t), bwd(1.0, p, t), jax.grad(loss)(p, t), bwd(2.5, p, t))
+    )(pred, t)
     assert value.shape == () and value.dtype == dtype
     assert_close(value, np_loss(pred.astype(np.float64), t), FWD_TOL[dt], op=name, dtype=dt, kind="fwd vs numpy")
     assert g.shape == pred.shape and g.dtype == dtype
     assert_close(g, g_auto, GRAD_TOL[dt], op=name, dtype=dt, kind="grad vs autodiff")
-    assert_close(g, NP_LOSS_GRAD[name](pred.astype(np.float64), t), GRAD_TOL[dt], op=name, dtype=dt, kind="grad vs numpy")
+    assert_close(
+        g, NP_LOSS_GRAD[name](pred.astype(np.float64), t), GRAD_TOL[dt], op=name, dtype=dt, kind="grad vs numpy"
+    )
     np.testing.assert_allclose(g_scaled, 2.5 * np.asarray(g), rtol=1e-6 if dt == "float32" else 1e-15)
     result = gradcheck(loss, lambda dl, p, t: (bwd(dl, p, t),), (pred, t), argnums=(0,), names=("pred",), name=name)
     record_gradcheck(name, result)
@@ -382,12 +443,18 @@ def test_loss_bad_input():
         ops.mse(np.zeros((2, 3)), np.zeros((3, 2)))
     with pytest.raises(ValueError, match=r"mse_backward: prediction \(2, 3\) and target \(2,\) differ in shape"):
         ops.mse_backward(1.0, np.zeros((2, 3)), np.zeros(2))
-    with pytest.raises(ValueError, match=r"binary_cross_entropy_with_logits: prediction \(4,\) and target \(4, 1\) differ"):
+    with pytest.raises(
+        ValueError, match=r"binary_cross_entropy_with_logits: prediction \(4,\) and target \(4, 1\) differ"
+    ):
         ops.binary_cross_entropy_with_logits(np.zeros(4), np.zeros((4, 1)))
-    with pytest.raises(ValueError, match=r"binary_cross_entropy_with_logits_backward: prediction \(4,\) and target \(5,\)"):
+    with pytest.raises(
+        ValueError, match=r"binary_cross_entropy_with_logits_backward: prediction \(4,\) and target \(5,\)"
+    ):
         ops.binary_cross_entropy_with_logits_backward(1.0, np.zeros(4), np.zeros(5))
-    for fn, call in [("softmax_cross_entropy", lambda z, y: ops.softmax_cross_entropy(z, y)),
-                     ("softmax_cross_entropy_backward", lambda z, y: ops.softmax_cross_entropy_backward(1.0, z, y))]:
+    for fn, call in [
+        ("softmax_cross_entropy", lambda z, y: ops.softmax_cross_entropy(z, y)),
+        ("softmax_cross_entropy_backward", lambda z, y: ops.softmax_cross_entropy_backward(1.0, z, y)),
+    ]:
         with pytest.raises(TypeError, match=rf"{fn}: labels must be integer class indices, got dtype float64"):
             call(np.zeros((2, 3)), np.zeros(2))
         with pytest.raises(ValueError, match=rf"{fn}: labels must have shape \(2,\) for logits \(2, 3\), got \(3,\)"):
@@ -406,18 +473,26 @@ def test_loss_bad_input():
 # name -> (per_example(pred, target), NumPy per-example formula (float64), loss in gradients)
 PER_EXAMPLE = {
     "mse": (ops.mse_per_example, lambda p, t: 0.5 * ((p - t) ** 2).reshape(len(p), -1).mean(axis=1), "mse"),
-    "bce_with_logits": (ops.binary_cross_entropy_with_logits_per_example,
-                        lambda z, y: (-y * _np_log_sigmoid(z) - (1 - y) * _np_log_sigmoid(-z)).reshape(len(z), -1).mean(axis=1),
-                        "binary_cross_entropy_with_logits"),
-    "softmax_cross_entropy": (ops.softmax_cross_entropy_per_example,
-                              lambda z, y: -np.log(_np_softmax(z, -1))[np.arange(len(y)), y], "softmax_cross_entropy"),
+    "bce_with_logits": (
+        ops.binary_cross_entropy_with_logits_per_example,
+        lambda z, y: (-y * _np_log_sigmoid(z) - (1 - y) * _np_log_sigmoid(-z)).reshape(len(z), -1).mean(axis=1),
+        "binary_cross_entropy_with_logits",
+    ),
+    "softmax_cross_entropy": (
+        ops.softmax_cross_entropy_per_example,
+        lambda z, y: -np.log(_np_softmax(z, -1))[np.arange(len(y)), y],
+        "softmax_cross_entropy",
+    ),
 }
 # Prediction shapes: (N, features) for all; a rank-4 map (N, H, W, C) and one output column for the elementwise losses.
-PER_EXAMPLE_SHAPES = {"mse": [(4, 5), (3, 2, 2, 3), (6, 1)], "bce_with_logits": [(4, 5), (3, 2, 2, 3), (6, 1)],
-                      "softmax_cross_entropy": [(4, 5), (1, 3)]}
+PER_EXAMPLE_SHAPES = {
+    "mse": [(4, 5), (3, 2, 2, 3), (6, 1)],
+    "bce_with_logits": [(4, 5), (3, 2, 2, 3), (6, 1)],
+    "softmax_cross_entropy": [(4, 5), (1, 3)],
+}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _per_example_suite(name):
     loss, per_example = LOSSES[name][0], PER_EXAMPLE[name][0]
     return jax.jit(lambda p, t: (per_example(p, t), loss(p, t)))
@@ -434,8 +509,14 @@ def test_loss_per_example_mean_is_the_value(name, shape, dtype):
     t = target_maker(rng, shape, dtype)
     per, value = _per_example_suite(name)(pred, t)
     assert per.shape == (shape[0],) and per.dtype == dtype
-    assert_close(per, np_per_example(pred.astype(np.float64), t), FWD_TOL[dt], op=f"{name}_per_example", dtype=dt,
-                 kind="fwd vs numpy")
+    assert_close(
+        per,
+        np_per_example(pred.astype(np.float64), t),
+        FWD_TOL[dt],
+        op=f"{name}_per_example",
+        dtype=dt,
+        kind="fwd vs numpy",
+    )
     # The mean over examples is the scalar loss (every example holds as many elements), to a few roundings.
     rtol = 1e-15 if dt == "float64" else 1e-6
     np.testing.assert_allclose(np.mean(np.asarray(per, np.float64)), float(value), rtol=rtol)
@@ -447,30 +528,42 @@ def test_loss_per_example_eager_and_literal():
     target = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]])
     np.testing.assert_array_equal(ops.mse_per_example(pred, target), [0.5 * 4 / 2, 0.0, 0.5 * 13 / 2])
     # softplus(0) - 0 = log 2 for each element of the second example.
-    np.testing.assert_allclose(ops.binary_cross_entropy_with_logits_per_example(pred, target)[1], np.log(2.0), rtol=1e-15)
+    np.testing.assert_allclose(
+        ops.binary_cross_entropy_with_logits_per_example(pred, target)[1], np.log(2.0), rtol=1e-15
+    )
     logits = np.array([[0.0, 0.0], [10.0, -10.0]])
-    np.testing.assert_allclose(ops.softmax_cross_entropy_per_example(logits, np.array([1, 1])),
-                               [np.log(2.0), 20.0 + np.log1p(np.exp(-20.0))], rtol=1e-15)
+    np.testing.assert_allclose(
+        ops.softmax_cross_entropy_per_example(logits, np.array([1, 1])),
+        [np.log(2.0), 20.0 + np.log1p(np.exp(-20.0))],
+        rtol=1e-15,
+    )
 
 
 def test_loss_per_example_finite_for_logits_1e4():
     z = np.array([[1e4, -1e4, 0.0], [-1e4, 1e4, 1e4]])
     y = np.array([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    np.testing.assert_allclose(ops.binary_cross_entropy_with_logits_per_example(z, y),
-                               [(1e4 + np.log(2.0)) / 3, 1e4 / 3], rtol=1e-14)
-    np.testing.assert_allclose(ops.softmax_cross_entropy_per_example(z, np.array([1, 0])), [2e4, 2e4 + np.log(2.0)],
-                               rtol=1e-14)
+    np.testing.assert_allclose(
+        ops.binary_cross_entropy_with_logits_per_example(z, y), [(1e4 + np.log(2.0)) / 3, 1e4 / 3], rtol=1e-14
+    )
+    np.testing.assert_allclose(
+        ops.softmax_cross_entropy_per_example(z, np.array([1, 0])), [2e4, 2e4 + np.log(2.0)], rtol=1e-14
+    )
 
 
 def test_gradients_losses_bundle_the_ops():
     assert gradients.Loss._fields == ("value", "backward", "name", "per_example", "correct")
     expected = {
         "mse": (ops.mse, ops.mse_backward, ops.mse_per_example),
-        "binary_cross_entropy_with_logits": (ops.binary_cross_entropy_with_logits,
-                                             ops.binary_cross_entropy_with_logits_backward,
-                                             ops.binary_cross_entropy_with_logits_per_example),
-        "softmax_cross_entropy": (ops.softmax_cross_entropy, ops.softmax_cross_entropy_backward,
-                                  ops.softmax_cross_entropy_per_example),
+        "binary_cross_entropy_with_logits": (
+            ops.binary_cross_entropy_with_logits,
+            ops.binary_cross_entropy_with_logits_backward,
+            ops.binary_cross_entropy_with_logits_per_example,
+        ),
+        "softmax_cross_entropy": (
+            ops.softmax_cross_entropy,
+            ops.softmax_cross_entropy_backward,
+            ops.softmax_cross_entropy_per_example,
+        ),
     }
     for name, (value, backward, per_example) in expected.items():
         loss = getattr(gradients, name)
@@ -487,10 +580,12 @@ def _correct(loss_name, pred, target):
 
 def test_correct_softmax_cross_entropy_is_the_argmax():
     logits = np.array([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0], [0.0, 0.0, -1.0], [-5.0, -4.0, -6.0]])
-    np.testing.assert_array_equal(_correct("softmax_cross_entropy", logits, np.array([1, 2, 0, 1])),
-                                  [True, False, True, True])  # a tie goes to the first class
-    np.testing.assert_array_equal(_correct("softmax_cross_entropy", logits, np.array([1, 2, 1, 1])),
-                                  [True, False, False, True])
+    np.testing.assert_array_equal(
+        _correct("softmax_cross_entropy", logits, np.array([1, 2, 0, 1])), [True, False, True, True]
+    )  # a tie goes to the first class
+    np.testing.assert_array_equal(
+        _correct("softmax_cross_entropy", logits, np.array([1, 2, 1, 1])), [True, False, False, True]
+    )
     # Under jit too, and on float32 logits.
     out = jax.jit(gradients.softmax_cross_entropy.correct)(logits.astype(np.float32), np.array([1, 0, 0, 2]))
     np.testing.assert_array_equal(out, [True, True, True, False])
@@ -522,8 +617,11 @@ def test_loss_per_example_bad_input():
         ops.mse_per_example(np.zeros((2, 3)), np.zeros((3, 2)))
     with pytest.raises(ValueError, match=r"mse_per_example: prediction \(4, 1\) and target \(4,\) differ in shape"):
         ops.mse_per_example(np.zeros((4, 1)), np.zeros(4))
-    with pytest.raises(ValueError, match=r"binary_cross_entropy_with_logits_per_example: prediction \(4,\) and target "
-                                         r"\(4, 1\) differ in shape"):
+    with pytest.raises(
+        ValueError,
+        match=r"binary_cross_entropy_with_logits_per_example: prediction \(4,\) and target "
+        r"\(4, 1\) differ in shape",
+    ):
         ops.binary_cross_entropy_with_logits_per_example(np.zeros(4), np.zeros((4, 1)))
     fn = "softmax_cross_entropy_per_example"
     with pytest.raises(TypeError, match=rf"{fn}: labels must be integer class indices, got dtype float64"):

@@ -8,6 +8,19 @@ import functools
 
 import numpy as np
 import pytest
+from _opcases import (
+    FWD_TOL,
+    GRAD_TOL,
+    J,
+    as_pair,
+    assert_close,
+    normal,
+    pool_configs,
+    record_gradcheck,
+    resolved,
+    tie_free,
+    unread_mask,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,20 +31,6 @@ from jax import lax
 from jaxcnn import ops
 from jaxcnn import reference as ref
 from jaxcnn.gradcheck import gradcheck
-
-from _opcases import (
-    J,
-    FWD_TOL,
-    GRAD_TOL,
-    as_pair,
-    assert_close,
-    normal,
-    pool_configs,
-    record_gradcheck,
-    resolved,
-    tie_free,
-    unread_mask,
-)
 
 
 def _lax_pads(padding):
@@ -63,10 +62,7 @@ def lax_pool(x, kind, *, window, stride, padding, count_include_pad=True):
 # Literal examples: routing on a 4x4 input, ties, padding that never wins, overlapping windows
 # ----------------------------------------------------------------------------------------------
 
-X4 = np.array([[1.0, 3.0, 2.0, 4.0],
-               [5.0, 6.0, 1.0, 8.0],
-               [3.0, 2.0, 1.0, 0.0],
-               [1.0, 2.0, 4.0, 3.0]])
+X4 = np.array([[1.0, 3.0, 2.0, 4.0], [5.0, 6.0, 1.0, 8.0], [3.0, 2.0, 1.0, 0.0], [1.0, 2.0, 4.0, 3.0]])
 DY2 = np.array([[0.1, 0.2], [0.3, 0.4]])
 
 
@@ -93,10 +89,7 @@ def test_avg_pool_4x4():
 
 
 # Every 2x2 block has a tie among its maxima: all equal; (0,1)=(1,0); (1,0)=(1,1); three equal.
-X_TIES = np.array([[2.0, 2.0, 1.0, 5.0],
-                   [2.0, 2.0, 5.0, 0.0],
-                   [0.0, 1.0, 3.0, 9.0],
-                   [7.0, 7.0, 9.0, 9.0]])
+X_TIES = np.array([[2.0, 2.0, 1.0, 5.0], [2.0, 2.0, 5.0, 0.0], [0.0, 1.0, 3.0, 9.0], [7.0, 7.0, 9.0, 9.0]])
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -107,7 +100,9 @@ def test_max_pool_ties_route_to_first_in_row_major_order(dtype):
     want[0, 0], want[0, 3], want[3, 0], want[2, 3] = 1.0, 2.0, 3.0, 4.0
     np.testing.assert_array_equal(dx, want)
     np.testing.assert_array_equal(ref.max_pool2d_backward(_nhwc(dy), _nhwc(X_TIES))[0, :, :, 0], want)
-    np.testing.assert_array_equal(np.asarray(J(ops.max_pool2d)(_nhwc(X_TIES, dtype)))[0, :, :, 0], [[2.0, 5.0], [7.0, 9.0]])
+    np.testing.assert_array_equal(
+        np.asarray(J(ops.max_pool2d)(_nhwc(X_TIES, dtype)))[0, :, :, 0], [[2.0, 5.0], [7.0, 9.0]]
+    )
 
 
 def test_max_pool_overlapping_windows_accumulate():
@@ -156,8 +151,13 @@ def test_trailing_rows_and_columns_get_exactly_zero_gradient():
     rng = np.random.default_rng(1)
     x = tie_free(rng, (2, 7, 8, 2))
     dy = normal(rng, (2, 2, 2, 2))
-    grads = jax.jit(lambda dy, x: (ops.max_pool2d_backward(dy, x, window=3), ops.avg_pool2d_backward(dy, x, window=3),
-                                   ops.avg_pool2d_backward(dy, x, window=3, count_include_pad=False)))
+    grads = jax.jit(
+        lambda dy, x: (
+            ops.max_pool2d_backward(dy, x, window=3),
+            ops.avg_pool2d_backward(dy, x, window=3),
+            ops.avg_pool2d_backward(dy, x, window=3, count_include_pad=False),
+        )
+    )
     for dx in grads(dy, x):
         dx = np.asarray(dx)
         assert np.all(dx[:, 6:, :, :] == 0.0) and np.all(dx[:, :, 6:, :] == 0.0)
@@ -169,7 +169,7 @@ def test_trailing_rows_and_columns_get_exactly_zero_gradient():
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pool_suite(window, stride, padding):
     hyper = dict(window=window, stride=stride, padding=padding)
 
@@ -197,7 +197,6 @@ def _freeze(v):
 def check_pool_case(cfg, rng, dtype):
     dt = np.dtype(dtype).name
     window, stride, _, pads = resolved(cfg, window_key="window")
-    hyper = dict(window=cfg["window"], stride=cfg["stride"], padding=cfg["padding"])
     rkw = dict(window=window, stride=stride, padding=pads)
     suite = pool_suite(*(_freeze(cfg[k]) for k in ("window", "stride", "padding")))
     x = tie_free(rng, cfg["x_shape"], dtype)
@@ -210,7 +209,9 @@ def check_pool_case(cfg, rng, dtype):
     assert_close(out["max"], out["max_lax"], FWD_TOL[dt], op="max_pool2d", dtype=dt, kind="fwd vs lax")
     dx_ref = ref.max_pool2d_backward(dy, x, **rkw)
     assert_close(out["max_bwd"], dx_ref, GRAD_TOL[dt], op="max_pool2d", dtype=dt, kind="grad vs numpy", what=str(cfg))
-    assert_close(out["max_bwd"], out["max_vjp"], GRAD_TOL[dt], op="max_pool2d", dtype=dt, kind="grad vs autodiff", what=str(cfg))
+    assert_close(
+        out["max_bwd"], out["max_vjp"], GRAD_TOL[dt], op="max_pool2d", dtype=dt, kind="grad vs autodiff", what=str(cfg)
+    )
     assert np.all(np.asarray(out["max_bwd"])[:, unread, :] == 0.0)
     for cip in (True, False):
         op = f"avg_pool2d[cip={cip}]"
@@ -219,8 +220,15 @@ def check_pool_case(cfg, rng, dtype):
         assert_close(out[f"avg{cip}"], out[f"avg{cip}_lax"], FWD_TOL[dt], op=op, dtype=dt, kind="fwd vs lax")
         dx = out[f"avg{cip}_bwd"]
         assert dx.dtype == dtype
-        assert_close(dx, ref.avg_pool2d_backward(dy, x, count_include_pad=cip, **rkw), GRAD_TOL[dt], op=op, dtype=dt,
-                     kind="grad vs numpy", what=str(cfg))
+        assert_close(
+            dx,
+            ref.avg_pool2d_backward(dy, x, count_include_pad=cip, **rkw),
+            GRAD_TOL[dt],
+            op=op,
+            dtype=dt,
+            kind="grad vs numpy",
+            what=str(cfg),
+        )
         assert_close(dx, out[f"avg{cip}_vjp"], GRAD_TOL[dt], op=op, dtype=dt, kind="grad vs autodiff", what=str(cfg))
         assert np.all(np.asarray(dx)[:, unread, :] == 0.0)
 
@@ -228,8 +236,15 @@ def check_pool_case(cfg, rng, dtype):
     x_ties = rng.integers(-1, 2, cfg["x_shape"]).astype(dtype)
     out = suite(x_ties, dy)
     assert_close(out["max"], ref.max_pool2d(x_ties, **rkw), 0.0, op="max_pool2d", dtype=dt, kind="fwd vs numpy (ties)")
-    assert_close(out["max_bwd"], ref.max_pool2d_backward(dy, x_ties, **rkw), GRAD_TOL[dt], op="max_pool2d", dtype=dt,
-                 kind="grad vs numpy (ties)", what=str(cfg))
+    assert_close(
+        out["max_bwd"],
+        ref.max_pool2d_backward(dy, x_ties, **rkw),
+        GRAD_TOL[dt],
+        op="max_pool2d",
+        dtype=dt,
+        kind="grad vs numpy (ties)",
+        what=str(cfg),
+    )
 
 
 @settings(max_examples=20, deadline=None)
@@ -263,8 +278,10 @@ def test_pool_pinned_cases(case):
 # ----------------------------------------------------------------------------------------------
 
 GRADCHECK_CASES = [
-    ("max", "overlapping 3/2, padding 1"), ("max", "pairs of pairs"),
-    ("avg", "pairs of pairs"), ("avg_exclude_pad", "overlapping 3/2, padding 1"),
+    ("max", "overlapping 3/2, padding 1"),
+    ("max", "pairs of pairs"),
+    ("avg", "pairs of pairs"),
+    ("avg_exclude_pad", "overlapping 3/2, padding 1"),
 ]
 
 
@@ -315,8 +332,14 @@ def test_pool_bfloat16_forward(case):
     for cip in (True, False):
         y = ops.avg_pool2d(x, count_include_pad=cip, **hyper)
         assert y.dtype == jnp.bfloat16
-        assert_close(y, lax_pool(x32, "avg", count_include_pad=cip, **hyper), FWD_TOL["bfloat16"],
-                     op=f"avg_pool2d[cip={cip}]", dtype="bfloat16", kind="fwd vs lax(bf16 in)")
+        assert_close(
+            y,
+            lax_pool(x32, "avg", count_include_pad=cip, **hyper),
+            FWD_TOL["bfloat16"],
+            op=f"avg_pool2d[cip={cip}]",
+            dtype="bfloat16",
+            kind="fwd vs lax(bf16 in)",
+        )
 
 
 def test_pool_jit_matches_eager_and_does_not_recompile():
@@ -325,15 +348,18 @@ def test_pool_jit_matches_eager_and_does_not_recompile():
 
     def fwd_bwd(x, dy):
         traces.append(1)
-        return (ops.max_pool2d(x, **hyper), ops.max_pool2d_backward(dy, x, **hyper),
-                ops.avg_pool2d(x, count_include_pad=False, **hyper),
-                ops.avg_pool2d_backward(dy, x, count_include_pad=False, **hyper))
+        return (
+            ops.max_pool2d(x, **hyper),
+            ops.max_pool2d_backward(dy, x, **hyper),
+            ops.avg_pool2d(x, count_include_pad=False, **hyper),
+            ops.avg_pool2d_backward(dy, x, count_include_pad=False, **hyper),
+        )
 
     jitted = jax.jit(fwd_bwd)
     rng = np.random.default_rng(6)
     x = tie_free(rng, (2, 7, 6, 3))
     dy = normal(rng, (2, 4, 3, 3))
-    for a, e in zip(jitted(x, dy), fwd_bwd(x, dy)):
+    for a, e in zip(jitted(x, dy), fwd_bwd(x, dy), strict=True):
         np.testing.assert_allclose(a, e, rtol=0, atol=1e-14)
     jitted(-x, dy)
     jitted(x, 2 * dy)
@@ -353,14 +379,32 @@ _x = np.zeros((2, 4, 5, 3))
 @pytest.mark.parametrize(
     "x, kwargs, exc, match",
     [
-        (_x, dict(window=5), ValueError,
-         r"{fn}: window height 5 exceeds the padded input height 4 \(4 \+ 0 \+ 0\); output height would be \(4 - 5\)/5 \+ 1 = 0"),
-        (_x, dict(window=(6, 2), padding=((1, 0), (0, 0)), stride=1), ValueError,
-         r"{fn}: window height 6 exceeds the padded input height 5 \(4 \+ 1 \+ 0\); output height would be \(5 - 6\)/1 \+ 1 = 0"),
-        (_x, dict(window=2, padding=2), ValueError,
-         r"{fn}: padding \(2, 2\) along the height must be smaller than the window height 2"),
-        (_x, dict(window=3, padding=((0, 0), (0, 3))), ValueError,
-         r"{fn}: padding \(0, 3\) along the width must be smaller than the window width 3"),
+        (
+            _x,
+            dict(window=5),
+            ValueError,
+            r"{fn}: window height 5 exceeds the padded input height 4 \(4 \+ 0 \+ 0\); "
+            r"output height would be \(4 - 5\)/5 \+ 1 = 0",
+        ),
+        (
+            _x,
+            dict(window=(6, 2), padding=((1, 0), (0, 0)), stride=1),
+            ValueError,
+            r"{fn}: window height 6 exceeds the padded input height 5 \(4 \+ 1 \+ 0\); "
+            r"output height would be \(5 - 6\)/1 \+ 1 = 0",
+        ),
+        (
+            _x,
+            dict(window=2, padding=2),
+            ValueError,
+            r"{fn}: padding \(2, 2\) along the height must be smaller than the window height 2",
+        ),
+        (
+            _x,
+            dict(window=3, padding=((0, 0), (0, 3))),
+            ValueError,
+            r"{fn}: padding \(0, 3\) along the width must be smaller than the window width 3",
+        ),
         (_x, dict(window=2, padding=-1), ValueError, r"{fn}: padding must be non-negative, got -1"),
         (_x, dict(window=2, stride=0), ValueError, r"{fn}: stride must be positive, got 0"),
         (_x, dict(window=(0, 2)), ValueError, r"{fn}: window must be positive, got \(0, 2\)"),
@@ -381,9 +425,15 @@ def test_pool_bad_input(name, x, kwargs, exc, match):
 def test_pool_backward_bad_cotangent(name):
     bwd = getattr(ops, name + "_backward")
     x = np.zeros((2, 5, 7, 3))
-    with pytest.raises(ValueError, match=rf"{name}_backward: dy has shape \(2, 2, 2, 3\) but the forward output has shape \(2, 2, 3, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{name}_backward: dy has shape \(2, 2, 2, 3\) but the forward output has shape \(2, 2, 3, 3\)",
+    ):
         bwd(np.zeros((2, 2, 2, 3)), x)
-    with pytest.raises(ValueError, match=rf"{name}_backward: dy has shape \(2, 2, 3, 3\) but the forward output has shape \(2, 4, 6, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{name}_backward: dy has shape \(2, 2, 3, 3\) but the forward output has shape \(2, 4, 6, 3\)",
+    ):
         bwd(np.zeros((2, 2, 3, 3)), x, window=2, stride=1)
     with pytest.raises(TypeError, match=rf"{name}_backward: dy must be floating point, got dtype int64"):
         bwd(np.zeros((2, 2, 3, 3), np.int64), x)

@@ -135,12 +135,21 @@ def _assert_layer(layer: Layer, in_shape, *, seed: int = 0, extra=lambda params,
 # the per-example kernel gradient is the same contraction for all.
 CONV_CASES = [
     ("k3-s2-same-auto", dict(features=4, kernel=3, stride=2, padding="SAME"), (2, 6, 6, 3)),
-    ("k2x3-s2x1-d2-asym-pad-im2col", dict(features=3, kernel=(2, 3), stride=(2, 1), dilation=2,
-                                          padding=((1, 0), (2, 1)), method="im2col"), (3, 6, 7, 2)),
-    ("groups2-nobias-taps", dict(features=6, kernel=3, groups=2, padding=1, use_bias=False, method="taps"),
-     (2, 5, 5, 4)),
-    ("depthwise-x2-s2-same-conv", dict(features=8, kernel=3, groups=4, stride=2, padding="SAME", method="conv"),
-     (2, 6, 6, 4)),
+    (
+        "k2x3-s2x1-d2-asym-pad-im2col",
+        dict(features=3, kernel=(2, 3), stride=(2, 1), dilation=2, padding=((1, 0), (2, 1)), method="im2col"),
+        (3, 6, 7, 2),
+    ),
+    (
+        "groups2-nobias-taps",
+        dict(features=6, kernel=3, groups=2, padding=1, use_bias=False, method="taps"),
+        (2, 5, 5, 4),
+    ),
+    (
+        "depthwise-x2-s2-same-conv",
+        dict(features=8, kernel=3, groups=4, stride=2, padding="SAME", method="conv"),
+        (2, 6, 6, 4),
+    ),
     ("batch1-k1x3-s3-not-dividing-im2col", dict(features=3, kernel=(1, 3), stride=3, method="im2col"), (1, 7, 8, 2)),
     ("k3-s2-16ch-ghost-auto", dict(features=16, kernel=3, stride=2, padding="SAME"), (2, 4, 4, 16)),
 ]
@@ -156,8 +165,12 @@ def test_conv2d_per_example_grads_and_norms(kwargs, in_shape):
     hyper = {k: kwargs.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))}
 
     def both_norm_methods(params, x, dy):
-        return {method: per_example.conv2d_per_example_sq_norms(dy, x, params["w"], use_bias=use_bias, method=method,
-                                                                **hyper) for method in ("ghost", "direct")}
+        return {
+            method: per_example.conv2d_per_example_sq_norms(
+                dy, x, params["w"], use_bias=use_bias, method=method, **hyper
+            )
+            for method in ("ghost", "direct")
+        }
 
     params, x, dy, pe_grads, sq = _assert_layer(layer, in_shape, extra=both_norm_methods)
     assert set(pe_grads) == ({"w", "b"} if use_bias else {"w"})
@@ -172,8 +185,14 @@ def test_conv2d_per_example_grads_and_norms(kwargs, in_shape):
     pads = tuple(tuple(p) for p in explicit_pads(hyper["padding"], in_shape[1:3], eff, stride))
     for n in range(in_shape[0]):
         _, dw_n, db_n = reference.conv2d_backward(
-            np.asarray(dy[n:n + 1]), np.asarray(x[n:n + 1]), np.asarray(params["w"]),
-            stride=stride, padding=pads, dilation=dilation, groups=hyper["groups"])
+            np.asarray(dy[n : n + 1]),
+            np.asarray(x[n : n + 1]),
+            np.asarray(params["w"]),
+            stride=stride,
+            padding=pads,
+            dilation=dilation,
+            groups=hyper["groups"],
+        )
         assert rel(pe_grads["w"][n], dw_n) <= TOL
         if use_bias:
             assert rel(pe_grads["b"][n], db_n) <= TOL
@@ -185,10 +204,14 @@ def test_conv2d_norm_method_rule():
     assert per_example.conv2d_norm_method(16, 144, 16) == "direct"  # 2560 > 2304
     assert per_example.conv2d_norm_method(49, 576, 64) == "ghost"  # 7x7 output, 3x3 conv, 64 channels
     assert per_example.conv2d_norm_method(784, 25, 6) == "direct"  # LeNet-5's first conv
-    with pytest.raises(ValueError, match=r"conv2d_per_example_sq_norms: method must be one of \('ghost', 'direct', "
-                                         r"'auto'\), got 'fast'"):
-        per_example.conv2d_per_example_sq_norms(jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 2, 2, 1)),
-                                                jnp.zeros((1, 1, 1, 1)), method="fast")
+    with pytest.raises(
+        ValueError,
+        match=r"conv2d_per_example_sq_norms: method must be one of \('ghost', 'direct', "
+        r"'auto'\), got 'fast'",
+    ):
+        per_example.conv2d_per_example_sq_norms(
+            jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 1, 1, 1)), method="fast"
+        )
 
 
 @pytest.mark.parametrize("use_bias", [True, False], ids=["bias", "nobias"])
@@ -196,8 +219,9 @@ def test_dense_per_example_grads_and_norms(use_bias):
     """Dense: ``x_nᵀ dy_n`` and ``‖x_n‖² ‖dy_n‖²`` against vmap(vjp) and the NumPy loops (measured: <= 3e-16)."""
     params, x, dy, pe_grads, _ = _assert_layer(Dense(5, use_bias=use_bias, dtype=jnp.float64), (3, 6))
     for n in range(3):
-        _, dw_n, db_n = reference.dense_backward(np.asarray(dy[n:n + 1]), np.asarray(x[n:n + 1]),
-                                                 np.asarray(params["w"]))
+        _, dw_n, db_n = reference.dense_backward(
+            np.asarray(dy[n : n + 1]), np.asarray(x[n : n + 1]), np.asarray(params["w"])
+        )
         assert rel(pe_grads["w"][n], dw_n) <= TOL
         if use_bias:
             assert rel(pe_grads["b"][n], db_n) <= TOL
@@ -220,8 +244,10 @@ def test_batchnorm_training_mode_refuses_per_example_gradients():
     model = serial(Dense(3), BatchNorm(), Relu(), Dense(2))
     params, state = numpy_init(model, (4, 5))
     x, labels, loss = jnp.ones((4, 5)), jnp.array([0, 1, 1, 0]), gradients.softmax_cross_entropy
-    message = (r"^BatchNorm: per-example gradients are not available in training mode, where the batch statistics "
-               r"couple the examples; use evaluation mode \(train=False\) or a model without batch normalisation")
+    message = (
+        r"^BatchNorm: per-example gradients are not available in training mode, where the batch statistics "
+        r"couple the examples; use evaluation mode \(train=False\) or a model without batch normalisation"
+    )
     # Refused when traced, so under jax.jit as well.
     for fn in (gradients.per_example_grads, gradients.per_example_grad_norms):
         with pytest.raises(ValueError, match=message):
@@ -234,11 +260,17 @@ def test_batchnorm_training_mode_refuses_per_example_gradients():
 
 
 def test_per_example_arguments_are_checked():
-    with pytest.raises(ValueError, match=r"dense_per_example_grads: dy \(2, 3\) and x \(4, 5\) hold different numbers "
-                                         r"of examples"):
+    with pytest.raises(
+        ValueError,
+        match=r"dense_per_example_grads: dy \(2, 3\) and x \(4, 5\) hold different numbers "
+        r"of examples",
+    ):
         per_example.dense_per_example_grads(jnp.zeros((2, 3)), jnp.zeros((4, 5)))
-    with pytest.raises(ValueError, match=r"conv2d_per_example_grads: dy has shape \(1, 3, 3, 2\) but the forward "
-                                         r"output has shape \(1, 2, 2, 2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"conv2d_per_example_grads: dy has shape \(1, 3, 3, 2\) but the forward "
+        r"output has shape \(1, 2, 2, 2\)",
+    ):
         per_example.conv2d_per_example_grads(jnp.zeros((1, 3, 3, 2)), jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 2)))
     with pytest.raises(ValueError, match=r"clipped_grad_sum: clip must be positive, got 0.0"):
         gradients.clipped_grad_sum(Dense(2), gradients.mse, {}, {}, jnp.zeros((1, 2)), jnp.zeros((1, 2)), 0.0)
@@ -252,8 +284,9 @@ def _autodiff_per_example(model: Layer, loss, params, state, x, target):
     """The baseline: ``jax.vmap`` over examples of ``jax.grad`` of the autodiff forward's per-example loss."""
 
     def one(xn, tn):
-        return jax.grad(lambda p: loss.per_example(autodiff_forward(model)(p, state, xn[None], train=False)[0],
-                                                   tn[None])[0])(params)
+        return jax.grad(
+            lambda p: loss.per_example(autodiff_forward(model)(p, state, xn[None], train=False)[0], tn[None])[0]
+        )(params)
 
     return jax.vmap(one)(x, target)
 
@@ -304,7 +337,8 @@ def test_zoo_per_example_grads_norms_and_clipped_sum(name):
         "norms vs per-example grads": rel(norms, ref_norms),
         "clipped-sum norms": rel(clip_norms, ref_norms),
         "clipped sum vs clipping per-example grads": tree_rel(
-            clipped_sum, jax.tree_util.tree_map(lambda g: np.tensordot(factors, np.asarray(g), 1), pe_grads)),
+            clipped_sum, jax.tree_util.tree_map(lambda g: np.tensordot(factors, np.asarray(g), 1), pe_grads)
+        ),
     }
     assert max(errors.values()) <= TOL, errors
     # Not vacuous: every array has a gradient, and the examples' gradients differ.

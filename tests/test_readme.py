@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from _docblocks import python_blocks, run_blocks  # noqa: E402
+from _docblocks import python_blocks, run_blocks  # noqa: E402  (needs tests/ on sys.path, above)
 
-from experiments import readme_numbers as rn  # noqa: E402
+from experiments import readme_numbers as rn  # noqa: E402  (needs the repository on sys.path, above)
 
 README = (REPO / "README.md").read_text()
 
@@ -44,7 +44,9 @@ def test_every_readme_row_was_measured(results):
 @pytest.mark.parametrize("row", rn.ROWS, ids=lambda r: r.key)
 def test_row_figures_are_those_of_its_run(results, row):
     got = results["rows"][row.key]
-    records = [json.loads(line) for line in (rn.common.RESULTS / rn.NAME / row.key / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (rn.common.RESULTS / rn.NAME / row.key / "metrics.jsonl").read_text().splitlines()
+    ]
     config = json.loads((rn.common.RESULTS / rn.NAME / row.key / "config.json").read_text())
     final = records[-1]
     assert got["test_accuracy"] == final["test_accuracy"] and got["wall_s"] == final["wall_s"]
@@ -62,7 +64,8 @@ def test_readme_blocks_equal_the_committed_results(results, name):
     assert name in blocks, f"no committed result renders the {name} block"
     assert rn.fill_readme(README, {name: blocks[name]}) == README, (
         f"README.md's {name} block differs from the committed results; run "
-        "python experiments/readme_numbers.py --write-readme")
+        "python experiments/readme_numbers.py --write-readme"
+    )
 
 
 def _outside_generated_blocks(text: str) -> str:

@@ -336,7 +336,8 @@ def test_conv_adjoint_identity_on_random_geometry(
     batch, size, kernel, stride, dilation, padding, groups, per_group, seed
 ):
     out_rows = [
-        ref.output_size(n, k, s, lo, hi, d) for n, k, s, (lo, hi), d in zip(size, kernel, stride, padding, dilation)
+        ref.output_size(n, k, s, lo, hi, d)
+        for n, k, s, (lo, hi), d in zip(size, kernel, stride, padding, dilation, strict=True)
     ]
     options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     if min(out_rows) < 1:
@@ -395,12 +396,14 @@ def test_max_pool_tie_goes_to_first_maximum_in_row_major_window_order():
 
 def test_max_pool_overlapping_windows_accumulate():
     # window 3, stride 1 on 4x4: the first three windows all pick 20 at (1, 1); the last picks 30.
-    x = nhwc([
-        [0, 1, 2, 3],
-        [4, 20, 5, 6],
-        [7, 8, 9, 10],
-        [11, 12, 13, 30],
-    ])
+    x = nhwc(
+        [
+            [0, 1, 2, 3],
+            [4, 20, 5, 6],
+            [7, 8, 9, 10],
+            [11, 12, 13, 30],
+        ]
+    )
     y = ref.max_pool2d(x, window=(3, 3), stride=(1, 1))
     np.testing.assert_array_equal(y[0, :, :, 0], [[20, 20], [20, 30]])
     dx = ref.max_pool2d_backward(nhwc([[1, 2], [3, 4]]), x, window=(3, 3), stride=(1, 1))

@@ -29,8 +29,18 @@ from jaxcnn.shapes import (
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value, want", [(3, (3, 3)), ((2, 5), (2, 5)), ([4, 1], (4, 1)), (np.int64(2), (2, 2)),
-                                         ((np.int32(1), 7), (1, 7)), (0, (0, 0)), (-1, (-1, -1))])
+@pytest.mark.parametrize(
+    "value, want",
+    [
+        (3, (3, 3)),
+        ((2, 5), (2, 5)),
+        ([4, 1], (4, 1)),
+        (np.int64(2), (2, 2)),
+        ((np.int32(1), 7), (1, 7)),
+        (0, (0, 0)),
+        (-1, (-1, -1)),
+    ],
+)
 def test_pair(value, want):
     got = pair(value, fn="f", name="stride")
     assert got == want and all(type(v) is int for v in got)
@@ -86,8 +96,14 @@ def test_output_size_tutorial_examples(h, f, p, s, want):
 
 
 @settings(max_examples=200, deadline=None)
-@given(h=st.integers(1, 40), f=st.integers(1, 7), s=st.integers(1, 6), lo=st.integers(0, 4), hi=st.integers(0, 4),
-       d=st.integers(1, 4))
+@given(
+    h=st.integers(1, 40),
+    f=st.integers(1, 7),
+    s=st.integers(1, 6),
+    lo=st.integers(0, 4),
+    hi=st.integers(0, 4),
+    d=st.integers(1, 4),
+)
 def test_output_size_formula(h, f, s, lo, hi, d):
     eff = (f - 1) * d + 1
     assert effective_window(f, d) == eff
@@ -169,8 +185,13 @@ def test_same_padding_puts_the_odd_extra_at_the_end():
 def _lax_out_hw(in_hw, window, stride, dilation, padding):
     x = jax.ShapeDtypeStruct((1, *in_hw, 1), np.float32)
     w = jax.ShapeDtypeStruct((*window, 1, 1), np.float32)
-    y = jax.eval_shape(lambda x, w: lax.conv_general_dilated(x, w, stride, padding, rhs_dilation=dilation,
-                                                             dimension_numbers=("NHWC", "HWIO", "NHWC")), x, w)
+    y = jax.eval_shape(
+        lambda x, w: lax.conv_general_dilated(
+            x, w, stride, padding, rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        ),
+        x,
+        w,
+    )
     return y.shape[1:3]
 
 
@@ -181,21 +202,26 @@ small = st.tuples(st.integers(1, 5), st.integers(1, 5))
 @settings(max_examples=60, deadline=None)
 @given(in_hw=dims, window=small, stride=small, dilation=st.tuples(st.integers(1, 3), st.integers(1, 3)))
 def test_same_padding_matches_lax(in_hw, window, stride, dilation):
-    eff = tuple(effective_window(k, d) for k, d in zip(window, dilation))
+    eff = tuple(effective_window(k, d) for k, d in zip(window, dilation, strict=True))
     got = resolve_padding("SAME", fn="f", in_hw=in_hw, window_hw=window, stride=stride, dilation=dilation)
     assert list(got) == [tuple(p) for p in lax.padtype_to_pads(in_hw, eff, stride, "SAME")]
     geom = window_geometry(fn="f", in_hw=in_hw, window=window, stride=stride, padding="SAME", dilation=dilation)
-    assert geom.out_hw == tuple(-(-n // s) for n, s in zip(in_hw, stride))  # ceil(H / S)
+    assert geom.out_hw == tuple(-(-n // s) for n, s in zip(in_hw, stride, strict=True))  # ceil(H / S)
     assert geom.out_hw == _lax_out_hw(in_hw, window, stride, dilation, "SAME")
 
 
 @settings(max_examples=60, deadline=None)
-@given(in_hw=dims, window=small, stride=small, dilation=st.tuples(st.integers(1, 3), st.integers(1, 3)),
-       pads=st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 3), st.integers(0, 3)))
+@given(
+    in_hw=dims,
+    window=small,
+    stride=small,
+    dilation=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    pads=st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 3), st.integers(0, 3)),
+)
 def test_window_geometry_matches_lax_output_shape(in_hw, window, stride, dilation, pads):
     padding = ((pads[0], pads[1]), (pads[2], pads[3]))
-    eff = [effective_window(k, d) for k, d in zip(window, dilation)]
-    fits = all(n + lo + hi >= e for n, (lo, hi), e in zip(in_hw, padding, eff))
+    eff = [effective_window(k, d) for k, d in zip(window, dilation, strict=True)]
+    fits = all(n + lo + hi >= e for n, (lo, hi), e in zip(in_hw, padding, eff, strict=True))
     if not fits:
         with pytest.raises(ValueError, match=r"f: kernel (height|width) \d+.* exceeds the padded input"):
             window_geometry(fn="f", in_hw=in_hw, window=window, stride=stride, padding=padding, dilation=dilation)
@@ -213,22 +239,34 @@ def test_window_geometry_matches_lax_output_shape(in_hw, window, stride, dilatio
 
 
 def test_window_geometry_error_shows_the_arithmetic():
-    with pytest.raises(ValueError, match=r"kernel height 5 \(dilation 2 -> 9\) exceeds the padded input height 7 \(5 \+ 1 \+ 1\)"):
+    with pytest.raises(
+        ValueError, match=r"kernel height 5 \(dilation 2 -> 9\) exceeds the padded input height 7 \(5 \+ 1 \+ 1\)"
+    ):
         window_geometry(fn="conv2d", in_hw=(5, 9), window=5, stride=1, padding=1, dilation=2)
-    with pytest.raises(ValueError, match=r"^conv2d: kernel height 5 \(dilation 2 -> 9\) exceeds the padded input height 7 "
-                                         r"\(5 \+ 1 \+ 1\); output height would be \(7 - 9\)/1 \+ 1 = -1$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^conv2d: kernel height 5 \(dilation 2 -> 9\) exceeds the padded input height 7 "
+        r"\(5 \+ 1 \+ 1\); output height would be \(7 - 9\)/1 \+ 1 = -1$",
+    ):
         window_geometry(fn="conv2d", in_hw=(5, 9), window=5, stride=1, padding=1, dilation=2)
-    with pytest.raises(ValueError, match=r"^max_pool2d: window width 4 exceeds the padded input width 3 \(2 \+ 0 \+ 1\); "
-                                         r"output width would be \(3 - 4\)/2 \+ 1 = 0$"):
-        window_geometry(fn="max_pool2d", in_hw=(6, 2), window=(2, 4), stride=2, padding=((0, 0), (0, 1)), window_name="window")
+    with pytest.raises(
+        ValueError,
+        match=r"^max_pool2d: window width 4 exceeds the padded input width 3 \(2 \+ 0 \+ 1\); "
+        r"output width would be \(3 - 4\)/2 \+ 1 = 0$",
+    ):
+        window_geometry(
+            fn="max_pool2d", in_hw=(6, 2), window=(2, 4), stride=2, padding=((0, 0), (0, 1)), window_name="window"
+        )
 
 
 def test_window_geometry_validates_every_argument():
     base = dict(fn="g", in_hw=(5, 5), window=3, stride=1, padding=0, dilation=1)
-    for key, value, match in [("stride", 0, r"g: stride must be positive, got 0"),
-                              ("dilation", (1, 0), r"g: dilation must be positive, got \(1, 0\)"),
-                              ("window", -3, r"g: kernel must be positive, got -3"),
-                              ("padding", -1, r"g: padding must be non-negative, got -1")]:
+    for key, value, match in [
+        ("stride", 0, r"g: stride must be positive, got 0"),
+        ("dilation", (1, 0), r"g: dilation must be positive, got \(1, 0\)"),
+        ("window", -3, r"g: kernel must be positive, got -3"),
+        ("padding", -1, r"g: padding must be non-negative, got -1"),
+    ]:
         with pytest.raises(ValueError, match=match):
             window_geometry(**{**base, key: value})
 

@@ -33,10 +33,10 @@ from jaxcnn.train import (
     TrainConfig,
     Trainer,
     TrainingStopped,
+    loop,
     restore_checkpoint,
     train_and_evaluate,
 )
-from jaxcnn.train import loop
 from jaxcnn.train.config import array_settings
 
 TIMING_KEYS = ("images_per_s", "wall_s")
@@ -46,8 +46,15 @@ BASE = dict(epochs=2, batch_size=32, lr=0.05, chunk_steps=4, eval_batch_size=128
 
 
 def tiny(*, method: str = "im2col"):
-    return serial(Conv2D(4, 3, stride=2, use_bias=False, method=method), BatchNorm(), Relu(), Dropout(0.2),
-                  Flatten(), Dense(10), name="tiny")
+    return serial(
+        Conv2D(4, 3, stride=2, use_bias=False, method=method),
+        BatchNorm(),
+        Relu(),
+        Dropout(0.2),
+        Flatten(),
+        Dense(10),
+        name="tiny",
+    )
 
 
 def tiny_nobn(*, method: str = "im2col"):
@@ -74,8 +81,10 @@ def _private_compilation_cache(compilation_cache):
 @pytest.fixture(scope="module")
 def small(offline):
     """``(train, test)``: 256 training and 200 test images of the bundled subset with their labels."""
-    return ((offline.train_images[:256], offline.train_labels[:256]),
-            (offline.test_images[:200], offline.test_labels[:200]))
+    return (
+        (offline.train_images[:256], offline.train_labels[:256]),
+        (offline.test_images[:200], offline.test_labels[:200]),
+    )
 
 
 def settings(**overrides) -> dict:
@@ -84,14 +93,24 @@ def settings(**overrides) -> dict:
 
 def run(data, workdir=None, *, model=None, resume=False, log=None, **overrides) -> FitResult:
     train, test = data
-    return jaxcnn.fit(tiny() if model is None else model, LOSS, train, test, out=workdir, resume=resume,
-                      log=log or (lambda s: None), progress=False, **settings(**overrides))
+    return jaxcnn.fit(
+        tiny() if model is None else model,
+        LOSS,
+        train,
+        test,
+        out=workdir,
+        resume=resume,
+        log=log or (lambda s: None),
+        progress=False,
+        **settings(**overrides),
+    )
 
 
 def trainer_for(data, model=None, **overrides) -> Trainer:
     train, test = data
-    return Trainer(tiny() if model is None else model, LOSS, train, test, TrainConfig(**settings(**overrides)),
-                   log=lambda s: None)
+    return Trainer(
+        tiny() if model is None else model, LOSS, train, test, TrainConfig(**settings(**overrides)), log=lambda s: None
+    )
 
 
 def without_timing(history):
@@ -117,7 +136,7 @@ def assert_same_checkpoint_arrays(dir_a, dir_b):
 def assert_same_arrays(tree_a, tree_b):
     leaves_a, leaves_b = jax.tree_util.tree_leaves(tree_a), jax.tree_util.tree_leaves(tree_b)
     assert len(leaves_a) == len(leaves_b)
-    for i, (x, y) in enumerate(zip(leaves_a, leaves_b)):
+    for i, (x, y) in enumerate(zip(leaves_a, leaves_b, strict=True)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f"array {i}")
 
 
@@ -182,7 +201,11 @@ def reference(small, tmp_path_factory):
 def test_metrics_jsonl_config_json_and_checkpoint(reference):
     workdir, result, history = reference["workdir"], reference["result"], reference["history"]
     assert isinstance(result, FitResult)
-    assert sorted(p.name for p in workdir.iterdir()) == ["checkpoint.npz", "config.json", "metrics.jsonl"]  # no temp files
+    assert sorted(p.name for p in workdir.iterdir()) == [
+        "checkpoint.npz",
+        "config.json",
+        "metrics.jsonl",
+    ]  # no temp files
     lines = metrics_lines(workdir)
     assert lines == history
     assert [r["epoch"] for r in lines] == [1, 2]
@@ -199,7 +222,11 @@ def test_metrics_jsonl_config_json_and_checkpoint(reference):
     data = recorded.pop("data")  # where the data came from and its fingerprint
     assert recorded == {"network": "tiny", "loss": "softmax_cross_entropy", **expected}
     assert data["source"] == "the given arrays"
-    assert (data["train"]["count"], data["train"]["image_shape"], data["train"]["image_dtype"]) == (256, [28, 28, 1], "uint8")
+    assert (data["train"]["count"], data["train"]["image_shape"], data["train"]["image_dtype"]) == (
+        256,
+        [28, 28, 1],
+        "uint8",
+    )
     assert (data["test"]["count"], data["test"]["target_dtype"]) == (200, "int32")
     assert not {"model", "conv_method", "dataset", "data_dir", "offline"} & set(recorded)
     arrays, meta = checkpoint_arrays(workdir)
@@ -209,10 +236,12 @@ def test_metrics_jsonl_config_json_and_checkpoint(reference):
     saved = [arrays[f"leaf_{i:05d}"] for i in range(len(arrays))]
     returned = jax.tree_util.tree_leaves((result.params, result.state, result.opt_state))
     assert len(saved) == len(returned) == 13
-    for a, b in zip(saved, returned):
+    for a, b in zip(saved, returned, strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))
-    assert any(line.startswith("tiny (") and "256 train / 200 test images, 8 steps of 32 per epoch" in line
-               for line in reference["log"]), reference["log"]
+    assert any(
+        line.startswith("tiny (") and "256 train / 200 test images, 8 steps of 32 per epoch" in line
+        for line in reference["log"]
+    ), reference["log"]
     assert sum(line.startswith("epoch ") for line in reference["log"]) == 2
 
 
@@ -227,8 +256,9 @@ def test_train_step_is_one_scan_over_device_resident_data(small):
     assert trainer.train_images.shape == (256, 28, 28, 1)
     ts = trainer.init_state()
     scanned = functools.partial(loop.run_steps, trainer.step, trainer.scaling, 2, trainer.root_key)
-    jaxpr = jax.make_jaxpr(scanned)(ts, trainer.train_images, trainer.train_targets,
-                                    jnp.zeros((4, 32), jnp.int32), jnp.int32(0))
+    jaxpr = jax.make_jaxpr(scanned)(
+        ts, trainer.train_images, trainer.train_targets, jnp.zeros((4, 32), jnp.int32), jnp.int32(0)
+    )
     assert [e.primitive.name for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"] == ["scan"]
     # Per-epoch seeded shuffle: deterministic, different every epoch, every example at most once.
     b0, b1 = trainer.epoch_batches(0), trainer.epoch_batches(1)
@@ -291,8 +321,10 @@ def test_resume_after_a_completed_epoch_reproduces_the_uninterrupted_run(referen
     assert without_timing(result.history) == without_timing(reference["history"])
     assert without_timing(metrics_lines(tmp_path)) == without_timing(reference["history"])
     assert_same_checkpoint_arrays(tmp_path, reference["workdir"])
-    assert_same_arrays((result.params, result.state, result.opt_state),
-                       (reference["result"].params, reference["result"].state, reference["result"].opt_state))
+    assert_same_arrays(
+        (result.params, result.state, result.opt_state),
+        (reference["result"].params, reference["result"].state, reference["result"].opt_state),
+    )
 
 
 def test_sigint_mid_epoch_saves_a_checkpoint_and_resume_reproduces_the_run(reference, small, tmp_path, monkeypatch):
@@ -328,7 +360,9 @@ def test_resume_errors(reference, small, tmp_path):
         run(small, tmp_path / "empty", resume=True)
     with pytest.raises(ConfigError, match=r"--resume needs --out DIR"):
         run(small, None, resume=True)
-    with pytest.raises(ConfigError, match=r"already holds a checkpoint; pass --resume to continue it or choose another --out"):
+    with pytest.raises(
+        ConfigError, match=r"already holds a checkpoint; pass --resume to continue it or choose another --out"
+    ):
         run(small, reference["workdir"])
     # Other settings than the checkpoint's: named, before anything is trained or overwritten.
     with pytest.raises(ConfigError, match=r"other settings \(batch_size 32 -> 64, lr 0.05 -> 0.1\)"):
@@ -342,16 +376,22 @@ def test_resume_errors(reference, small, tmp_path):
 
 def test_restore_checkpoint_rejects_a_checkpoint_of_another_structure(reference, small):
     other = trainer_for(small, model=tiny_nobn()).init_state()
-    with pytest.raises(ConfigError, match=r"holds 13 arrays but this model and optimiser have 9; "
-                                          r"was it written with another model or optimizer\?"):
+    with pytest.raises(
+        ConfigError,
+        match=r"holds 13 arrays but this model and optimiser have 9; "
+        r"was it written with another model or optimizer\?",
+    ):
         restore_checkpoint(reference["workdir"], other)
     # Same number of arrays, different shapes: Dense(10) after a 4-channel conv vs after an 8-channel one.
     wider = serial(Conv2D(8, 3, stride=2, use_bias=False), BatchNorm(), Relu(), Dropout(0.2), Flatten(), Dense(10))
     trainer = trainer_for(small)
     params, state, _ = wider.init(jax.random.PRNGKey(0), (1, 28, 28, 1))
     template = trainer.init_state()._replace(params=params, model_state=state, opt_state=trainer.tx.init(params))
-    with pytest.raises(ConfigError, match=r"array 0 in .* is float32\[3, 3, 1, 4\] "
-                                          r"but the model expects float32\[3, 3, 1, 8\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"array 0 in .* is float32\[3, 3, 1, 4\] "
+        r"but the model expects float32\[3, 3, 1, 8\]",
+    ):
         restore_checkpoint(reference["workdir"], template)
     # The matching template restores the saved arrays and position.
     restored, meta = restore_checkpoint(reference["workdir"], trainer.init_state(), TrainConfig(**settings()))
@@ -364,14 +404,18 @@ def test_invalid_settings_are_config_errors(small):
     for overrides, message in [
         (dict(epochs=0), "--epochs must be >= 1, got 0"),
         (dict(lr=float("nan")), "--lr must be a positive number, got nan"),
-        (dict(optimizer="rmsprop"), "--optimizer must be one of sgd, nesterov, adam or an optax GradientTransformation, "
-                                    "got 'rmsprop'"),
+        (
+            dict(optimizer="rmsprop"),
+            "--optimizer must be one of sgd, nesterov, adam or an optax GradientTransformation, got 'rmsprop'",
+        ),
         (dict(model="vgg16"), "--model must be one of seed_net, lenet5, small_cnn, resnet_small, got 'vgg16'"),
         (dict(conv_method="fft"), "--conv-method must be one of "),
         (dict(precision="float16"), "--precision must be one of float32, bfloat16"),
         (dict(check_every=-1), "--check-every must be >= 0"),
-        (dict(check_every=5, grad="autodiff"), "--check-every compares hand-written with autodiff gradients; "
-                                               "it needs --grad manual"),
+        (
+            dict(check_every=5, grad="autodiff"),
+            "--check-every compares hand-written with autodiff gradients; it needs --grad manual",
+        ),
         (dict(check_tolerance=0.0), "--check-tolerance must be a positive number"),
         (dict(train_limit=0), "--train-limit must be >= 1, got 0"),
         (dict(augment=9), "--augment must be between 0 and 8 pixels, got 9"),
@@ -382,7 +426,9 @@ def test_invalid_settings_are_config_errors(small):
     with pytest.raises(ConfigError, match="--batch-size 512 exceeds the 256 training examples"):
         trainer_for(small, batch_size=512)
     available = len(jax.devices())
-    with pytest.raises(ConfigError, match=rf"^--devices {available + 1} but only {available} device\(s\) are available"):
+    with pytest.raises(
+        ConfigError, match=rf"^--devices {available + 1} but only {available} device\(s\) are available"
+    ):
         trainer_for(small, devices=available + 1)
 
 
@@ -404,8 +450,11 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(small
         return (trainer.placement.put(ts._replace(params=params)), *args[1:])
 
     _SignalAfter(monkeypatch, hook=poison)
-    with pytest.raises(TrainingStopped, match=r"loss became nan at step 0 of epoch 2 \(global step 8\); try a lower --lr; "
-                                              r"the last good checkpoint is .*checkpoint.npz"):
+    with pytest.raises(
+        TrainingStopped,
+        match=r"loss became nan at step 0 of epoch 2 \(global step 8\); try a lower --lr; "
+        r"the last good checkpoint is .*checkpoint.npz",
+    ):
         run(small, tmp_path)
     assert (tmp_path / CHECKPOINT).read_bytes() == saved["bytes"]
     assert [r["epoch"] for r in metrics_lines(tmp_path)] == [1]
@@ -413,8 +462,11 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(small
 
 
 def test_a_huge_learning_rate_diverges_and_stops_with_a_message(small, tmp_path):
-    with pytest.raises(TrainingStopped, match=r"loss became (nan|inf) at step (\d+) of epoch 1 \(global step \2\); "
-                                              r"try a lower --lr$"):
+    with pytest.raises(
+        TrainingStopped,
+        match=r"loss became (nan|inf) at step (\d+) of epoch 1 \(global step \2\); "
+        r"try a lower --lr$",
+    ):
         run(small, tmp_path, model=tiny_nobn(), lr=1e30, epochs=1)
     assert not (tmp_path / CHECKPOINT).exists()
 
@@ -433,9 +485,11 @@ def test_check_every_records_per_parameter_errors_and_passes(small):
 
 
 def test_check_every_stops_on_a_wrong_backward(small):
-    with pytest.raises(TrainingStopped, match=r"gradient check failed at step 0 of epoch 1: manual and autodiff gradients "
-                                              r"of params\[3\]\['(b|w)'\] differ by 1\.0\de-02 \(relative\) > "
-                                              + f"{CHECK_TOLERANCE:.0e}$"):
+    with pytest.raises(
+        TrainingStopped,
+        match=r"gradient check failed at step 0 of epoch 1: manual and autodiff gradients "
+        r"of params\[3\]\['(b|w)'\] differ by 1\.0\de-02 \(relative\) > " + f"{CHECK_TOLERANCE:.0e}$",
+    ):
         run(small, model=tiny_bad(), epochs=1, check_every=5)
     # The tolerance is a setting: a generous one lets the same (wrong) run pass and records the error.
     history = run(small, model=tiny_bad(), epochs=1, check_every=5, check_tolerance=0.02).history
@@ -498,13 +552,24 @@ def test_manual_and_autodiff_training_agree_over_100_steps(offline):
     spec = models.get_model("lenet5")
     losses, errors = {}, None
     for grad in ("manual", "autodiff"):
-        trainer = Trainer(spec.build(), spec.loss, train, None,
-                          TrainConfig(**cfg, grad=grad, check_every=1 if grad == "manual" else 0), log=lambda s: None)
+        trainer = Trainer(
+            spec.build(),
+            spec.loss,
+            train,
+            None,
+            TrainConfig(**cfg, grad=grad, check_every=1 if grad == "manual" else 0),
+            log=lambda s: None,
+        )
         assert trainer.steps_per_epoch == 100
         # Both routes through the same loop form, one lax.scan over the 100 steps (the compiled run_steps).
         p = trainer.placement
-        _, metrics = trainer.run_steps(trainer.init_state(), trainer.train_images, trainer.train_targets,
-                                       p.put(trainer.epoch_batches(0), p.batch_sharded), p.put(np.int32(0)))
+        _, metrics = trainer.run_steps(
+            trainer.init_state(),
+            trainer.train_images,
+            trainer.train_targets,
+            p.put(trainer.epoch_batches(0), p.batch_sharded),
+            p.put(np.int32(0)),
+        )
         losses[grad] = np.asarray(metrics["loss"], np.float64)
         if grad == "manual":
             errors = np.asarray(metrics["grad_errors"])
@@ -525,8 +590,9 @@ def test_small_cnn_one_epoch_on_real_mnist(shared_data, tmp_path):
     """The bundled 5,000 training images, the official 10,000-image test set: one epoch (78 steps of 64) of
     small_cnn with the default settings otherwise. Measured: test accuracy 0.919 (0.871 with batches of 128,
     whose 39 steps leave too little margin for a fixed threshold)."""
-    cfg = TrainConfig(model="small_cnn", dataset="mnist", data_dir=str(shared_data / "mnist"), offline=True, epochs=1,
-                      batch_size=64)
+    cfg = TrainConfig(
+        model="small_cnn", dataset="mnist", data_dir=str(shared_data / "mnist"), offline=True, epochs=1, batch_size=64
+    )
     log = []
     result = train_and_evaluate(cfg, tmp_path, log=log.append, progress=False)
     assert isinstance(result, FitResult)

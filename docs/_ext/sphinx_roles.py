@@ -42,8 +42,12 @@ API_PAGES = Path(__file__).resolve().parents[1] / "api"
 
 def rendered_modules() -> list[str]:
     """The modules the API reference renders (``::: module`` lines of docs/api/*.md)."""
-    return [line[4:].strip() for page in sorted(API_PAGES.glob("*.md"))
-            for line in page.read_text().splitlines() if line.startswith("::: ")]
+    return [
+        line[4:].strip()
+        for page in sorted(API_PAGES.glob("*.md"))
+        for line in page.read_text().splitlines()
+        if line.startswith("::: ")
+    ]
 
 
 class SphinxRoles(griffe.Extension):
@@ -60,8 +64,9 @@ class SphinxRoles(griffe.Extension):
                     obj.docstring = griffe.Docstring(comment, lineno=obj.lineno, parent=obj)
             if obj.docstring is not None:
                 obj.docstring.value = split_grouped_args(obj.docstring.value)
-                obj.docstring.value = ROLE.sub(functools.partial(_rewrite, obj=obj, pkg=pkg, anchors=anchors),
-                                               obj.docstring.value)
+                obj.docstring.value = ROLE.sub(
+                    functools.partial(_rewrite, obj=obj, pkg=pkg, anchors=anchors), obj.docstring.value
+                )
 
 
 def _walk(obj: griffe.Object):
@@ -196,7 +201,7 @@ def _setting_help(obj: griffe.Object) -> str:
     """The help text of a ``TrainConfig`` field, ``name: type = _setting(default, "help", ...)``."""
     if obj.filepath is None or obj.lineno is None or obj.endlineno is None or isinstance(obj.filepath, list):
         return ""
-    lines = Path(obj.filepath).read_text().splitlines()[obj.lineno - 1: obj.endlineno]
+    lines = Path(obj.filepath).read_text().splitlines()[obj.lineno - 1 : obj.endlineno]
     try:
         tree = ast.parse(textwrap.dedent("\n".join(lines)))
     except SyntaxError:

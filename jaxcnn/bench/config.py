@@ -8,7 +8,7 @@ import dataclasses
 SCHEMA_VERSION = 2  # of the --json report; 2: autodiff and autodiff_same_forward families, best-baseline ratios
 MODELS = ("seed_net", "lenet5", "small_cnn")  # the zoo models benchmarked by default
 BATCH = {"seed_net": 200, "lenet5": 128, "small_cnn": 128}  # the batch sizes of the reference measurements
-SECTIONS = ("peak", "ops", "steps", "epoch", "scaling")  # what --sections chooses from, in run order
+SECTIONS = ("peak", "ops", "steps", "epoch", "scaling", "per_example")  # what --sections chooses from, in run order
 SCALING_DEVICES = (1, 2, 4, 8)  # data-parallel mesh sizes of the scaling section
 PEERS = ("torch", "torch.compile", "flax")  # optional peers, timed when installed
 # The gradient routes of jaxcnn.gradients timed in the steps section, each its own contender family:
@@ -51,7 +51,7 @@ class BenchConfig:
     prune: float = 3.0  # drop a contender after warm-up when this many times slower than its family's best
     torch_threads: int = 2
 
-    def resolved(self) -> "BenchConfig":
+    def resolved(self) -> BenchConfig:
         q = self.quick
         return dataclasses.replace(
             self,

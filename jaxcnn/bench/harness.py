@@ -13,7 +13,8 @@ import dataclasses
 import math
 import statistics
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -47,7 +48,9 @@ def _failure(e: Exception) -> str:
     return f"{type(e).__name__}: {first}"
 
 
-def measure(benchmark: str, contenders: list[Contender], cfg: BenchConfig, log=None) -> list[dict]:
+def measure(
+    benchmark: str, contenders: list[Contender], cfg: BenchConfig, log: Callable[[str], None] | None = None
+) -> list[dict]:
     """Times ``contenders`` round by round; returns one record per contender.
 
     Warm-up runs each contender once (its first run after compilation) and once more to choose how many
@@ -64,7 +67,7 @@ def measure(benchmark: str, contenders: list[Contender], cfg: BenchConfig, log=N
     ran = [c for c in contenders if not isinstance(warm[c.name], tuple)]
 
     def family_best():
-        best = {}
+        best: dict[str, float] = {}
         for c in ran:
             best[c.family] = min(best.get(c.family, math.inf), warm[c.name])
         return best
@@ -81,7 +84,8 @@ def measure(benchmark: str, contenders: list[Contender], cfg: BenchConfig, log=N
     for c in ran:
         if c.name in reps and not (warm[c.name] > cfg.prune * best[c.family] and warm[c.name] * c.work > 0.05):
             live.append(c)
-    samples = {c.name: [] for c in live}
+    samples: dict[str, list[float]] = {c.name: [] for c in live}
+    assert cfg.rounds is not None  # set by BenchConfig.resolved()
     for r in range(cfg.rounds):
         k = r % max(len(live), 1)
         for c in live[k:] + live[:k]:
@@ -91,15 +95,26 @@ def measure(benchmark: str, contenders: list[Contender], cfg: BenchConfig, log=N
         rec = {"benchmark": benchmark, "contender": c.name, "family": c.family, **c.info}
         if c.name in samples:
             s = samples[c.name]
-            rec.update(status="ok", median_ms=1e3 * statistics.median(s), p25_ms=1e3 * _percentile(s, 25),
-                       p75_ms=1e3 * _percentile(s, 75), min_ms=1e3 * min(s), rounds=len(s), reps=reps[c.name],
-                       samples_ms=[1e3 * v for v in s])
+            rec.update(
+                status="ok",
+                median_ms=1e3 * statistics.median(s),
+                p25_ms=1e3 * _percentile(s, 25),
+                p75_ms=1e3 * _percentile(s, 75),
+                min_ms=1e3 * min(s),
+                rounds=len(s),
+                reps=reps[c.name],
+                samples_ms=[1e3 * v for v in s],
+            )
         elif isinstance(warm[c.name], tuple):
             rec.update(status="failed", median_ms=None, note=warm[c.name][1])
         else:
-            rec.update(status="pruned", median_ms=1e3 * warm[c.name], rounds=0,
-                       note=f"not timed further: its warm-up run took {warm[c.name] / best[c.family]:.1f}x "
-                            f"the best {c.family} contender's")
+            rec.update(
+                status="pruned",
+                median_ms=1e3 * warm[c.name],
+                rounds=0,
+                note=f"not timed further: its warm-up run took {warm[c.name] / best[c.family]:.1f}x "
+                f"the best {c.family} contender's",
+            )
         records.append(rec)
     if log:
         top = min((r for r in records if r["status"] == "ok"), key=lambda r: r["median_ms"], default=None)
@@ -122,14 +137,15 @@ def best_of(records: list[dict], family: str | Iterable[str]) -> dict | None:
 
 def round_ratio(a: dict, b: dict) -> float:
     """Median over rounds of ``a``'s time / ``b``'s time in the same round."""
-    return float(statistics.median(x / y for x, y in zip(a["samples_ms"], b["samples_ms"])))
+    return float(statistics.median(x / y for x, y in zip(a["samples_ms"], b["samples_ms"], strict=True)))
 
 
-def family_ratios(records: list[dict], num: str = "manual",
-                  dens: Iterable[str] = (*BASELINES, "torch", "torch.compile")) -> dict:
+def family_ratios(
+    records: list[dict], num: str = "manual", dens: Iterable[str] = (*BASELINES, "torch", "torch.compile")
+) -> dict:
     """``{"manual/autodiff": ..., "manual/torch": ...}`` between the best contender of each family, with
     ``"manual/autodiff contenders"`` naming the two records compared."""
-    out = {}
+    out: dict[str, float | str] = {}
     a = best_of(records, num)
     for den in dens:
         b = best_of(records, den)
@@ -139,13 +155,17 @@ def family_ratios(records: list[dict], num: str = "manual",
     return out
 
 
-def headline_ratios(records: list[dict], num: str = "manual", baselines: Iterable[str] = BASELINES,
-                    peers: Iterable[str] = ("torch", "torch.compile")) -> dict:
+def headline_ratios(
+    records: list[dict],
+    num: str = "manual",
+    baselines: Iterable[str] = BASELINES,
+    peers: Iterable[str] = ("torch", "torch.compile"),
+) -> dict:
     """``"manual/best_autodiff"``: the best ``num`` contender against the fastest contender of any of
     ``baselines`` (``jax.grad`` of either forward, Flax), then the per-family ratios of
     :func:`family_ratios`."""
     baselines = tuple(baselines)
-    out = {}
+    out: dict[str, float | str] = {}
     a, b = best_of(records, num), best_of(records, baselines)
     if a and b:
         out[f"{num}/best_autodiff"] = round_ratio(a, b)
@@ -160,12 +180,16 @@ def memory_ratios(records: list[dict], num: str = "manual", baselines: Iterable[
     of the same compile options and, when it was compiled, the same structure (one step or a scan), so that
     like is compared with like; the ``contenders`` entry names the two programs."""
     baselines = tuple(baselines)
-    out = {}
+    out: dict[str, float | str] = {}
     pairs = [("best_autodiff", best_of(records, baselines))] + [(f, best_of(records, f)) for f in baselines]
     for key, den in pairs:
         if not den or not den.get("memory_bytes"):
             continue
-        same = [r for r in records if r["family"] == num and r.get("memory_bytes") and r.get("options") == den.get("options")]
+        same = [
+            r
+            for r in records
+            if r["family"] == num and r.get("memory_bytes") and r.get("options") == den.get("options")
+        ]
         # The same structure when it was compiled (a --quick run compiles one structure per route).
         mine = next((r for r in same if r.get("structure") == den.get("structure")), same[0] if same else None)
         if mine:
@@ -178,7 +202,7 @@ def memory_ratios(records: list[dict], num: str = "manual", baselines: Iterable[
 # Compilation
 
 
-def option_sets(cfg: BenchConfig, log=None) -> dict[str, dict]:
+def option_sets(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dict[str, dict]:
     """The compile-option sets to try on this device, each verified to exist in this jaxlib."""
     import jax
     import jax.numpy as jnp
@@ -193,11 +217,13 @@ def option_sets(cfg: BenchConfig, log=None) -> dict[str, dict]:
     out = {}
     for name in names:
         try:
-            probe.compile(compiler_options=CPU_OPTION_SETS[name])
+            probe.compile(compiler_options=dict(CPU_OPTION_SETS[name]))
         except Exception as e:  # XLA rejects option names it does not know
             if log:
-                log(f"note: compile-option set {name!r} is not supported by this jaxlib "
-                    f"({str(e).splitlines()[0][:120]}); skipped")
+                log(
+                    f"note: compile-option set {name!r} is not supported by this jaxlib "
+                    f"({str(e).splitlines()[0][:120]}); skipped"
+                )
             continue
         out[name] = CPU_OPTION_SETS[name]
     return out
@@ -214,7 +240,7 @@ def memory_bytes(compiled) -> dict:
     """XLA's compiled memory analysis: arguments + outputs + temporaries - aliased (donated) bytes."""
     try:
         m = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - a backend without the analysis
+    except Exception:
         return {}
     if m is None:
         return {}
@@ -226,8 +252,19 @@ def memory_bytes(compiled) -> dict:
 # Train steps as a user's loop and as a scan
 
 
-def loop_and_scan(one_step, scan_steps, state, x, target, steps: int, opts: dict, name: str, family: str,
-                  info: dict, structures=("loop", "scan")) -> list[Contender]:
+def loop_and_scan(
+    one_step,
+    scan_steps,
+    state,
+    x,
+    target,
+    steps: int,
+    opts: dict,
+    name: str,
+    family: str,
+    info: dict,
+    structures=("loop", "scan"),
+) -> list[Contender]:
     """Contenders that train ``steps`` steps on the batch ``(x, target)``, under every option set in ``opts``:
 
     * ``"loop"``: ``one_step(state, x, target, key) -> (state, metrics)``, compiled, called once per step
@@ -244,8 +281,7 @@ def loop_and_scan(one_step, scan_steps, state, x, target, steps: int, opts: dict
     key = jax.random.PRNGKey(0)
     indices = jnp.tile(jnp.arange(x.shape[0], dtype=jnp.int32), (steps, 1))
     first = jnp.int32(0)
-    programs = {"loop": (one_step, (state, x, target, key)),
-                "scan": (scan_steps, (state, x, target, indices, first))}
+    programs = {"loop": (one_step, (state, x, target, key)), "scan": (scan_steps, (state, x, target, indices, first))}
     out = []
     for oname, o in opts.items():
         for structure in structures:
@@ -255,17 +291,33 @@ def loop_and_scan(one_step, scan_steps, state, x, target, steps: int, opts: dict
             compile_s = time.perf_counter() - t0
             holder = [jax.tree_util.tree_map(jnp.copy, state)]
             if structure == "loop":
+
                 def run(c=compiled, h=holder):
                     s = h[0]
                     for _ in range(steps):
                         s, _metrics = c(s, x, target, key)
                     h[0] = jax.block_until_ready(s)
             else:
+
                 def run(c=compiled, h=holder):
                     h[0] = jax.block_until_ready(c(h[0], x, target, indices, first)[0])
-            out.append(Contender(f"{name}[{structure},{oname}]", family, run, steps,
-                                 {**info, "structure": structure, "options": oname, "runs": function_name(fn),
-                                  "compile_s": compile_s, **memory_bytes(compiled)}))
+
+            out.append(
+                Contender(
+                    f"{name}[{structure},{oname}]",
+                    family,
+                    run,
+                    steps,
+                    {
+                        **info,
+                        "structure": structure,
+                        "options": oname,
+                        "runs": function_name(fn),
+                        "compile_s": compile_s,
+                        **memory_bytes(compiled),
+                    },
+                )
+            )
     return out
 
 

@@ -39,9 +39,10 @@ def torch_peer(cfg: BenchConfig, notes: list):
         out = []
         for peer in wanted:
             try:
-                fn, info = peers_torch.make_step(model_name, batch, steps, compiled=peer == "torch.compile",
-                                                 lr=LR, threads=cfg.torch_threads)
-            except Exception as e:  # noqa: BLE001 - a peer that cannot build this model is noted, not fatal
+                fn, info = peers_torch.make_step(
+                    model_name, batch, steps, compiled=peer == "torch.compile", lr=LR, threads=cfg.torch_threads
+                )
+            except Exception as e:
                 notes.append(f"{peer} {model_name}: could not build the step ({type(e).__name__}: {str(e)[:160]})")
                 continue
             out.append(Contender(peer, peer, fn, steps, {"batch": batch, "structure": "loop", **info}))
@@ -70,8 +71,19 @@ def flax_peer(cfg: BenchConfig, notes: list):
         # --quick: the loop only (Flax's usual best setting: jax.grad of a convolution is slowest in lax.scan
         # on XLA:CPU); a full run compiles the scan too.
         structures = ("loop",) if cfg.quick else ("loop", "scan")
-        return loop_and_scan(one_step, scan_steps, state, x, target, steps, opts, "flax", "flax",
-                             {"batch": batch, "flax": flax.__version__}, structures)
+        return loop_and_scan(
+            one_step,
+            scan_steps,
+            state,
+            x,
+            target,
+            steps,
+            opts,
+            "flax",
+            "flax",
+            {"batch": batch, "flax": flax.__version__},
+            structures,
+        )
 
     return make
 
@@ -106,6 +118,7 @@ def flax_step(model_name: str, batch: int):
     :func:`jaxcnn.bench.harness.loop_and_scan` (the scan gathers each batch from device-resident data,
     as :func:`jaxcnn.train.loop.run_steps` does)."""
     import flax.linen as nn
+
     import jax
     import optax
 

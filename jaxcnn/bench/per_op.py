@@ -45,7 +45,10 @@ def layer_kind(params, in_shape, out_shape) -> str | None:
     if w is not None:
         return "conv" if w.ndim == 4 else "dense"
     same_channels = len(in_shape) == len(out_shape) == 4 and in_shape[3] == out_shape[3]
-    smaller = all(o <= i for o, i in zip(out_shape[1:3], in_shape[1:3])) and out_shape[1:3] != in_shape[1:3]
+    # Shapes of different rank (Flatten) compare their common leading sizes only; same_channels rules them out.
+    smaller = (
+        all(o <= i for o, i in zip(out_shape[1:3], in_shape[1:3], strict=False)) and out_shape[1:3] != in_shape[1:3]
+    )
     if not jax.tree_util.tree_leaves(params) and same_channels and smaller:
         return "pool"
     return None
@@ -79,6 +82,11 @@ def _kernel_and_input_grads(grad_fn):
     return f
 
 
+def _forward_of(layer, state):
+    """``f(x, params) -> y``: the layer's hand-written forward in training mode with model state ``state``."""
+    return lambda x, p: layer.forward(p, state, x, train=True)[0]
+
+
 def bench_ops(cfg: BenchConfig, opts: dict, log) -> tuple[list[dict], dict]:
     import jax
     import jax.numpy as jnp
@@ -106,9 +114,15 @@ def bench_ops(cfg: BenchConfig, opts: dict, log) -> tuple[list[dict], dict]:
             for name, family, fn, info in variants:
                 for oname, o in opts.items():
                     compiled = compile_with(_scanned(fn) if structure == "scan" else fn, call_args, o)
-                    contenders.append(Contender(
-                        f"{name}[{oname}]", family, lambda c=compiled, a=call_args: jax.block_until_ready(c(*a)), work,
-                        {**info, "options": oname, "structure": structure}))
+                    contenders.append(
+                        Contender(
+                            f"{name}[{oname}]",
+                            family,
+                            lambda c=compiled, a=call_args: jax.block_until_ready(c(*a)),  # type: ignore[misc]  # mypy cannot type a default-bound lambda
+                            work,
+                            {**info, "options": oname, "structure": structure},
+                        )
+                    )
             bname = f"{benchmark}[scan]" if structure == "scan" else benchmark
             recs = measure(bname, contenders, cfg, log)
             if flops:
@@ -122,7 +136,7 @@ def bench_ops(cfg: BenchConfig, opts: dict, log) -> tuple[list[dict], dict]:
         spec = get_model(model_name)
         batch = cfg.batch_of(model_name)
         builds = {m: spec.build(conv_method=m) for m in formulations}  # the same layers, one per formulation
-        counts = collections.Counter()
+        counts: collections.Counter[str] = collections.Counter()
         for i, layer, params, state, xs, ys in layers_with_shapes(builds["conv"], (batch, *spec.input_shape[1:])):
             kind = layer_kind(params, xs, ys)
             if kind is None:
@@ -139,37 +153,57 @@ def bench_ops(cfg: BenchConfig, opts: dict, log) -> tuple[list[dict], dict]:
                 flops = 2 * math.prod(ys) * math.prod(ws[:3])
                 of = {m: builds[m].children[i] for m in formulations}
 
-                def fwd_of(lay):
-                    return lambda x, p: lay.forward(p, state, x, train=True)[0]
-
                 lax_fwd = autodiff_forward(layer)
-                fwd = [("autodiff:lax.conv", "autodiff", lambda x, p, f=lax_fwd: f(p, state, x, train=True)[0], info)]
-                fwd += [(f"manual:{m}", "manual", fwd_of(of[m]), {**info, "formulation": m})
-                        for m in formulations if m != "conv"]  # the "conv" formulation's forward is lax's
+                fwd = [
+                    ("autodiff:lax.conv", "autodiff", lambda x, p, f=lax_fwd, s=state: f(p, s, x, train=True)[0], info)
+                ]
+                fwd += [
+                    (f"manual:{m}", "manual", _forward_of(of[m], state), {**info, "formulation": m})
+                    for m in formulations
+                    if m != "conv"
+                ]  # the "conv" formulation's forward is lax's
                 run(f"op/conv_fwd/{lname}", fwd, (x, params), flops)
                 if cfg.quick:  # one forward benchmark is enough for a smoke test
                     continue
                 grads = {m: _kernel_and_input_grads(_grad_fns(of[m], state)[0]) for m in formulations}
                 auto = _kernel_and_input_grads(_grad_fns(of["conv"], state)[1])
-                dw = [("autodiff:jax.vjp", "autodiff", lambda dy, x, p: auto(dy, x, p)[0], info)]
-                dw += [(f"manual:{m}", "manual", lambda dy, x, p, f=grads[m]: f(dy, x, p)[0],
-                        {**info, "formulation": m}) for m in formulations]
+                dw = [("autodiff:jax.vjp", "autodiff", lambda dy, x, p, f=auto: f(dy, x, p)[0], info)]
+                dw += [
+                    (f"manual:{m}", "manual", lambda dy, x, p, f=grads[m]: f(dy, x, p)[0], {**info, "formulation": m})
+                    for m in formulations
+                ]
                 run(f"op/conv_dw/{lname}", dw, (dy, x, params), flops)
                 if i > 0:  # the first layer's dx is never needed (and never computed under jit)
-                    dx = [("autodiff:jax.vjp", "autodiff", lambda dy, x, p: auto(dy, x, p)[1], info)]
-                    dx += [(f"manual:{m}", "manual", lambda dy, x, p, f=grads[m]: f(dy, x, p)[1],
-                            {**info, "formulation": m}) for m in formulations]
+                    dx = [("autodiff:jax.vjp", "autodiff", lambda dy, x, p, f=auto: f(dy, x, p)[1], info)]
+                    dx += [
+                        (
+                            f"manual:{m}",
+                            "manual",
+                            lambda dy, x, p, f=grads[m]: f(dy, x, p)[1],
+                            {**info, "formulation": m},
+                        )
+                        for m in formulations
+                    ]
                     run(f"op/conv_dx/{lname}", dx, (dy, x, params), flops)
             elif cfg.quick:
                 continue
             elif kind == "pool":
                 manual, auto = _grad_fns(layer, state)
-                run(f"op/pool_bwd/{lname}", [("autodiff:jax.vjp", "autodiff", lambda dy, x, p: auto(dy, x, p)[1], info),
-                                              ("manual", "manual", lambda dy, x, p: manual(dy, x, p)[1], info)],
-                    (dy, x, params))
+                run(
+                    f"op/pool_bwd/{lname}",
+                    [
+                        ("autodiff:jax.vjp", "autodiff", lambda dy, x, p, f=auto: f(dy, x, p)[1], info),
+                        ("manual", "manual", lambda dy, x, p, f=manual: f(dy, x, p)[1], info),
+                    ],
+                    (dy, x, params),
+                )
             elif params["w"].size >= 10_000:  # dense; the tiny ones are not worth a benchmark
                 manual, auto = (_kernel_and_input_grads(f) for f in _grad_fns(layer, state))
                 info["w_shape"] = list(params["w"].shape)
-                run(f"op/dense_bwd/{lname}", [("autodiff:jax.vjp", "autodiff", auto, info), ("manual", "manual", manual, info)],
-                    (dy, x, params), 4 * xs[0] * params["w"].size)
+                run(
+                    f"op/dense_bwd/{lname}",
+                    [("autodiff:jax.vjp", "autodiff", auto, info), ("manual", "manual", manual, info)],
+                    (dy, x, params),
+                    4 * xs[0] * params["w"].size,
+                )
     return records, ratios

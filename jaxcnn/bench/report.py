@@ -35,16 +35,30 @@ def evaluate_targets(report: dict) -> list[dict]:
     value, detail = ratio("step/small_cnn", "manual/torch.compile")
     add("step small_cnn: manual / torch.compile <= 1.0", value, 1.0, detail=detail)
     best = best_of([x for x in recs if x["benchmark"] == "step/small_cnn"], "manual")
-    add("step small_cnn: >= 60% of the measured matmul peak", best.get("peak_fraction") if best else None, 0.6,
-        higher_is_better=True, detail=best["contender"] if best else "")
+    add(
+        "step small_cnn: >= 60% of the measured matmul peak",
+        best.get("peak_fraction") if best else None,
+        0.6,
+        higher_is_better=True,
+        detail=best["contender"] if best else "",
+    )
     for m in models:
         value, detail = ratio(f"epoch/{m}", "scan/step images_per_s")
-        add(f"epoch {m}: manual scan images/s >= 1.2 x per-step loop", value, 1.2, higher_is_better=True,
-            detail=detail)
+        add(f"epoch {m}: manual scan images/s >= 1.2 x per-step loop", value, 1.2, higher_is_better=True, detail=detail)
     for m in models:
         value, detail = ratio(f"step/{m}", "memory manual/best_autodiff")
-        add(f"step {m}: manual compiled memory <= best autodiff's", value, 1.0,
-            detail=f"XLA compiled memory analysis: {detail}" if detail else "")
+        add(
+            f"step {m}: manual compiled memory <= best autodiff's",
+            value,
+            1.0,
+            detail=f"XLA compiled memory analysis: {detail}" if detail else "",
+        )
+    for m in models:
+        if m == "seed_net":  # the targets name the convolutional models
+            continue
+        for what in ("norms", "dp_step"):
+            value, detail = ratio(f"per_example/{what}/{m}", "manual/vmap_grad")
+            add(f"per_example {what} {m}: manual / vmap(jax.grad) <= 1/3", value, 1 / 3, detail=detail)
     return out
 
 
@@ -61,10 +75,13 @@ def op_pivot(records: list[dict]) -> list[str]:
     """Per-op medians (ms) as one row per op and one column per contender, each cell the best over the
     compile-option sets (which one in brackets), the fastest in bold; pruned contenders show ``>`` their
     warm-up time."""
+
     def base(name):
         return name.split("[")[0]
 
-    columns = sorted(dict.fromkeys(base(r["contender"]) for r in records), key=lambda c: (not c.startswith("autodiff"), c))
+    columns = sorted(
+        dict.fromkeys(base(r["contender"]) for r in records), key=lambda c: (not c.startswith("autodiff"), c)
+    )
     lines = ["| op | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for bench in dict.fromkeys(r["benchmark"] for r in records):
         rows = [r for r in records if r["benchmark"] == bench]
@@ -88,24 +105,31 @@ def machine_line(report: dict) -> str:
     m, v = report["machine"], report["versions"]
     ext = m.get("cpu_vector_extensions")
     ext = f" ({', '.join(ext) if ext else 'no vector extensions listed'})" if ext is not None else ""
-    return (f"Machine: {m['cpu']}{ext}, {m['cores']} cores, device {m['device']}; "
-            + ", ".join(f"{k} {x}" for k, x in v.items()) + ".")
+    return (
+        f"Machine: {m['cpu']}{ext}, {m['cores']} cores, device {m['device']}; "
+        + ", ".join(f"{k} {x}" for k, x in v.items())
+        + "."
+    )
 
 
 def format_markdown(report: dict) -> str:
     """The report as markdown: step, epoch and scaling results, targets, ratios, then every per-op record."""
     lines = [machine_line(report)]
     if report.get("load_average"):
-        lines.append(f"Load average (1, 5, 15 min) at start {report['load_average']['start']}, "
-                     f"at end {report['load_average']['end']}.")
+        lines.append(
+            f"Load average (1, 5, 15 min) at start {report['load_average']['start']}, "
+            f"at end {report['load_average']['end']}."
+        )
     peak = _fmt(report.get("peak_gflops"), ".1f")
     lines.append(f"Measured matmul peak: {peak} GFLOP/s." if peak else "Matmul peak: not measured (section peak).")
     lines.append("")
     recs = report["results"]
-    steps = [r for r in recs if r["benchmark"].startswith(("step/", "epoch/", "peak/", "scaling/"))]
+    steps = [r for r in recs if r["benchmark"].startswith(("step/", "epoch/", "peak/", "scaling/", "per_example/"))]
     if steps:
-        lines += ["| benchmark | contender | median ms | p25-p75 ms | GFLOP/s | % peak | images/s | memory MB | note |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        lines += [
+            "| benchmark | contender | median ms | p25-p75 ms | GFLOP/s | % peak | images/s | memory MB | note |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
         for r in steps:
             mem = r.get("memory_bytes")
             lines.append(
@@ -113,7 +137,8 @@ def format_markdown(report: dict) -> str:
                 f"{_fmt(r.get('p25_ms'))}-{_fmt(r.get('p75_ms'))} | {_fmt(r.get('gflops'), '.1f')} | "
                 f"{_fmt(100 * r['peak_fraction'] if r.get('peak_fraction') else None, '.0f')} | "
                 f"{_fmt(r.get('images_per_s'), ',.0f')} | {_fmt(mem / 2**20 if mem else None, '.1f')} | "
-                f"{r.get('note', '') if r['status'] != 'ok' else ''} |")
+                f"{r.get('note', '') if r['status'] != 'ok' else ''} |"
+            )
         lines.append("")
     if report.get("targets"):
         lines += ["| target | measured | met | compared |", "|---|---:|---|---|"]
@@ -121,8 +146,12 @@ def format_markdown(report: dict) -> str:
             met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
             lines.append(f"| {t['target']} | {_fmt(t['value'], '.3f')} | {met} | {t.get('detail', '')} |")
         lines.append("")
-    ratio_rows = [(b, k, v, r.get(f"{k} contenders", "")) for b, r in report["ratios"].items()
-                  for k, v in r.items() if not k.endswith("contenders")]
+    ratio_rows = [
+        (b, k, v, r.get(f"{k} contenders", ""))
+        for b, r in report["ratios"].items()
+        for k, v in r.items()
+        if not k.endswith("contenders")
+    ]
     if ratio_rows:
         lines += ["| benchmark | ratio | value | contenders |", "|---|---|---:|---|"]
         lines += [f"| {b} | {k} | {_fmt(v, '.3f')} | {c} |" for b, k, v, c in ratio_rows]
@@ -136,9 +165,14 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-README_FAMILIES = (("manual", "hand-written"), ("autodiff", "`jax.grad`, lax forward"),
-                   ("autodiff_same_forward", "`jax.grad`, same forward"), ("flax", "Flax"),
-                   ("torch", "PyTorch eager"), ("torch.compile", "`torch.compile`"))
+README_FAMILIES = (
+    ("manual", "hand-written"),
+    ("autodiff", "`jax.grad`, lax forward"),
+    ("autodiff_same_forward", "`jax.grad`, same forward"),
+    ("flax", "Flax"),
+    ("torch", "PyTorch eager"),
+    ("torch.compile", "`torch.compile`"),
+)
 
 
 def readme_speed_rows(report: dict) -> tuple[list[str], list[list[str]]]:
@@ -146,7 +180,9 @@ def readme_speed_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     structure and compile options) and the hand-written step against the best autodiff contender, as the
     median of per-round ratios. Families the run did not measure are left out."""
     recs, ratios = report["results"], report["ratios"]
-    families = [(f, label) for f, label in README_FAMILIES if any(r["family"] == f and r.get("median_ms") for r in recs)]
+    families = [
+        (f, label) for f, label in README_FAMILIES if any(r["family"] == f and r.get("median_ms") for r in recs)
+    ]
     headers = ["train step, ms (batch)", *[label for _, label in families], "hand-written / best autodiff"]
     rows = []
     for model in report["config"]["models"]:
@@ -155,7 +191,7 @@ def readme_speed_rows(report: dict) -> tuple[list[str], list[list[str]]]:
             continue
         best = {f: best_of(mine, f) for f, _ in families}
         batch = next(r["batch"] for r in mine if r.get("batch"))
-        ms = [_fmt(best[f]["median_ms"]) if best[f] else "" for f, _ in families]  # per step
+        ms = [_fmt(b["median_ms"]) if (b := best[f]) else "" for f, _ in families]  # per step
         fastest = min((i for i, v in enumerate(ms) if v), key=lambda i: float(ms[i]))
         ms[fastest] = f"**{ms[fastest]}**"
         ratio = ratios.get(f"step/{model}", {}).get("manual/best_autodiff")

@@ -21,7 +21,8 @@ import json
 import os
 import statistics
 import sys
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 from jaxcnn import provenance
 from jaxcnn.bench import peers
@@ -62,8 +63,14 @@ def matmul_contenders(cfg: BenchConfig, opts: dict) -> list[Contender]:
     out = []
     for oname, o in opts.items():
         f = compile_with(lambda a, b: a @ b, (a, b), o)
-        out.append(Contender(f"matmul{n}[{oname}]", "peak", lambda f=f: f(a, b).block_until_ready(),
-                             info={"options": oname, "n": n, "flops": 2 * n ** 3}))
+        out.append(
+            Contender(
+                f"matmul{n}[{oname}]",
+                "peak",
+                lambda f=f: f(a, b).block_until_ready(),  # type: ignore[misc]  # mypy cannot type a default-bound lambda
+                info={"options": oname, "n": n, "flops": 2 * n**3},
+            )
+        )
     return out
 
 
@@ -95,8 +102,9 @@ def add_peak_fractions(recs: list[dict], flops: float) -> float | None:
             r["gflops"] = flops / (r["median_ms"] * 1e-3) / 1e9
             r["images_per_s"] = r["batch"] / (r["median_ms"] * 1e-3)
         if r["status"] == "ok" and per_round:
-            r["peak_fraction"] = float(statistics.median(
-                flops / (t * 1e-3) / pk for t, pk in zip(r["samples_ms"], per_round)))
+            r["peak_fraction"] = float(
+                statistics.median(flops / (t * 1e-3) / pk for t, pk in zip(r["samples_ms"], per_round, strict=True))
+            )
     return statistics.median(per_round) / 1e9 if per_round else None
 
 
@@ -137,6 +145,7 @@ def step_contenders(cfg: BenchConfig, model_name: str, opts: dict, routes=ROUTES
     x, target = step_inputs(spec, batch)
     params, model_state, _ = model.init(jax.random.PRNGKey(0), (1, *x.shape[1:]))
     state = train_step_module.TrainState(params, model_state, tx.init(params))
+    assert cfg.scan_steps is not None  # set by BenchConfig.resolved()
     out = []
     for route in routes:
         step = train_step_module.make_step(model, spec.loss, tx, grad=route)
@@ -145,9 +154,19 @@ def step_contenders(cfg: BenchConfig, model_name: str, opts: dict, routes=ROUTES
         # that both structures train on the same inputs.
         one_step = functools.partial(train_step_module.train_step, step)
         scan_steps = functools.partial(loop.run_steps, step, inputs.Scaling(), 0, jax.random.PRNGKey(0))
-        out += loop_and_scan(one_step, scan_steps, state, x, target, cfg.scan_steps, opts, route, route,
-                             {"batch": batch, "route": route, "conv_method": DEFAULT_METHOD},
-                             (structures or {}).get(route, ("loop", "scan")))
+        out += loop_and_scan(
+            one_step,
+            scan_steps,
+            state,
+            x,
+            target,
+            cfg.scan_steps,
+            opts,
+            route,
+            route,
+            {"batch": batch, "route": route, "conv_method": DEFAULT_METHOD},
+            (structures or {}).get(route, ("loop", "scan")),
+        )
     return out
 
 
@@ -204,8 +223,16 @@ def training_set(cfg: BenchConfig, model_name: str):
     return dataset.train_images, np.asarray(get_model(model_name).targets(dataset.train_labels))
 
 
-def epoch_trainer(cfg: BenchConfig, model_name: str, train, options: dict | None, *, devices: int | None = 1,
-                  grad: str = "manual", loop: str = "auto"):
+def epoch_trainer(
+    cfg: BenchConfig,
+    model_name: str,
+    train,
+    options: dict | None,
+    *,
+    devices: int | None = 1,
+    grad: str = "manual",
+    loop: str = "auto",
+):
     """The :class:`~jaxcnn.train.Trainer` that ``jaxcnn train --model model_name --grad grad --loop loop``
     builds (the zoo model with the default conv formulation, every other setting its training default) at
     the benchmark's batch size, on ``devices`` devices; ``options=None`` takes the training loop's own
@@ -214,10 +241,12 @@ def epoch_trainer(cfg: BenchConfig, model_name: str, train, options: dict | None
     from jaxcnn.train import TrainConfig, Trainer
 
     spec = get_model(model_name)
-    config = TrainConfig(model=model_name, batch_size=cfg.batch_of(model_name), lr=LR, grad=grad, loop=loop,
-                         devices=devices)
-    return Trainer(spec.build(conv_method=config.conv_method), spec.loss, train, None, config,
-                   compiler_options=options, log=_quiet)
+    config = TrainConfig(
+        model=model_name, batch_size=cfg.batch_of(model_name), lr=LR, grad=grad, loop=loop, devices=devices
+    )
+    return Trainer(
+        spec.build(conv_method=config.conv_method), spec.loss, train, None, config, compiler_options=options, log=_quiet
+    )
 
 
 def epoch_runner(trainer) -> Callable[[], None]:
@@ -235,7 +264,7 @@ def epoch_runner(trainer) -> Callable[[], None]:
     def fn():
         state = holder[0]
         for begin in range(0, spe, chunk):
-            state, metrics = trainer.train_chunk(state, batches[begin:begin + chunk], begin)
+            state, metrics = trainer.train_chunk(state, batches[begin : begin + chunk], begin)
             host(metrics["loss"])
         holder[0] = jax.block_until_ready(state)
 
@@ -249,8 +278,9 @@ EPOCH_FORMS = ("scan", "step")  # the loop forms of jaxcnn.train: a lax.scan per
 EPOCH_FORMS_OF = {"manual": EPOCH_FORMS, "autodiff": ("step",)}
 
 
-def epoch_contenders(cfg: BenchConfig, model_name: str, train, opts: dict, grads=("manual", "autodiff"),
-                     forms=EPOCH_FORMS) -> list[Contender]:
+def epoch_contenders(
+    cfg: BenchConfig, model_name: str, train, opts: dict, grads=("manual", "autodiff"), forms=EPOCH_FORMS
+) -> list[Contender]:
     """Per option set, gradient route in ``grads`` and loop form in ``forms``: one epoch of
     ``Trainer.train_chunk`` as ``jaxcnn train --grad G --loop F`` runs it. Each (route, form) is its own
     family ``"G-F"``, so that no form is pruned for being slower than the other."""
@@ -263,11 +293,29 @@ def epoch_contenders(cfg: BenchConfig, model_name: str, train, opts: dict, grads
                 trainer = epoch_trainer(cfg, model_name, train, o, grad=grad, loop=form)
                 spe, c = trainer.steps_per_epoch, trainer.config
                 auto = default_form(grad)
-                out.append(Contender(f"{grad}[{form},{oname}]", f"{grad}-{form}", epoch_runner(trainer), 1, {
-                    "batch": c.batch_size, "steps": spe, "images": spe * c.batch_size, "options": oname,
-                    "training_options": o == default_compiler_options(), "grad": grad, "structure": trainer.loop,
-                    "training_default_form": form == auto, "chunk_steps": c.chunk_steps, "conv_method": c.conv_method,
-                    "augment": c.augment, "schedule": c.schedule, "runs": "jaxcnn.train.Trainer.train_chunk"}))
+                out.append(
+                    Contender(
+                        f"{grad}[{form},{oname}]",
+                        f"{grad}-{form}",
+                        epoch_runner(trainer),
+                        1,
+                        {
+                            "batch": c.batch_size,
+                            "steps": spe,
+                            "images": spe * c.batch_size,
+                            "options": oname,
+                            "training_options": o == default_compiler_options(),
+                            "grad": grad,
+                            "structure": trainer.loop,
+                            "training_default_form": form == auto,
+                            "chunk_steps": c.chunk_steps,
+                            "conv_method": c.conv_method,
+                            "augment": c.augment,
+                            "schedule": c.schedule,
+                            "runs": "jaxcnn.train.Trainer.train_chunk",
+                        },
+                    )
+                )
     return out
 
 
@@ -291,12 +339,14 @@ def bench_epoch(cfg: BenchConfig, opts: dict, log) -> tuple[list[dict], dict]:
     gradient route (``--quick``: manual only) in each loop form, under each option set. Ratios: the manual
     route's scan form against its per-step form, and manual against autodiff each in the form it trains in
     by default (and each at its best)."""
-    records, ratios = [], {}
+    records: list[dict] = []
+    ratios: dict[str, dict] = {}
     for model_name in cfg.models[:1] if cfg.quick else cfg.models:
         train = training_set(cfg, model_name)
         grads = ("manual",) if cfg.quick else ("manual", "autodiff")
-        recs = _add_images_per_s(measure(f"epoch/{model_name}", epoch_contenders(cfg, model_name, train, opts, grads),
-                                         cfg, log))
+        recs = _add_images_per_s(
+            measure(f"epoch/{model_name}", epoch_contenders(cfg, model_name, train, opts, grads), cfg, log)
+        )
         records.extend(recs)
         r = ratios[f"epoch/{model_name}"] = {}
         scan, step = best_of(recs, "manual-scan"), best_of(recs, "manual-step")
@@ -304,13 +354,15 @@ def bench_epoch(cfg: BenchConfig, opts: dict, log) -> tuple[list[dict], dict]:
             r["scan/step images_per_s"] = 1 / round_ratio(scan, step)
             r["scan/step images_per_s contenders"] = f"{scan['contender']} / {step['contender']}"
         default = {g: best_of(recs, f"{g}-{default_form(g)}") for g in grads}
-        if default.get("manual") and default.get("autodiff"):
-            r["manual/autodiff"] = round_ratio(default["manual"], default["autodiff"])
-            r["manual/autodiff contenders"] = f"{default['manual']['contender']} / {default['autodiff']['contender']}"
+        manual, autodiff = default.get("manual"), default.get("autodiff")
+        if manual and autodiff:
+            r["manual/autodiff"] = round_ratio(manual, autodiff)
+            r["manual/autodiff contenders"] = f"{manual['contender']} / {autodiff['contender']}"
         best = {g: best_of(recs, [f"{g}-{f}" for f in EPOCH_FORMS]) for g in grads}
-        if best.get("manual") and best.get("autodiff"):
-            r["manual/autodiff best forms"] = round_ratio(best["manual"], best["autodiff"])
-            r["manual/autodiff best forms contenders"] = f"{best['manual']['contender']} / {best['autodiff']['contender']}"
+        manual, autodiff = best.get("manual"), best.get("autodiff")
+        if manual and autodiff:
+            r["manual/autodiff best forms"] = round_ratio(manual, autodiff)
+            r["manual/autodiff best forms contenders"] = f"{manual['contender']} / {autodiff['contender']}"
     return records, ratios
 
 
@@ -334,17 +386,32 @@ def scaling_records(cfg: BenchConfig, counts, log) -> list[dict]:
     for n in counts:
         trainer = epoch_trainer(cfg, model_name, train, None, devices=n)
         spe, batch = trainer.steps_per_epoch, trainer.config.batch_size
-        contenders.append(Contender(f"{n} device{'s' if n > 1 else ''}", f"devices={n}", epoch_runner(trainer), 1,
-                                    {"devices": n, "batch": batch, "per_device_batch": batch // n, "steps": spe,
-                                     "images": spe * batch, "structure": "scan", "options": "jaxcnn train's",
-                                     "platform": trainer.placement.mesh.devices.flat[0].platform}))
+        contenders.append(
+            Contender(
+                f"{n} device{'s' if n > 1 else ''}",
+                f"devices={n}",
+                epoch_runner(trainer),
+                1,
+                {
+                    "devices": n,
+                    "batch": batch,
+                    "per_device_batch": batch // n,
+                    "steps": spe,
+                    "images": spe * batch,
+                    "structure": "scan",
+                    "options": "jaxcnn train's",
+                    "platform": trainer.placement.mesh.devices.flat[0].platform,
+                },
+            )
+        )
     return _add_images_per_s(measure(f"scaling/{model_name}", contenders, cfg, log))
 
 
 def scaling_worker(cfg_json: str) -> int:
     """The child process of :func:`bench_scaling`: records as JSON on stdout, progress on stderr."""
     fields = json.loads(cfg_json)
-    cfg = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    settings: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    cfg = BenchConfig(**settings)
     records = scaling_records(cfg, SCALING_DEVICES, lambda s: print(s, file=sys.stderr, flush=True))
     print(provenance.dumps(records))
     return 0
@@ -365,16 +432,31 @@ def bench_scaling(cfg: BenchConfig, log) -> tuple[list[dict], dict, list[str]]:
     notes = []
     if cfg.device == "cpu":
         env = dict(os.environ, JAX_PLATFORMS="cpu")
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={max(SCALING_DEVICES)}").strip()
-        child = subprocess.run([sys.executable, "-m", "jaxcnn.bench", "--scaling-worker",
-                                provenance.dumps(dataclasses.asdict(cfg), indent=None)],
-                               env=env, stdout=subprocess.PIPE, stderr=None, text=True, check=False)
+        env["XLA_FLAGS"] = (
+            env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={max(SCALING_DEVICES)}"
+        ).strip()
+        child = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "jaxcnn.bench",
+                "--scaling-worker",
+                provenance.dumps(dataclasses.asdict(cfg), indent=None),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            text=True,
+            check=False,
+        )
         if child.returncode != 0:
             raise BenchError(f"scaling: the child process failed with exit status {child.returncode}")
         records = json.loads(child.stdout)
-        notes.append(f"scaling: {max(SCALING_DEVICES)} simulated CPU devices sharing {os.cpu_count()} cores "
-                     "(XLA_FLAGS=--xla_force_host_platform_device_count): no device adds hardware, so a ratio "
-                     "above 1 means that per-device programs kept the cores busier than one program did")
+        notes.append(
+            f"scaling: {max(SCALING_DEVICES)} simulated CPU devices sharing {os.cpu_count()} cores "
+            "(XLA_FLAGS=--xla_force_host_platform_device_count): no device adds hardware, so a ratio "
+            "above 1 means that per-device programs kept the cores busier than one program did"
+        )
     else:
         available = len(jax.devices(cfg.device))
         counts = [n for n in SCALING_DEVICES if n <= available]
@@ -384,6 +466,9 @@ def bench_scaling(cfg: BenchConfig, log) -> tuple[list[dict], dict, list[str]]:
     ratios = {}
     one = next((r for r in records if r.get("devices") == 1 and r["status"] == "ok"), None)
     if one:
-        ratios[records[0]["benchmark"]] = {f"images_per_s {r['devices']}/1 devices": 1 / round_ratio(r, one)
-                                           for r in records if r["status"] == "ok" and r["devices"] != 1}
+        ratios[records[0]["benchmark"]] = {
+            f"images_per_s {r['devices']}/1 devices": 1 / round_ratio(r, one)
+            for r in records
+            if r["status"] == "ok" and r["devices"] != 1
+        }
     return records, ratios, notes

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from jaxcnn import provenance
-from jaxcnn.bench import per_op, sections
+from jaxcnn.bench import per_example, per_op, sections
 from jaxcnn.bench.config import BATCH, SCALING_DEVICES, SCHEMA_VERSION, SECTIONS, BenchConfig, BenchError
 from jaxcnn.bench.harness import option_sets
 from jaxcnn.bench.report import evaluate_targets
@@ -19,10 +20,9 @@ def run_benchmarks(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict
     import jax
 
     t_start = time.perf_counter()
-    raw_log = log
 
-    def log(message):  # noqa: F811 - every line says when it happened
-        raw_log(f"[{time.perf_counter() - t_start:6.1f} s] {message}")
+    def stamped(message):  # every line says when it happened
+        log(f"[{time.perf_counter() - t_start:6.1f} s] {message}")
 
     cfg = cfg.resolved()
     bad = [m for m in cfg.models if m not in BATCH]
@@ -51,40 +51,45 @@ def run_benchmarks(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict
 
     def note(message):
         notes.append(message)
-        log(message)
+        stamped(message)
 
     with jax.default_device(device):
         opts = option_sets(cfg, note)
         report["option_sets"] = dict(opts)
         peak = float("nan")
         if "peak" in cfg.sections:
-            log("peak: float32 matmul")
-            recs, peak = sections.bench_peak(cfg, opts, log)
+            stamped("peak: float32 matmul")
+            recs, peak = sections.bench_peak(cfg, opts, stamped)
             report["results"] += recs
         report["peak_gflops"] = peak
         if "ops" in cfg.sections:
-            log("ops: per-op formulations vs jax.vjp")
-            recs, ratios = per_op.bench_ops(cfg, opts, log)
+            stamped("ops: per-op formulations vs jax.vjp")
+            recs, ratios = per_op.bench_ops(cfg, opts, stamped)
             report["results"] += recs
             report["ratios"].update(ratios)
         if "steps" in cfg.sections:
-            log("steps: train_step and run_steps, manual vs autodiff routes vs peers")
-            recs, ratios, flops = sections.bench_steps(cfg, opts, log, notes)
+            stamped("steps: train_step and run_steps, manual vs autodiff routes vs peers")
+            recs, ratios, flops = sections.bench_steps(cfg, opts, stamped, notes)
             report["results"] += recs
             report["ratios"].update(ratios)
             report["flops_per_image"] = flops
         if "epoch" in cfg.sections:
-            log("epoch: Trainer.train_chunk over one epoch, as jaxcnn train runs it")
-            recs, ratios = sections.bench_epoch(cfg, opts, log)
+            stamped("epoch: Trainer.train_chunk over one epoch, as jaxcnn train runs it")
+            recs, ratios = sections.bench_epoch(cfg, opts, stamped)
             report["results"] += recs
             report["ratios"].update(ratios)
         if "scaling" in cfg.sections:
-            log(f"scaling: one training epoch on {', '.join(map(str, SCALING_DEVICES))} devices")
-            recs, ratios, more = sections.bench_scaling(cfg, log)
+            stamped(f"scaling: one training epoch on {', '.join(map(str, SCALING_DEVICES))} devices")
+            recs, ratios, more = sections.bench_scaling(cfg, stamped)
             report["results"] += recs
             report["ratios"].update(ratios)
             for n in more:
                 note(n)
+        if "per_example" in cfg.sections:
+            stamped("per_example: per-example gradient norms and a DP-SGD step, manual vs vmap(jax.grad)")
+            recs, ratios = per_example.bench_per_example(cfg, opts, stamped, notes)
+            report["results"] += recs
+            report["ratios"].update(ratios)
     report["targets"] = evaluate_targets(report)
     report["load_average"] = {"start": load_start, "end": provenance.load_average()}
     report["wall_s"] = time.perf_counter() - t_start

@@ -172,7 +172,7 @@ def load_directory(directory: Path) -> Dataset:
             f"found none for {', '.join(missing)}.",
             remedy=f"Place the missing files in {directory} (gzip-compressed or not).",
         )
-    arrays = {role: read_idx(path) for role, path in paths.items()}
+    arrays = {role: read_idx(path) for role, path in paths.items() if path is not None}  # none is missing
     for split in ("train", "test"):
         check_split(
             arrays[f"{split}_images"],
@@ -259,9 +259,7 @@ def _limit_training(dataset: Dataset, limit: int | None) -> Dataset:
     )
 
 
-def _downloader(
-    spec: DatasetSpec, download: bool, mirrors: Sequence[str] | None, log: Log
-) -> Downloader | None:
+def _downloader(spec: DatasetSpec, download: bool, mirrors: Sequence[str] | None, log: Log) -> Downloader | None:
     if not download or offline_requested():
         return None
     return Downloader(mirrors_for(spec, mirrors), log=log)

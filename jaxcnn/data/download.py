@@ -173,9 +173,7 @@ class Downloader:
             request = urllib.request.Request(url, headers={"User-Agent": "jaxcnn"})
             response = urllib.request.urlopen(request, timeout=self.timeout)
         except urllib.error.HTTPError as error:
-            raise _MirrorFailure(
-                f"HTTP {error.code} {error.reason}", retry=error.code in _RETRYABLE_STATUS
-            ) from None
+            raise _MirrorFailure(f"HTTP {error.code} {error.reason}", retry=error.code in _RETRYABLE_STATUS) from None
         except urllib.error.URLError as error:
             reason = error.reason
             if isinstance(reason, (socket.gaierror, TimeoutError)) or (

@@ -97,9 +97,7 @@ def find_file(role: str, directories: Sequence[Path]) -> Path | None:
     return None
 
 
-def load_verified(
-    path: Path, spec: DatasetSpec, file_spec: FileSpec, *, label: str | None = None
-) -> np.ndarray:
+def load_verified(path: Path, spec: DatasetSpec, file_spec: FileSpec, *, label: str | None = None) -> np.ndarray:
     """Reads an IDX file and checks it against the published checksums of ``file_spec``.
 
     Accepted when the gzip bytes match the published MD5 or the decompressed bytes match the
@@ -180,9 +178,7 @@ def placement_remedy(file_specs: Sequence[FileSpec], destination: Path, *, cause
     listed = ", ".join(f"{file_spec.filename} (MD5 {file_spec.gzip_md5})" for file_spec in file_specs)
     elsewhere = "in a directory passed as data_dir= / --data-dir"
     if cause == "unwritable":
-        return (
-            f"Set JAXCNN_DATA to a writable directory to download them there, or place {listed} {elsewhere}."
-        )
+        return f"Set JAXCNN_DATA to a writable directory to download them there, or place {listed} {elsewhere}."
     retry = "Check the network connection and try again, or place" if cause == "failed" else "Place"
     return f"{retry} {listed} in {destination}, or {elsewhere}."
 

@@ -21,7 +21,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -92,7 +92,7 @@ def write_idx(path: str | os.PathLike, array: np.ndarray, *, compress: bool | No
     if max(array.shape) >= 2**32:
         raise ValueError(f"write_idx: every dimension must be below 2**32, got shape {array.shape}")
     header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    data = memoryview(np.ascontiguousarray(array, dtype=IDX_TYPES[code]).reshape(-1).view(np.uint8))
+    data = np.ascontiguousarray(array, dtype=IDX_TYPES[code]).reshape(-1).view(np.uint8).data
     if compress is None:
         compress = path.name.endswith(".gz")
     with gzip.GzipFile(path, "wb", mtime=0) if compress else open(path, "wb") as stream:
@@ -125,9 +125,7 @@ def _read(path: Path, *, with_digests: bool, label: str | None) -> IdxFile:
     gzip_md5 = hashlib.md5(compressed).hexdigest() if with_digests else None
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(compressed)) as stream:
-            header, data = _read_elements(
-                stream, name, capacity=_MAX_DEFLATE_RATIO * len(compressed), exact_size=None
-            )
+            header, data = _read_elements(stream, name, capacity=_MAX_DEFLATE_RATIO * len(compressed), exact_size=None)
     except (EOFError, zlib.error, gzip.BadGzipFile) as error:
         raise file_error(
             name, "corrupt gzip data", expected="a complete gzip stream", found=f"{error}", remedy=_REMEDY
@@ -136,7 +134,7 @@ def _read(path: Path, *, with_digests: bool, label: str | None) -> IdxFile:
 
 
 def _read_elements(
-    stream: BinaryIO, name: str, *, capacity: int, exact_size: int | None
+    stream: io.BufferedIOBase, name: str, *, capacity: int, exact_size: int | None
 ) -> tuple[bytes, np.ndarray]:
     """Reads the header and the elements; returns the header bytes and the elements as an array.
 
@@ -148,9 +146,7 @@ def _read_elements(
     if magic[:2] != b"\0\0":
         found = f"0x{magic.hex().upper()}"
         if magic.lstrip().startswith(b"<"):
-            found += (
-                ", the start of an HTML or XML page (a web server's error page saved in place of the file?)"
-            )
+            found += ", the start of an HTML or XML page (a web server's error page saved in place of the file?)"
         raise file_error(
             name,
             "not an IDX file",
@@ -159,16 +155,10 @@ def _read_elements(
             remedy=_REMEDY,
         )
     if code not in IDX_TYPES:
-        raise file_error(
-            name, "unknown IDX element type", expected=_TYPE_LIST, found=f"0x{code:02X}", remedy=_REMEDY
-        )
+        raise file_error(name, "unknown IDX element type", expected=_TYPE_LIST, found=f"0x{code:02X}", remedy=_REMEDY)
     if rank == 0:
-        raise file_error(
-            name, "invalid IDX rank", expected="at least one dimension", found="rank 0", remedy=_REMEDY
-        )
-    dims_bytes = _read_exactly(
-        stream, 4 * rank, name, offset=4, what=f"the magic number and {rank} dimensions"
-    )
+        raise file_error(name, "invalid IDX rank", expected="at least one dimension", found="rank 0", remedy=_REMEDY)
+    dims_bytes = _read_exactly(stream, 4 * rank, name, offset=4, what=f"the magic number and {rank} dimensions")
     header = magic + dims_bytes
     shape = struct.unpack(f">{rank}I", dims_bytes)
     dtype = IDX_TYPES[code]
@@ -184,14 +174,12 @@ def _read_elements(
         )
 
     if exact_size is not None and exact_size != declared:
-        raise length_error(
-            f"{exact_size:,} {unit} ({'truncated' if exact_size < declared else 'trailing bytes'})"
-        )
+        raise length_error(f"{exact_size:,} {unit} ({'truncated' if exact_size < declared else 'trailing bytes'})")
     if declared > capacity:
         raise length_error(f"a file that can hold at most {capacity:,} {unit} (truncated)")
 
     data = np.empty(payload_size, dtype=np.uint8)
-    view = memoryview(data)
+    view = data.data
     filled = 0
     while filled < payload_size:
         count = stream.readinto(view[filled:])
@@ -207,12 +195,15 @@ def _read_elements(
         return header, data.view(dtype).reshape(shape)
     except ValueError:  # e.g. a zero dimension beside dimensions whose product overflows NumPy's limit
         raise file_error(
-            name, "invalid IDX dimensions", expected="dimensions NumPy can represent", found=f"shape {shape}",
+            name,
+            "invalid IDX dimensions",
+            expected="dimensions NumPy can represent",
+            found=f"shape {shape}",
             remedy=_REMEDY,
         ) from None
 
 
-def _read_exactly(stream: BinaryIO, count: int, name: str, *, offset: int, what: str) -> bytes:
+def _read_exactly(stream: io.BufferedIOBase, count: int, name: str, *, offset: int, what: str) -> bytes:
     """Reads ``count`` header bytes that start at ``offset``; ``what`` describes the header up to there."""
     data = stream.read(count)
     if len(data) != count:
@@ -231,7 +222,7 @@ def _finish(header: bytes, array: np.ndarray, gzip_md5: str | None, with_digests
     data_sha256 = None
     if with_digests:
         digest = hashlib.sha256(header)
-        digest.update(memoryview(array.reshape(-1).view(np.uint8)))
+        digest.update(array.reshape(-1).view(np.uint8).data)
         data_sha256 = digest.hexdigest()
     if not array.dtype.isnative:
         array = array.byteswap(inplace=True).view(array.dtype.newbyteorder("="))

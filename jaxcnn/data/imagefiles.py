@@ -54,13 +54,28 @@ def read_image_file(path: str | os.PathLike) -> ImageFile:
         try:
             array = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as error:
-            raise file_error(path, "unreadable .npy file", expected="a NumPy array of numbers", found=str(error),
-                             remedy="Save the images with numpy.save as a uint8 or float array.") from None
+            raise file_error(
+                path,
+                "unreadable .npy file",
+                expected="a NumPy array of numbers",
+                found=str(error),
+                remedy="Save the images with numpy.save as a uint8 or float array.",
+            ) from None
         if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-            raise file_error(path, "unsupported .npy array", expected="uint8 or floating-point images",
-                             found=f"dtype {array.dtype}", remedy="Save the images as uint8 or float32.")
+            raise file_error(
+                path,
+                "unsupported .npy array",
+                expected="uint8 or floating-point images",
+                found=f"dtype {array.dtype}",
+                remedy="Save the images as uint8 or float32.",
+            )
         return ImageFile(path, "npy", array)
     if head[:2] not in (b"\x00\x00", b"\x1f\x8b"):  # neither an IDX magic number nor gzip
-        raise file_error(path, "unrecognised image file", expected="a PNG, a .npy array or an IDX file",
-                         found=f"the bytes {head!r}", remedy="Convert it to PNG or save the array with numpy.save.")
+        raise file_error(
+            path,
+            "unrecognised image file",
+            expected="a PNG, a .npy array or an IDX file",
+            found=f"the bytes {head!r}",
+            remedy="Convert it to PNG or save the array with numpy.save.",
+        )
     return ImageFile(path, "idx", read_idx(path))

@@ -48,9 +48,7 @@ def load_offline_subset() -> tuple[np.ndarray, np.ndarray]:
         with resources.as_file(resource) as path, np.load(path, allow_pickle=False) as archive:
             images, labels = archive["images"], archive["labels"]
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
-        raise DataError(
-            f"{resource}: the bundled MNIST subset cannot be read ({error}).", remedy=_REMEDY
-        ) from None
+        raise DataError(f"{resource}: the bundled MNIST subset cannot be read ({error}).", remedy=_REMEDY) from None
     digest = hashlib.sha256(images.tobytes())
     digest.update(labels.tobytes())
     if (

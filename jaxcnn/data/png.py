@@ -17,6 +17,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from .errors import DataError, file_error
 
@@ -52,8 +53,13 @@ def read_png(path: str | os.PathLike) -> np.ndarray:
         kind = f"colour type {colour}, bit depth {depth}" + (", interlaced" if interlace else "")
         raise file_error(path, "unsupported PNG", expected="8-bit samples, not interlaced", found=kind, remedy=_REMEDY)
     if not (0 < width and 0 < height and width * height <= _MAX_PIXELS):
-        raise file_error(path, "unsupported PNG size", expected=f"at most {_MAX_PIXELS:,} pixels",
-                         found=f"{width}x{height}", remedy="Resize the image to what the network takes.")
+        raise file_error(
+            path,
+            "unsupported PNG size",
+            expected=f"at most {_MAX_PIXELS:,} pixels",
+            found=f"{width}x{height}",
+            remedy="Resize the image to what the network takes.",
+        )
     samples = _CHANNELS[colour]
     row_bytes = width * samples
     expected = height * (1 + row_bytes)
@@ -61,11 +67,17 @@ def read_png(path: str | os.PathLike) -> np.ndarray:
         inflater = zlib.decompressobj()
         raw = inflater.decompress(data, expected + 1)
     except zlib.error as error:
-        raise file_error(path, "corrupt PNG image data", expected="a zlib stream", found=str(error),
-                         remedy=_REMEDY) from None
+        raise file_error(
+            path, "corrupt PNG image data", expected="a zlib stream", found=str(error), remedy=_REMEDY
+        ) from None
     if len(raw) != expected:
-        raise file_error(path, "wrong amount of PNG image data", expected=f"{expected} bytes for {width}x{height}",
-                         found=f"{len(raw)}{'+' if len(raw) > expected else ''} bytes", remedy=_REMEDY)
+        raise file_error(
+            path,
+            "wrong amount of PNG image data",
+            expected=f"{expected} bytes for {width}x{height}",
+            found=f"{len(raw)}{'+' if len(raw) > expected else ''} bytes",
+            remedy=_REMEDY,
+        )
     rows = np.frombuffer(raw, np.uint8).reshape(height, 1 + row_bytes)
     image = _unfilter(path, rows[:, 0], rows[:, 1:], samples).reshape(height, width, samples)
     if colour == 3:
@@ -73,7 +85,7 @@ def read_png(path: str | os.PathLike) -> np.ndarray:
     return image
 
 
-def write_png(path: str | os.PathLike, image) -> None:
+def write_png(path: str | os.PathLike, image: npt.ArrayLike) -> None:
     """Writes uint8 ``image`` ``(H, W)`` or ``(H, W, C)`` with ``C`` in 1-4 (gray, gray+alpha, RGB, RGBA)
     as an 8-bit PNG (rows unfiltered, zlib level 9)."""
     a = np.asarray(image)
@@ -89,8 +101,9 @@ def write_png(path: str | os.PathLike, image) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)
-    Path(path).write_bytes(SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
-                           + chunk(b"IEND", b""))
+    Path(path).write_bytes(
+        SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    )
 
 
 def _chunks(path: Path, blob: bytes):
@@ -98,21 +111,37 @@ def _chunks(path: Path, blob: bytes):
     offset, header, palette, transparency, data = len(SIGNATURE), None, None, None, []
     while True:
         if offset + 8 > len(blob):
-            raise file_error(path, "truncated PNG", expected="an IEND chunk",
-                             found=f"the end of the file at byte {offset}", remedy=_REMEDY)
-        length, kind = struct.unpack(">I4s", blob[offset: offset + 8])
-        body = blob[offset + 8: offset + 8 + length]
-        crc = blob[offset + 8 + length: offset + 12 + length]
+            raise file_error(
+                path,
+                "truncated PNG",
+                expected="an IEND chunk",
+                found=f"the end of the file at byte {offset}",
+                remedy=_REMEDY,
+            )
+        length, kind = struct.unpack(">I4s", blob[offset : offset + 8])
+        body = blob[offset + 8 : offset + 8 + length]
+        crc = blob[offset + 8 + length : offset + 12 + length]
         if len(body) != length or len(crc) != 4:
-            raise file_error(path, "truncated PNG", expected=f"{length} bytes of chunk {kind!r} and its CRC",
-                             found=f"{len(body)}", remedy=_REMEDY)
+            raise file_error(
+                path,
+                "truncated PNG",
+                expected=f"{length} bytes of chunk {kind!r} and its CRC",
+                found=f"{len(body)}",
+                remedy=_REMEDY,
+            )
         if struct.unpack(">I", crc)[0] != zlib.crc32(kind + body):
-            raise file_error(path, "corrupt PNG", expected=f"the CRC of chunk {kind!r} to match",
-                             found="a different CRC", remedy=_REMEDY)
+            raise file_error(
+                path,
+                "corrupt PNG",
+                expected=f"the CRC of chunk {kind!r} to match",
+                found="a different CRC",
+                remedy=_REMEDY,
+            )
         if kind == b"IHDR":
             if length != 13:
-                raise file_error(path, "corrupt PNG", expected="a 13-byte IHDR", found=f"{length} bytes",
-                                 remedy=_REMEDY)
+                raise file_error(
+                    path, "corrupt PNG", expected="a 13-byte IHDR", found=f"{length} bytes", remedy=_REMEDY
+                )
             header = struct.unpack(">IIBBBBB", body)
         elif kind == b"PLTE":
             palette = body
@@ -154,8 +183,9 @@ def _unfilter(path: Path, filters: np.ndarray, rows: np.ndarray, bpp: int) -> np
                     predictor = left if pa <= pb and pa <= pc else up if pb <= pc else up_left
                 recon[x] = (int(row[x]) + predictor) & 0xFF
         else:
-            raise file_error(path, "corrupt PNG", expected="row filter types 0-4", found=f"{kind} in row {y}",
-                             remedy=_REMEDY)
+            raise file_error(
+                path, "corrupt PNG", expected="row filter types 0-4", found=f"{kind} in row {y}", remedy=_REMEDY
+            )
         out[y] = recon
         prior = recon
     return out
@@ -164,14 +194,20 @@ def _unfilter(path: Path, filters: np.ndarray, rows: np.ndarray, bpp: int) -> np
 def _apply_palette(path: Path, indices: np.ndarray, palette: bytes | None, transparency: bytes | None) -> np.ndarray:
     """Palette indices ``(H, W)`` -> RGB ``(H, W, 3)``, or RGBA when the file has a tRNS chunk."""
     if palette is None or len(palette) % 3 or not palette:
-        raise file_error(path, "corrupt PNG", expected="a PLTE chunk for a palette image", found="none or a bad one",
-                         remedy=_REMEDY)
+        raise file_error(
+            path, "corrupt PNG", expected="a PLTE chunk for a palette image", found="none or a bad one", remedy=_REMEDY
+        )
     colours = np.frombuffer(palette, np.uint8).reshape(-1, 3)
     if transparency is not None:
         alpha = np.full(len(colours), 255, np.uint8)
         alpha[: min(len(transparency), len(colours))] = np.frombuffer(transparency, np.uint8)[: len(colours)]
         colours = np.concatenate([colours, alpha[:, None]], axis=1)
     if int(indices.max()) >= len(colours):
-        raise file_error(path, "corrupt PNG", expected=f"palette indices below {len(colours)}",
-                         found=f"index {int(indices.max())}", remedy=_REMEDY)
+        raise file_error(
+            path,
+            "corrupt PNG",
+            expected=f"palette indices below {len(colours)}",
+            found=f"index {int(indices.max())}",
+            remedy=_REMEDY,
+        )
     return colours[indices]

@@ -26,9 +26,7 @@ def preprocess(
     """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 3:
-        raise ValueError(
-            f"preprocess: expected uint8 images of shape (N, H, W), got {images.dtype} {images.shape}"
-        )
+        raise ValueError(f"preprocess: expected uint8 images of shape (N, H, W), got {images.dtype} {images.shape}")
     if not normalize and (mean is not None or std is not None):
         raise ValueError("preprocess: mean and std are only used with normalize=True")
     scaled = np.divide(images[..., np.newaxis], np.float32(255), dtype=np.float32)
@@ -52,9 +50,7 @@ def pixel_statistics(images: np.ndarray) -> tuple[float, float]:
     """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.size == 0:
-        raise ValueError(
-            f"pixel_statistics: expected a non-empty uint8 array, got {images.dtype} {images.shape}"
-        )
+        raise ValueError(f"pixel_statistics: expected a non-empty uint8 array, got {images.dtype} {images.shape}")
     counts = np.bincount(images.reshape(-1), minlength=256).astype(np.float64)
     values = np.arange(256, dtype=np.float64) / 255
     mean = counts @ values / images.size
@@ -73,7 +69,5 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     """
     seed, epoch, n = (operator.index(value) for value in (seed, epoch, n))
     if seed < 0 or epoch < 0 or n < 0:
-        raise ValueError(
-            f"epoch_permutation: seed, epoch and n must be non-negative, got {seed}, {epoch}, {n}"
-        )
+        raise ValueError(f"epoch_permutation: seed, epoch and n must be non-negative, got {seed}, {epoch}, {n}")
     return np.random.default_rng([seed, epoch]).permutation(n)

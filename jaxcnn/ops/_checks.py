@@ -12,13 +12,17 @@ def check_array(fn: str, name: str, x, *, rank: int, layout: str) -> None:
         raise ValueError(f"{fn}: {name} must have rank {rank} ({layout}), got shape {tuple(shape)}")
     dtype = jnp.result_type(x)
     if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"{fn}: {name} must be floating point, got dtype {dtype} (convert it, e.g. x.astype(jnp.float32))")
+        raise TypeError(
+            f"{fn}: {name} must be floating point, got dtype {dtype} (convert it, e.g. x.astype(jnp.float32))"
+        )
 
 
 def check_cotangent(fn: str, dy, expected_shape) -> None:
     """Raises ``ValueError`` unless the cotangent ``dy`` has the shape of the forward output."""
     if tuple(jnp.shape(dy)) != tuple(expected_shape):
-        raise ValueError(f"{fn}: dy has shape {tuple(jnp.shape(dy))} but the forward output has shape {tuple(expected_shape)}")
+        raise ValueError(
+            f"{fn}: dy has shape {tuple(jnp.shape(dy))} but the forward output has shape {tuple(expected_shape)}"
+        )
     dtype = jnp.result_type(dy)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"{fn}: dy must be floating point, got dtype {dtype}")

@@ -65,7 +65,9 @@ def transpose_padding(geom: Geometry):
     exceeds ``k_eff - 1`` or when trailing input rows were never read (they get zero gradient).
     """
     pads = []
-    for n, k_eff, s, (lo, _), o in zip(geom.in_hw, geom.effective_window, geom.stride, geom.padding, geom.out_hw):
+    for n, k_eff, s, (lo, _), o in zip(
+        geom.in_hw, geom.effective_window, geom.stride, geom.padding, geom.out_hw, strict=True
+    ):
         before = k_eff - 1 - lo
         pads.append((before, n + lo - (o - 1) * s - 1))
     return tuple(pads)

@@ -20,29 +20,29 @@ def _like(fn: str, dy, ref) -> None:
     check_cotangent(fn, dy, jnp.shape(ref))
 
 
-def sigmoid(x):
+def sigmoid(x: jax.Array) -> jax.Array:
     """``y = 1 / (1 + exp(-x))``, computed without overflow for large ``|x|``."""
     return jax.nn.sigmoid(x)
 
 
-def sigmoid_backward(dy, y):
+def sigmoid_backward(dy: jax.Array, y: jax.Array) -> jax.Array:
     """``dx = dy * y * (1 - y)``, from the forward output ``y``."""
     _like("sigmoid_backward", dy, y)
     return dy * y * (1 - y)
 
 
-def tanh(x):
+def tanh(x: jax.Array) -> jax.Array:
     """``y = tanh(x)``."""
     return jnp.tanh(x)
 
 
-def tanh_backward(dy, y):
+def tanh_backward(dy: jax.Array, y: jax.Array) -> jax.Array:
     """``dx = dy * (1 - y**2)``, from the forward output ``y``."""
     _like("tanh_backward", dy, y)
     return dy * (1 - y * y)
 
 
-def relu(x):
+def relu(x: jax.Array) -> jax.Array:
     """``y = max(x, 0)``; its autodiff derivative at ``0`` is ``0`` like :func:`relu_backward`'s.
 
     ``jnp.maximum(x, 0)`` would differentiate to ``0.5`` at ``0`` (``lax.max`` splits ties evenly);
@@ -51,40 +51,40 @@ def relu(x):
     return jax.nn.relu(x)
 
 
-def relu_backward(dy, x):
+def relu_backward(dy: jax.Array, x: jax.Array) -> jax.Array:
     """``dx = dy * [x > 0]`` (zero at ``x = 0``)."""
     _like("relu_backward", dy, x)
     return jnp.where(x > 0, dy, jnp.zeros((), dy.dtype))
 
 
-def leaky_relu(x, negative_slope=0.01):
+def leaky_relu(x: jax.Array, negative_slope: float = 0.01) -> jax.Array:
     """``y = x`` for ``x >= 0``, ``negative_slope * x`` otherwise."""
     return jnp.where(x >= 0, x, negative_slope * x)
 
 
-def leaky_relu_backward(dy, x, negative_slope=0.01):
+def leaky_relu_backward(dy: jax.Array, x: jax.Array, negative_slope: float = 0.01) -> jax.Array:
     """``dx = dy`` for ``x >= 0``, ``negative_slope * dy`` otherwise."""
     _like("leaky_relu_backward", dy, x)
     return jnp.where(x >= 0, dy, negative_slope * dy)
 
 
-def softmax(x, axis=-1):
+def softmax(x: jax.Array, axis: int = -1) -> jax.Array:
     """``y = exp(x - max) / sum(exp(x - max))`` along ``axis``."""
     return jax.nn.softmax(x, axis=axis)
 
 
-def softmax_backward(dy, y, axis=-1):
+def softmax_backward(dy: jax.Array, y: jax.Array, axis: int = -1) -> jax.Array:
     """``dx = y * (dy - sum(dy * y))`` along ``axis``: the Jacobian ``diag(y) - y yᵀ`` applied to ``dy``."""
     _like("softmax_backward", dy, y)
     return y * (dy - jnp.sum(dy * y, axis=axis, keepdims=True))
 
 
-def log_softmax(x, axis=-1):
+def log_softmax(x: jax.Array, axis: int = -1) -> jax.Array:
     """``y = x - logsumexp(x)`` along ``axis`` (stable for large logits)."""
     return jax.nn.log_softmax(x, axis=axis)
 
 
-def log_softmax_backward(dy, y, axis=-1):
+def log_softmax_backward(dy: jax.Array, y: jax.Array, axis: int = -1) -> jax.Array:
     """``dx = dy - exp(y) * sum(dy)`` along ``axis``, from the output ``y = log_softmax(x)``."""
     _like("log_softmax_backward", dy, y)
     return dy - jnp.exp(y) * jnp.sum(dy, axis=axis, keepdims=True)

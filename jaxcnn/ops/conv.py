@@ -35,13 +35,15 @@ from __future__ import annotations
 
 import functools
 import operator
+from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 from jaxcnn.ops._checks import check_array, check_cotangent
 from jaxcnn.ops._windows import pad_input, place_tap, read_tap, taps, transpose_padding
-from jaxcnn.shapes import Geometry, window_geometry
+from jaxcnn.shapes import Geometry, IntOrPair, PaddingLike, window_geometry
 
 _NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
 METHODS = ("conv", "im2col", "taps", "auto")
@@ -54,7 +56,16 @@ TAPS_ELEMENTWISE_MAX = 4
 TAPS_FEW_OUTPUTS_MAX = 8
 
 
-def conv2d_geometry(fn: str, x_shape, w_shape, *, stride, padding, dilation, groups) -> Geometry:
+def conv2d_geometry(
+    fn: str,
+    x_shape: Sequence[int],
+    w_shape: Sequence[int],
+    *,
+    stride: IntOrPair,
+    padding: PaddingLike,
+    dilation: IntOrPair,
+    groups: int,
+) -> Geometry:
     """Validates conv arguments against the shapes of ``x`` (NHWC) and ``w`` (HWIO); returns the geometry."""
     try:
         groups = operator.index(groups)
@@ -73,14 +84,18 @@ def conv2d_geometry(fn: str, x_shape, w_shape, *, stride, padding, dilation, gro
             f"{fn}: channel mismatch: x {tuple(x_shape)} has {cin} channels but w {tuple(w_shape)} (HWIO) "
             f"expects {cg} x groups={groups} = {cg * groups}"
         )
-    return window_geometry(fn=fn, in_hw=x_shape[1:3], window=(kh, kw), stride=stride, padding=padding, dilation=dilation)
+    return window_geometry(
+        fn=fn, in_hw=x_shape[1:3], window=(kh, kw), stride=stride, padding=padding, dilation=dilation
+    )
 
 
 def _check_inputs(fn: str, x, w) -> None:
     check_array(fn, "x", x, rank=4, layout="NHWC")
     check_array(fn, "w", w, rank=4, layout="HWIO")
     if jnp.result_type(x) != jnp.result_type(w):
-        raise TypeError(f"{fn}: x has dtype {jnp.result_type(x)} but w has dtype {jnp.result_type(w)}; cast one of them")
+        raise TypeError(
+            f"{fn}: x has dtype {jnp.result_type(x)} but w has dtype {jnp.result_type(w)}; cast one of them"
+        )
 
 
 def _check_method(fn: str, method: str) -> None:
@@ -88,7 +103,17 @@ def _check_method(fn: str, method: str) -> None:
         raise ValueError(f"{fn}: method must be one of {METHODS}, got {method!r}")
 
 
-def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, method=DEFAULT_METHOD):
+def conv2d(
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array | None = None,
+    *,
+    stride: IntOrPair = 1,
+    padding: PaddingLike = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    method: str = DEFAULT_METHOD,
+) -> jax.Array:
     """2-D cross-correlation with optional bias.
 
     Args:
@@ -105,19 +130,40 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, method=DE
     Returns:
       ``y``: ``(N, oh, ow, O)`` with ``oh = floor((H + top + bottom - (kh - 1) * dh - 1) / sh) + 1``
       (see :mod:`jaxcnn.shapes`), likewise ``ow``.
+
+    Examples:
+      A 3x3 kernel of ones over a 5x5 image of ones, padded by 1, stride 2: each output counts the real
+      (non-padding) pixels its window covers.
+
+      >>> import jax.numpy as jnp
+      >>> from jaxcnn import ops
+      >>> x = jnp.ones((1, 5, 5, 1), jnp.float32)  # NHWC
+      >>> w = jnp.ones((3, 3, 1, 2), jnp.float32)  # HWIO: 1 input channel, 2 output channels
+      >>> y = ops.conv2d(x, w, stride=2, padding=1)
+      >>> y.shape
+      (1, 3, 3, 2)
+      >>> y[0, :, :, 0].tolist()
+      [[4.0, 6.0, 4.0], [6.0, 9.0, 6.0], [4.0, 6.0, 4.0]]
     """
     fn = "conv2d"
     _check_inputs(fn, x, w)
     _check_method(fn, method)
     geom = conv2d_geometry(fn, x.shape, w.shape, stride=stride, padding=padding, dilation=dilation, groups=groups)
     if b is not None and tuple(jnp.shape(b)) != (w.shape[3],):
-        raise ValueError(f"conv2d: b must have shape ({w.shape[3]},) to match w {tuple(w.shape)}, got {tuple(jnp.shape(b))}")
+        raise ValueError(
+            f"conv2d: b must have shape ({w.shape[3]},) to match w {tuple(w.shape)}, got {tuple(jnp.shape(b))}"
+        )
     if method == "auto":
         method = resolve_method("forward", w.shape, groups)
     if method == "conv":
         y = lax.conv_general_dilated(
-            x, w, geom.stride, geom.padding, rhs_dilation=geom.dilation,
-            dimension_numbers=_NHWC_HWIO, feature_group_count=groups,
+            x,
+            w,
+            geom.stride,
+            geom.padding,
+            rhs_dilation=geom.dilation,
+            dimension_numbers=_NHWC_HWIO,
+            feature_group_count=groups,
         )
     elif method == "taps":
         y = _taps_forward(x, w, geom, groups)
@@ -126,7 +172,17 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, method=DE
     return y if b is None else y + b
 
 
-def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1, groups=1, method=DEFAULT_METHOD):
+def conv2d_backward(
+    dy: jax.Array,
+    x: jax.Array,
+    w: jax.Array,
+    *,
+    stride: IntOrPair = 1,
+    padding: PaddingLike = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    method: str = DEFAULT_METHOD,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Hand-written vector-Jacobian product of :func:`conv2d`.
 
     Args:
@@ -136,6 +192,25 @@ def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1, groups=1, meth
     Returns:
       ``(dx, dw, db)`` with the shapes of ``x`` ``(N, H, W, C)``, ``w`` ``(kh, kw, C / groups, O)`` and
       the bias ``(O,)``. Input rows and columns that no window reads get zero gradient.
+
+    Examples:
+      The convolution of :func:`conv2d`'s example with a cotangent of ones: ``db`` counts the output
+      positions, ``dw[a, b]`` the windows whose tap ``(a, b)`` reads a real pixel and ``dx`` the taps
+      (of all windows and both output channels) that read each pixel.
+
+      >>> import jax.numpy as jnp
+      >>> from jaxcnn import ops
+      >>> x, w = jnp.ones((1, 5, 5, 1), jnp.float32), jnp.ones((3, 3, 1, 2), jnp.float32)
+      >>> dy = jnp.ones((1, 3, 3, 2), jnp.float32)
+      >>> dx, dw, db = ops.conv2d_backward(dy, x, w, stride=2, padding=1)
+      >>> dx.shape, dw.shape, db.shape
+      ((1, 5, 5, 1), (3, 3, 1, 2), (2,))
+      >>> db.tolist()
+      [9.0, 9.0]
+      >>> dw[:, :, 0, 0].tolist()
+      [[4.0, 6.0, 4.0], [6.0, 9.0, 6.0], [4.0, 6.0, 4.0]]
+      >>> dx[0, :3, :3, 0].tolist()
+      [[2.0, 4.0, 2.0], [4.0, 8.0, 4.0], [2.0, 4.0, 2.0]]
     """
     fn = "conv2d_backward"
     _check_inputs(fn, x, w)
@@ -161,7 +236,7 @@ def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1, groups=1, meth
     return dx, dw, db
 
 
-def resolve_method(grad: str, w_shape, groups: int = 1) -> str:
+def resolve_method(grad: str, w_shape: Sequence[int], groups: int = 1) -> str:
     """The formulation ``method="auto"`` uses for ``grad`` (``"forward"``, ``"input_grad"`` or
     ``"kernel_grad"``) of a kernel of shape ``w_shape`` (HWIO) with ``groups`` groups.
 
@@ -188,7 +263,7 @@ def resolve_method(grad: str, w_shape, groups: int = 1) -> str:
     raise ValueError(f"resolve_method: grad must be forward, input_grad or kernel_grad, got {grad!r}")
 
 
-def conv2d_input_grad(dy, w, geom: Geometry, groups: int = 1):
+def conv2d_input_grad(dy: jax.Array, w: jax.Array, geom: Geometry, groups: int = 1) -> jax.Array:
     """``dx = full_correlation(dilate(dy, stride), rot180(w)ᵀ)``: ``(N, oh, ow, O) -> (N, H, W, C)``.
 
     The kernel is flipped in both spatial dims and, within each group, its in/out channels are swapped:
@@ -200,12 +275,20 @@ def conv2d_input_grad(dy, w, geom: Geometry, groups: int = 1):
     w_t = jnp.flip(w, (0, 1)).reshape(kh, kw, cg, groups, og)  # (kh, kw, Cg, G, Og)
     w_t = w_t.transpose(0, 1, 4, 3, 2).reshape(kh, kw, og, groups * cg)  # (kh, kw, Og, G*Cg)
     return lax.conv_general_dilated(
-        dy, w_t, (1, 1), transpose_padding(geom), lhs_dilation=geom.stride, rhs_dilation=geom.dilation,
-        dimension_numbers=_NHWC_HWIO, feature_group_count=groups,
+        dy,
+        w_t,
+        (1, 1),
+        transpose_padding(geom),
+        lhs_dilation=geom.stride,
+        rhs_dilation=geom.dilation,
+        dimension_numbers=_NHWC_HWIO,
+        feature_group_count=groups,
     )
 
 
-def conv2d_kernel_grad(dy, x, geom: Geometry, groups: int, kernel_shape):
+def conv2d_kernel_grad(
+    dy: jax.Array, x: jax.Array, geom: Geometry, groups: int, kernel_shape: Sequence[int]
+) -> jax.Array:
     """``dw[a, b, c, o] = sum_{n, i, j} xp[n, i*sh + a*dh, j*sw + b*dw, c] dy[n, i, j, o]``.
 
     One correlation with the roles renamed: the input's channels act as the batch, its batch as the
@@ -221,16 +304,23 @@ def conv2d_kernel_grad(dy, x, geom: Geometry, groups: int, kernel_shape):
     """
     kh, kw = kernel_shape[:2]
     pads = []
-    for n, k, d, s, (lo, _), o in zip(geom.in_hw, (kh, kw), geom.dilation, geom.stride, geom.padding, geom.out_hw):
+    for n, k, d, s, (lo, _), o in zip(
+        geom.in_hw, (kh, kw), geom.dilation, geom.stride, geom.padding, geom.out_hw, strict=True
+    ):
         pads.append((lo, (k - 1) * d + (o - 1) * s + 1 - n - lo))
     dw = lax.conv_general_dilated(
-        x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), geom.dilation, pads, rhs_dilation=geom.stride,
-        dimension_numbers=_NHWC_HWIO, batch_group_count=groups,
+        x.transpose(3, 1, 2, 0),
+        dy.transpose(1, 2, 0, 3),
+        geom.dilation,
+        pads,
+        rhs_dilation=geom.stride,
+        dimension_numbers=_NHWC_HWIO,
+        batch_group_count=groups,
     )  # (Cg, kh, kw, O)
     return dw.transpose(1, 2, 0, 3)
 
 
-def im2col(x, geom: Geometry):
+def im2col(x: jax.Array, geom: Geometry) -> jax.Array:
     """Patch matrix of seed 004: ``(N, H, W, C) -> (N, oh, ow, kh * kw, C)``.
 
     Entry ``[n, i, j, a * kw + b, c] = xp[n, i*sh + a*dh, j*sw + b*dw, c]``: one row of taps per output
@@ -240,7 +330,7 @@ def im2col(x, geom: Geometry):
     return jnp.stack([read_tap(xpad, geom, a, b) for a, b in taps(geom)], axis=3)
 
 
-def col2im(patches, geom: Geometry):
+def col2im(patches: jax.Array, geom: Geometry) -> jax.Array:
     """Adjoint of :func:`im2col`: ``(N, oh, ow, kh * kw, C) -> (N, H, W, C)``.
 
     Every patch entry is added back to the input position it was read from; overlapping windows
@@ -287,7 +377,7 @@ def _tap_product(a, m):
         return jnp.einsum("nijgk,kgo->nijgo", a, m)
     out = a[..., 0:1] * m[0]
     for k in range(1, a.shape[-1]):
-        out = out + a[..., k:k + 1] * m[k]
+        out = out + a[..., k : k + 1] * m[k]
     return out
 
 
@@ -304,6 +394,7 @@ def _taps_forward_sum(x, w, geom, groups):
         tap = read_tap(xpad, geom, a, b).reshape(n, oh, ow, groups, -1)  # (N, oh, ow, G, Cg)
         term = _tap_product(tap, wg[a, b])
         y = term if y is None else y + term
+    assert y is not None  # a window has at least one tap
     return y.reshape(n, oh, ow, cout)
 
 

@@ -7,6 +7,7 @@ products read ``dx = dy @ wᵀ``, ``dw = xᵀ @ dy`` and ``db = sum_n dy[n]``.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from jaxcnn.ops._checks import check_array, check_cotangent
@@ -16,19 +17,23 @@ def _check(fn: str, x, w) -> None:
     check_array(fn, "x", x, rank=2, layout="(N, in)")
     check_array(fn, "w", w, rank=2, layout="(in, out)")
     if x.shape[1] != w.shape[0]:
-        raise ValueError(f"{fn}: x {tuple(x.shape)} has {x.shape[1]} features but w {tuple(w.shape)} expects {w.shape[0]}")
+        raise ValueError(
+            f"{fn}: x {tuple(x.shape)} has {x.shape[1]} features but w {tuple(w.shape)} expects {w.shape[0]}"
+        )
 
 
-def dense(x, w, b=None):
+def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
     """``y = x @ w (+ b)``: ``(N, in) x (in, out) -> (N, out)``."""
     _check("dense", x, w)
     if b is not None and tuple(jnp.shape(b)) != (w.shape[1],):
-        raise ValueError(f"dense: b must have shape ({w.shape[1]},) to match w {tuple(w.shape)}, got {tuple(jnp.shape(b))}")
+        raise ValueError(
+            f"dense: b must have shape ({w.shape[1]},) to match w {tuple(w.shape)}, got {tuple(jnp.shape(b))}"
+        )
     y = x @ w
     return y if b is None else y + b
 
 
-def dense_backward(dy, x, w):
+def dense_backward(dy: jax.Array, x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(dx, dw, db) = (dy @ wᵀ, xᵀ @ dy, sum_n dy)``, shaped like ``x``, ``w`` and ``(out,)``."""
     fn = "dense_backward"
     _check(fn, x, w)

@@ -18,22 +18,34 @@ from __future__ import annotations
 
 import numpy as np
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 from jaxcnn.ops._checks import check_array, check_cotangent
 from jaxcnn.ops._windows import pad_input, place_tap, read_tap, taps, transpose_padding
-from jaxcnn.shapes import Geometry, window_geometry
+from jaxcnn.shapes import Geometry, IntOrPair, PaddingLike, window_geometry
 
 
-def pool_geometry(fn: str, x, *, window, stride, padding) -> Geometry:
+def pool_geometry(
+    fn: str,
+    x: jax.Array | jax.ShapeDtypeStruct,
+    *,
+    window: IntOrPair,
+    stride: IntOrPair | None,
+    padding: PaddingLike,
+) -> Geometry:
     """Validates pooling arguments against ``x`` (NHWC); ``stride=None`` means ``stride = window``."""
     check_array(fn, "x", x, rank=4, layout="NHWC")
     geom = window_geometry(
-        fn=fn, in_hw=x.shape[1:3], window=window, stride=window if stride is None else stride,
-        padding=padding, window_name="window",
+        fn=fn,
+        in_hw=x.shape[1:3],
+        window=window,
+        stride=window if stride is None else stride,
+        padding=padding,
+        window_name="window",
     )
-    for dim, k, (lo, hi) in zip(("height", "width"), geom.window, geom.padding):
+    for dim, k, (lo, hi) in zip(("height", "width"), geom.window, geom.padding, strict=True):
         if max(lo, hi) >= k:
             raise ValueError(
                 f"{fn}: padding ({lo}, {hi}) along the {dim} must be smaller than the window {dim} {k}, "
@@ -46,23 +58,57 @@ def _window_op(x, geom: Geometry, init, op):
     (top, bottom), (left, right) = geom.padding
     # A Python-scalar init lets lax recognise the max/add monoid and use its differentiable primitives.
     return lax.reduce_window(
-        x, init, op, (1, *geom.window, 1), (1, *geom.stride, 1),
+        x,
+        init,
+        op,
+        (1, *geom.window, 1),
+        (1, *geom.stride, 1),
         ((0, 0), (top, bottom), (left, right), (0, 0)),
     )
 
 
-def max_pool2d(x, *, window=2, stride=None, padding=0):
-    """Maximum over each window: ``(N, H, W, C) -> (N, oh, ow, C)``. Padding is ``-inf`` and never wins."""
+def max_pool2d(
+    x: jax.Array, *, window: IntOrPair = 2, stride: IntOrPair | None = None, padding: PaddingLike = 0
+) -> jax.Array:
+    """Maximum over each window: ``(N, H, W, C) -> (N, oh, ow, C)``. Padding is ``-inf`` and never wins.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxcnn import ops
+      >>> x = jnp.arange(16.0, dtype=jnp.float32).reshape(1, 4, 4, 1)
+      >>> ops.max_pool2d(x, window=2)[0, :, :, 0].tolist()
+      [[5.0, 7.0], [13.0, 15.0]]
+      >>> ops.max_pool2d(x, window=3, stride=1, padding=1).shape  # overlapping windows
+      (1, 4, 4, 1)
+    """
     geom = pool_geometry("max_pool2d", x, window=window, stride=stride, padding=padding)
     return _window_op(x, geom, -jnp.inf, lax.max)
 
 
-def max_pool2d_backward(dy, x, *, window=2, stride=None, padding=0, y=None):
+def max_pool2d_backward(
+    dy: jax.Array,
+    x: jax.Array,
+    *,
+    window: IntOrPair = 2,
+    stride: IntOrPair | None = None,
+    padding: PaddingLike = 0,
+    y: jax.Array | None = None,
+) -> jax.Array:
     """Routes ``dy`` to the first maximal element of each window: ``(N, oh, ow, C) -> (N, H, W, C)``.
 
     ``dx[n, r, s, c] = sum over windows (i, j) whose winner is (r, s) of dy[n, i, j, c]``. The winner of a
     window is the first tap ``(a, b)``, in row-major order, whose value equals the window's maximum; a
     running ``taken`` mask makes later equal taps lose. Pass the forward output as ``y`` to reuse it.
+
+    Examples:
+      Two elements share the maximum 3; the first in row-major order takes the whole gradient.
+
+      >>> import jax.numpy as jnp
+      >>> from jaxcnn import ops
+      >>> x = jnp.array([[1.0, 3.0], [3.0, 2.0]], jnp.float32).reshape(1, 2, 2, 1)
+      >>> dy = jnp.ones((1, 1, 1, 1), jnp.float32)
+      >>> ops.max_pool2d_backward(dy, x, window=2)[0, :, :, 0].tolist()
+      [[0.0, 1.0], [0.0, 0.0]]
     """
     fn = "max_pool2d_backward"
     geom = pool_geometry(fn, x, window=window, stride=stride, padding=padding)
@@ -85,13 +131,20 @@ def _avg_divisor(geom: Geometry, count_include_pad: bool, dtype):
         return jnp.array(geom.window[0] * geom.window[1], dtype)
     # Real elements per window: a static (oh, ow) table, computed once at trace time.
     counts = []
-    for n, k, s, (lo, _), o in zip(geom.in_hw, geom.window, geom.stride, geom.padding, geom.out_hw):
+    for n, k, s, (lo, _), o in zip(geom.in_hw, geom.window, geom.stride, geom.padding, geom.out_hw, strict=True):
         start = np.arange(o) * s - lo
         counts.append(np.minimum(start + k, n) - np.maximum(start, 0))
     return jnp.asarray(np.outer(*counts)[None, :, :, None], dtype)
 
 
-def avg_pool2d(x, *, window=2, stride=None, padding=0, count_include_pad=True):
+def avg_pool2d(
+    x: jax.Array,
+    *,
+    window: IntOrPair = 2,
+    stride: IntOrPair | None = None,
+    padding: PaddingLike = 0,
+    count_include_pad: bool = True,
+) -> jax.Array:
     """Mean over each window: ``(N, H, W, C) -> (N, oh, ow, C)``.
 
     Padding counts as zeros in the mean when ``count_include_pad`` is true; otherwise the mean is over
@@ -101,7 +154,15 @@ def avg_pool2d(x, *, window=2, stride=None, padding=0, count_include_pad=True):
     return _window_op(x, geom, 0.0, lax.add) / _avg_divisor(geom, count_include_pad, x.dtype)
 
 
-def avg_pool2d_backward(dy, x, *, window=2, stride=None, padding=0, count_include_pad=True):
+def avg_pool2d_backward(
+    dy: jax.Array,
+    x: jax.Array,
+    *,
+    window: IntOrPair = 2,
+    stride: IntOrPair | None = None,
+    padding: PaddingLike = 0,
+    count_include_pad: bool = True,
+) -> jax.Array:
     """``dx[r] = sum over windows (i, j) containing r of dy[i, j] / count[i, j]``: ``(N, oh, ow, C) -> (N, H, W, C)``.
 
     The full correlation of the stride-dilated ``dy / count`` with a window of ones (the conv input

@@ -33,8 +33,9 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -48,9 +49,26 @@ METRICS = "metrics.jsonl"
 CONFIG = "config.json"
 
 # Settings that determine the trajectory: resuming under different ones would silently train something else.
-RESUME_SETTINGS = ("model", "conv_method", "dataset", "epochs", "batch_size", "lr", "optimizer", "momentum",
-                   "weight_decay", "schedule", "seed", "grad", "train_limit", "precision", "normalize", "augment",
-                   "dp_clip", "dp_noise_multiplier")
+RESUME_SETTINGS = (
+    "model",
+    "conv_method",
+    "dataset",
+    "epochs",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "schedule",
+    "seed",
+    "grad",
+    "train_limit",
+    "precision",
+    "normalize",
+    "augment",
+    "dp_clip",
+    "dp_noise_multiplier",
+)
 _META_KEYS = {"epoch": int, "step": int, "config": dict, "leaves": int}
 
 # A test-only fault point, inert unless the variable is set: with JAXCNN_TEST_PAUSE_WRITE=NAME:N the N-th
@@ -132,8 +150,11 @@ def _write_error(path: Path, error: OSError, kept: str) -> ConfigError:
         todo = "choose an --out directory you can write to"
     else:
         space = "free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "fix the cause"
-        todo = (f"{space}, then continue with --resume" if (path.parent / CHECKPOINT).exists()
-                else f"{space}, then run again")
+        todo = (
+            f"{space}, then continue with --resume"
+            if (path.parent / CHECKPOINT).exists()
+            else f"{space}, then run again"
+        )
     return ConfigError(f"cannot write {path} ({reason}); {kept}; {todo}")
 
 
@@ -173,23 +194,34 @@ def data_fingerprint(images: np.ndarray, targets: np.ndarray) -> dict:
     of the image bytes then the target bytes (about 40 ms for the 47 MB of MNIST's training images), so that
     ``--resume`` on other data is refused even when counts and shapes agree."""
     images, targets = np.ascontiguousarray(images), np.ascontiguousarray(targets)
-    digest = hashlib.sha256(memoryview(images).cast("B"))
-    digest.update(memoryview(targets).cast("B"))
-    return {"count": int(images.shape[0]), "image_shape": list(images.shape[1:]), "image_dtype": str(images.dtype),
-            "target_shape": list(targets.shape[1:]), "target_dtype": str(targets.dtype), "sha256": digest.hexdigest()}
+    digest = hashlib.sha256(images.data.cast("B"))
+    digest.update(targets.data.cast("B"))
+    return {
+        "count": int(images.shape[0]),
+        "image_shape": list(images.shape[1:]),
+        "image_dtype": str(images.dtype),
+        "target_shape": list(targets.shape[1:]),
+        "target_dtype": str(targets.dtype),
+        "sha256": digest.hexdigest(),
+    }
 
 
 def _describe_data(fingerprint: dict | None) -> str:
     if fingerprint is None:
         return "none"
-    return (f"{fingerprint['count']:,} {fingerprint['image_dtype']}{fingerprint['image_shape']} images, "
-            f"sha256 {fingerprint['sha256'][:12]}")
+    return (
+        f"{fingerprint['count']:,} {fingerprint['image_dtype']}{fingerprint['image_shape']} images, "
+        f"sha256 {fingerprint['sha256'][:12]}"
+    )
 
 
 def param_structure(params) -> list[list]:
-    """``[[path, shape, dtype], ...]`` of every parameter array, in tree order (``path`` as ``jax.tree_util.keystr``)."""
-    return [[jax.tree_util.keystr(path), list(np.shape(x)), str(np.dtype(x.dtype))]
-            for path, x in jax.tree_util.tree_flatten_with_path(params)[0]]
+    """``[[path, shape, dtype], ...]`` of every parameter array, in tree order (``path`` as
+    ``jax.tree_util.keystr``)."""
+    return [
+        [jax.tree_util.keystr(path), list(np.shape(x)), str(np.dtype(x.dtype))]
+        for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+    ]
 
 
 def _version() -> str:
@@ -206,8 +238,16 @@ def _settings(config: TrainConfig | dict) -> dict:
     return config.to_json() if isinstance(config, TrainConfig) else dict(config)
 
 
-def save_checkpoint(workdir: Path, state, *, epoch: int, step: int, config: TrainConfig | dict,
-                    partial_epoch: dict | None = None, run: dict | None = None) -> Path:
+def save_checkpoint(
+    workdir: Path,
+    state: Any,
+    *,
+    epoch: int,
+    step: int,
+    config: TrainConfig | dict,
+    partial_epoch: dict | None = None,
+    run: dict | None = None,
+) -> Path:
     """Saves every array of ``state`` plus the position ``(epoch, step)`` (the next step to run), the run's
     settings (``config``: a :class:`TrainConfig` or the dict written to ``config.json``), the jaxcnn version,
     the structure of ``state.params`` (:func:`param_structure`) and, mid-epoch, ``partial_epoch``: the epoch's
@@ -215,7 +255,7 @@ def save_checkpoint(workdir: Path, state, *, epoch: int, step: int, config: Trai
     on, which :func:`restore_checkpoint` checks: ``{"data": {"source", "train", "test"}, "steps_per_epoch": n}``
     (``train``/``test``: :func:`data_fingerprint` or ``None``)."""
     leaves = jax.tree_util.tree_leaves(state)
-    arrays = {f"leaf_{i:05d}": host(x) for i, x in enumerate(leaves)}
+    arrays: dict[str, Any] = {f"leaf_{i:05d}": host(x) for i, x in enumerate(leaves)}
     meta = {"epoch": epoch, "step": step, "config": _settings(config), "leaves": len(leaves), "version": _version()}
     if hasattr(state, "params"):
         meta["params"] = param_structure(state.params)
@@ -228,8 +268,9 @@ def save_checkpoint(workdir: Path, state, *, epoch: int, step: int, config: Trai
     return path
 
 
-def restore_checkpoint(workdir: Path, template, config: TrainConfig | dict | None = None,
-                       run: dict | None = None) -> tuple[Any, dict]:
+def restore_checkpoint(
+    workdir: Path, template: Any, config: TrainConfig | dict | None = None, run: dict | None = None
+) -> tuple[Any, dict]:
     """Restores a checkpoint into the structure of ``template`` and returns it with the checkpoint's meta record.
 
     Raises :class:`ConfigError` (one line naming the file) if the file is not a readable checkpoint (not a zip
@@ -253,8 +294,10 @@ def restore_checkpoint(workdir: Path, template, config: TrainConfig | dict | Non
 
 
 def _unusable(path: Path, detail: str) -> ConfigError:
-    return ConfigError(f"--resume: {path} is not a usable checkpoint ({detail}); restore an intact copy, "
-                       "or start afresh with another --out")
+    return ConfigError(
+        f"--resume: {path} is not a usable checkpoint ({detail}); restore an intact copy, "
+        "or start afresh with another --out"
+    )
 
 
 def _open_checkpoint(path: Path):
@@ -286,25 +329,37 @@ def _read_meta(path: Path, z) -> dict:
 
 def _check_settings(path: Path, meta: dict, now: dict) -> None:
     saved = meta["config"]
-    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in RESUME_SETTINGS + ("network", "loss")
-               if k in saved and k in now and saved[k] != now[k]]
+    changed = [
+        f"{k} {saved[k]!r} -> {now[k]!r}"
+        for k in (*RESUME_SETTINGS, "network", "loss")
+        if k in saved and k in now and saved[k] != now[k]
+    ]
     if changed:
-        raise ConfigError(f"--resume: {path} was written with other settings ({', '.join(changed)}); "
-                          "resume with the same settings, or choose another --out")
+        raise ConfigError(
+            f"--resume: {path} was written with other settings ({', '.join(changed)}); "
+            "resume with the same settings, or choose another --out"
+        )
 
 
 def _check_run(path: Path, meta: dict, run: dict) -> None:
     saved, now = meta.get("data"), run.get("data")
     if isinstance(saved, dict) and now is not None:
-        changed = [f"{part}: {_describe_data(saved.get(part))} -> {_describe_data(now.get(part))}"
-                   for part in ("train", "test") if saved.get(part) != now.get(part)]
+        changed = [
+            f"{part}: {_describe_data(saved.get(part))} -> {_describe_data(now.get(part))}"
+            for part in ("train", "test")
+            if saved.get(part) != now.get(part)
+        ]
         if changed:
-            raise ConfigError(f"--resume: {path} was trained on other data ({'; '.join(changed)}); resume on the "
-                              "same data (the same --dataset and --data-dir, or the same arrays), or choose another --out")
+            raise ConfigError(
+                f"--resume: {path} was trained on other data ({'; '.join(changed)}); resume on the "
+                "same data (the same --dataset and --data-dir, or the same arrays), or choose another --out"
+            )
     saved_spe, spe = meta.get("steps_per_epoch"), run.get("steps_per_epoch")
     if saved_spe is not None and spe is not None and saved_spe != spe:
-        raise ConfigError(f"--resume: {path} was saved at {saved_spe} steps per epoch but this run has {spe}; "
-                          "resume with the same data and --batch-size, or choose another --out")
+        raise ConfigError(
+            f"--resume: {path} was saved at {saved_spe} steps per epoch but this run has {spe}; "
+            "resume with the same data and --batch-size, or choose another --out"
+        )
 
 
 def _version_clause(meta: dict) -> str:
@@ -315,8 +370,10 @@ def _version_clause(meta: dict) -> str:
 def _read_leaves(path: Path, z, meta: dict, template) -> Any:
     leaves, treedef = jax.tree_util.tree_flatten(template)
     if meta["leaves"] != len(leaves):
-        raise ConfigError(f"--resume: {path} holds {meta['leaves']} arrays but this model and optimiser have {len(leaves)}; "
-                          f"was it written with another model or optimizer?{_version_clause(meta)}")
+        raise ConfigError(
+            f"--resume: {path} holds {meta['leaves']} arrays but this model and optimiser have {len(leaves)}; "
+            f"was it written with another model or optimizer?{_version_clause(meta)}"
+        )
     restored = []
     for i, ref in enumerate(leaves):
         name = f"leaf_{i:05d}"
@@ -327,10 +384,12 @@ def _read_leaves(path: Path, z, meta: dict, template) -> Any:
         except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
             raise _unusable(path, f"array {name} is damaged: {e}") from None
         if arr.shape != np.shape(ref) or arr.dtype != ref.dtype:
-            raise ConfigError(f"--resume: array {i} in {path} is {arr.dtype}{list(arr.shape)} but the model expects "
-                              f"{ref.dtype}{list(np.shape(ref))}{_version_clause(meta)}")
+            raise ConfigError(
+                f"--resume: array {i} in {path} is {arr.dtype}{list(arr.shape)} but the model expects "
+                f"{ref.dtype}{list(np.shape(ref))}{_version_clause(meta)}"
+            )
         restored.append(arr)
-    return treedef.unflatten(restored)
+    return jax.tree_util.tree_unflatten(treedef, restored)
 
 
 def _check_params(path: Path, meta: dict, template) -> None:
@@ -350,9 +409,11 @@ def _check_params(path: Path, meta: dict, template) -> None:
             break
     else:  # the same entries in another order
         p, before, after = "the parameter order", "", "changed"
-    raise ConfigError(f"--resume: {path} holds other parameters than this model (params{p} {before} -> {after})"
-                      f"{_version_clause(meta)}; resume with the model and jaxcnn version that wrote it, "
-                      "or choose another --out")
+    raise ConfigError(
+        f"--resume: {path} holds other parameters than this model (params{p} {before} -> {after})"
+        f"{_version_clause(meta)}; resume with the model and jaxcnn version that wrote it, "
+        "or choose another --out"
+    )
 
 
 def resume_notes(meta: dict) -> list[str]:
@@ -360,11 +421,15 @@ def resume_notes(meta: dict) -> list[str]:
     wrote it (restore has already refused a changed parameter structure, so the arrays fit)."""
     saved = meta.get("version")
     if saved is None:
-        return [f"{CHECKPOINT} was written by an earlier jaxcnn that recorded neither its data nor its parameter "
-                "structure; resuming without checking them"]
+        return [
+            f"{CHECKPOINT} was written by an earlier jaxcnn that recorded neither its data nor its parameter "
+            "structure; resuming without checking them"
+        ]
     if saved != _version():
-        return [f"{CHECKPOINT} was written by jaxcnn {saved}, this is {_version()}: its parameter structure matches, "
-                f"so training continues, but the resumed epochs may differ slightly from a run under {saved}"]
+        return [
+            f"{CHECKPOINT} was written by jaxcnn {saved}, this is {_version()}: its parameter structure matches, "
+            f"so training continues, but the resumed epochs may differ slightly from a run under {saved}"
+        ]
     return []
 
 
@@ -397,18 +462,25 @@ def read_metrics(path: Path, *, upto_epoch: int, log: Callable[[str], None] | No
             if k == len(numbered) - 1:
                 torn = len(line)
                 break
-            raise ConfigError(f"--resume: {path}, line {number}, is not a metrics record ({e}); repair or remove "
-                              "that line, or choose another --out") from None
+            raise ConfigError(
+                f"--resume: {path}, line {number}, is not a metrics record ({e}); repair or remove "
+                "that line, or choose another --out"
+            ) from None
         records.append(record)
     kept = [r for r in records if r["epoch"] <= upto_epoch]
     say = log or (lambda message: None)
     missing = sorted(set(range(1, upto_epoch + 1)) - {r["epoch"] for r in kept})
     if torn:
-        say(f"{path.name}: dropped a torn last line ({torn} bytes)" + ("" if missing else " written after the checkpoint"))
+        say(
+            f"{path.name}: dropped a torn last line ({torn} bytes)"
+            + ("" if missing else " written after the checkpoint")
+        )
     after = [r["epoch"] for r in records if r["epoch"] > upto_epoch]
     if after:
-        say(f"{path.name}: dropped the records of epochs {', '.join(map(str, after))}, written after the checkpoint "
-            f"(epoch {upto_epoch})")
+        say(
+            f"{path.name}: dropped the records of epochs {', '.join(map(str, after))}, written after the checkpoint "
+            f"(epoch {upto_epoch})"
+        )
     if missing:
         say(f"{path.name}: the records of epochs {', '.join(map(str, missing))} are missing; the history lacks them")
     return kept

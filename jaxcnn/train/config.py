@@ -16,7 +16,8 @@ from typing import Any
 import optax
 
 from jaxcnn.gradients import ROUTES
-from jaxcnn.ops.conv import DEFAULT_METHOD, METHODS as CONV_METHODS
+from jaxcnn.ops.conv import DEFAULT_METHOD
+from jaxcnn.ops.conv import METHODS as CONV_METHODS
 
 OPTIMIZERS = ("sgd", "nesterov", "adam")  # the choices of --optimizer
 SCHEDULES = ("constant", "cosine", "step")  # the choices of --schedule
@@ -48,103 +49,212 @@ class TrainConfig:
 
     # What jaxcnn train builds and loads (jaxcnn.fit takes a network and arrays instead).
     model: str = _setting("small_cnn", "zoo preset to train", preset=True)
-    conv_method: str = _setting(DEFAULT_METHOD, "formulation of every convolution, forward and backward "
-                                "(auto: the fastest verified per shape)", preset=True, choices=CONV_METHODS)
-    dataset: str = _setting("mnist", "mnist, fashion-mnist, mnist-offline (bundled 5,000-image subset) or a directory "
-                            "of the four IDX files", preset=True)
+    conv_method: str = _setting(
+        DEFAULT_METHOD,
+        "formulation of every convolution, forward and backward (auto: the fastest verified per shape)",
+        preset=True,
+        choices=CONV_METHODS,
+    )
+    dataset: str = _setting(
+        "mnist",
+        "mnist, fashion-mnist, mnist-offline (bundled 5,000-image subset) or a directory of the four IDX files",
+        preset=True,
+    )
     data_dir: str | None = _setting(None, "directory searched first for the dataset's files", preset=True)
     offline: bool = _setting(False, "never download (also: JAXCNN_OFFLINE=1)", preset=True)
     # How the arrays are trained.
     epochs: int = _setting(10, "passes over the training set", type=int)
     batch_size: int = _setting(128, "examples per step (the last partial batch is dropped)", type=int)
     lr: float = _setting(0.05, "peak learning rate", type=float)
-    optimizer: Any = _setting("sgd", "sgd (momentum), nesterov or adam; jaxcnn.fit also takes an optax "
-                              "GradientTransformation", choices=OPTIMIZERS)
+    optimizer: Any = _setting(
+        "sgd",
+        "sgd (momentum), nesterov or adam; jaxcnn.fit also takes an optax GradientTransformation",
+        choices=OPTIMIZERS,
+    )
     momentum: float = _setting(0.9, "momentum of sgd/nesterov", type=float)
     weight_decay: float = _setting(0.0, "decoupled weight decay (0: off)", type=float)
-    schedule: str = _setting("cosine", "learning-rate schedule: constant, cosine decay to 0, or step (x0.1 at 50%% "
-                             "and 75%%)", choices=SCHEDULES)
-    seed: int = _setting(0, "seeds initialisation, shuffling, augmentation, dropout and --train-limit's subset", type=int)
-    grad: str = _setting("manual", "manual: the hand-written backward passes; autodiff: jax.grad of the forward "
-                         "pass an autodiff user writes (lax convolutions, as in Flax)", choices=GRAD_ROUTES)
-    check_every: int = _setting(0, "every N steps compare the hand-written gradient with jax.grad of the same "
-                                "forward pass on the current batch, both in float32, and stop if they differ by "
-                                "more than --check-tolerance (0: never)", type=int, metavar="N")
-    check_tolerance: float = _setting(CHECK_TOLERANCE, "largest max-relative difference per parameter array "
-                                      "that --check-every accepts", type=float)
-    dp_clip: float | None = _setting(None, "DP-SGD: clip each example's gradient to this L2 norm (per-example rules of "
-                                     "the hand-written backward), sum, add noise, average", type=float, metavar="C")
-    dp_noise_multiplier: float = _setting(0.0, "DP-SGD: Gaussian noise of std SIGMA * C added to the sum of clipped "
-                                          "gradients; the epsilon spent is logged every epoch (needs --dp-clip)",
-                                          type=float, metavar="SIGMA")
+    schedule: str = _setting(
+        "cosine",
+        "learning-rate schedule: constant, cosine decay to 0, or step (x0.1 at 50%% and 75%%)",
+        choices=SCHEDULES,
+    )
+    seed: int = _setting(
+        0, "seeds initialisation, shuffling, augmentation, dropout and --train-limit's subset", type=int
+    )
+    grad: str = _setting(
+        "manual",
+        "manual: the hand-written backward passes; autodiff: jax.grad of the forward "
+        "pass an autodiff user writes (lax convolutions, as in Flax)",
+        choices=GRAD_ROUTES,
+    )
+    check_every: int = _setting(
+        0,
+        "every N steps compare the hand-written gradient with jax.grad of the same "
+        "forward pass on the current batch, both in float32, and stop if they differ by "
+        "more than --check-tolerance (0: never)",
+        type=int,
+        metavar="N",
+    )
+    check_tolerance: float = _setting(
+        CHECK_TOLERANCE, "largest max-relative difference per parameter array that --check-every accepts", type=float
+    )
+    dp_clip: float | None = _setting(
+        None,
+        "DP-SGD: clip each example's gradient to this L2 norm (per-example rules of "
+        "the hand-written backward), sum, add noise, average",
+        type=float,
+        metavar="C",
+    )
+    dp_noise_multiplier: float = _setting(
+        0.0,
+        "DP-SGD: Gaussian noise of std SIGMA * C added to the sum of clipped "
+        "gradients; the epsilon spent is logged every epoch (needs --dp-clip)",
+        type=float,
+        metavar="SIGMA",
+    )
     dp_delta: float = _setting(1e-5, "DP-SGD: the delta at which the epsilon spent is reported", type=float)
-    train_limit: int | None = _setting(None, "train on a seeded, class-balanced subset of N training examples",
-                                       type=int, metavar="N")
-    precision: str = _setting("float32", "compute dtype; bfloat16 keeps float32 parameters, loss and updates",
-                              choices=PRECISIONS)
+    train_limit: int | None = _setting(
+        None, "train on a seeded, class-balanced subset of N training examples", type=int, metavar="N"
+    )
+    precision: str = _setting(
+        "float32", "compute dtype; bfloat16 keeps float32 parameters, loss and updates", choices=PRECISIONS
+    )
     normalize: bool = _setting(False, "standardise pixels by the training set's mean and std")
-    augment: int = _setting(2, "shift each training image by a random offset of up to this many pixels, filling "
-                            "with the image's background (0: off)", type=int, metavar="PIXELS")
-    devices: int | None = _setting(None, "data-parallel over the first N devices (default: all; 1: a single "
-                                   "device); the batch size must be a multiple of N", type=int, metavar="N")
-    loop: str = _setting("auto", "scan: each chunk of steps is one compiled lax.scan; step: one compiled call per "
-                         "step; auto: the form measured fastest for --grad (scan for manual, step for autodiff)",
-                         choices=LOOP_FORMS)
-    chunk_steps: int = _setting(50, "steps per compiled lax.scan call (between progress updates and interrupt "
-                                "checks)", type=int, metavar="N")
+    augment: int = _setting(
+        2,
+        "shift each training image by a random offset of up to this many pixels, filling "
+        "with the image's background (0: off)",
+        type=int,
+        metavar="PIXELS",
+    )
+    devices: int | None = _setting(
+        None,
+        "data-parallel over the first N devices (default: all; 1: a single "
+        "device); the batch size must be a multiple of N",
+        type=int,
+        metavar="N",
+    )
+    loop: str = _setting(
+        "auto",
+        "scan: each chunk of steps is one compiled lax.scan; step: one compiled call per "
+        "step; auto: the form measured fastest for --grad (scan for manual, step for autodiff)",
+        choices=LOOP_FORMS,
+    )
+    chunk_steps: int = _setting(
+        50, "steps per compiled lax.scan call (between progress updates and interrupt checks)", type=int, metavar="N"
+    )
     eval_batch_size: int = _setting(1000, "examples per evaluation batch", type=int, metavar="N")
-    checkpoint_every: int | None = _setting(None, "also save a checkpoint mid-epoch every STEPS training steps: at "
-                                            "the end of the chunk of --chunk-steps (counted from the epoch's start) "
-                                            "that reaches each multiple of STEPS; every epoch's end is saved anyway",
-                                            type=int, metavar="STEPS")
+    checkpoint_every: int | None = _setting(
+        None,
+        "also save a checkpoint mid-epoch every STEPS training steps: at "
+        "the end of the chunk of --chunk-steps (counted from the epoch's start) "
+        "that reaches each multiple of STEPS; every epoch's end is saved anyway",
+        type=int,
+        metavar="STEPS",
+    )
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Returns ``self``; raises :class:`ConfigError` naming the first setting that cannot work."""
         from jaxcnn.models import MODELS
 
         custom_tx = not isinstance(self.optimizer, str)
         checks = [
             (self.model in MODELS, f"--model must be one of {', '.join(MODELS)}, got {self.model!r}"),
-            (self.conv_method in CONV_METHODS, f"--conv-method must be one of {', '.join(CONV_METHODS)}, got {self.conv_method!r}"),
+            (
+                self.conv_method in CONV_METHODS,
+                f"--conv-method must be one of {', '.join(CONV_METHODS)}, got {self.conv_method!r}",
+            ),
             (_is_int(self.epochs) and self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (_is_int(self.batch_size) and self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (_is_number(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}"),
-            (self.optimizer in OPTIMIZERS if not custom_tx else isinstance(self.optimizer, optax.GradientTransformation),
-             f"--optimizer must be one of {', '.join(OPTIMIZERS)} or an optax GradientTransformation, got {self.optimizer!r}"),
-            (_is_number(self.momentum) and 0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
-            (_is_number(self.weight_decay) and self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (
+                self.optimizer in OPTIMIZERS
+                if not custom_tx
+                else isinstance(self.optimizer, optax.GradientTransformation),
+                f"--optimizer must be one of {', '.join(OPTIMIZERS)} or an optax GradientTransformation, "
+                f"got {self.optimizer!r}",
+            ),
+            (
+                _is_number(self.momentum) and 0 <= self.momentum < 1,
+                f"--momentum must be in [0, 1), got {self.momentum}",
+            ),
+            (
+                _is_number(self.weight_decay) and self.weight_decay >= 0,
+                f"--weight-decay must be >= 0, got {self.weight_decay}",
+            ),
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
-            (_is_int(self.seed) and 0 <= self.seed < 2**63, f"--seed must be an integer in 0..2**63-1, got {self.seed}"),
+            (
+                _is_int(self.seed) and 0 <= self.seed < 2**63,
+                f"--seed must be an integer in 0..2**63-1, got {self.seed}",
+            ),
             (self.grad in GRAD_ROUTES, f"--grad must be manual or autodiff, got {self.grad!r}"),
-            (_is_int(self.check_every) and self.check_every >= 0, f"--check-every must be >= 0, got {self.check_every}"),
-            (not _is_int(self.check_every) or self.check_every < 2**31, f"--check-every must be below 2**31 (the int32 step counter), got {self.check_every}"),
-            (self.check_every == 0 or self.grad == "manual",
-             "--check-every compares hand-written with autodiff gradients; it needs --grad manual"),
-            (_is_number(self.check_tolerance) and self.check_tolerance > 0,
-             f"--check-tolerance must be a positive number, got {self.check_tolerance}"),
-            (self.dp_clip is None or (_is_number(self.dp_clip) and self.dp_clip > 0),
-             f"--dp-clip must be a positive number, got {self.dp_clip}"),
-            (_is_number(self.dp_noise_multiplier) and self.dp_noise_multiplier >= 0,
-             f"--dp-noise-multiplier must be >= 0, got {self.dp_noise_multiplier}"),
-            (self.dp_noise_multiplier == 0 or self.dp_clip is not None,
-             "--dp-noise-multiplier scales the noise by the clipping norm; it needs --dp-clip"),
+            (
+                _is_int(self.check_every) and self.check_every >= 0,
+                f"--check-every must be >= 0, got {self.check_every}",
+            ),
+            (
+                not _is_int(self.check_every) or self.check_every < 2**31,
+                f"--check-every must be below 2**31 (the int32 step counter), got {self.check_every}",
+            ),
+            (
+                self.check_every == 0 or self.grad == "manual",
+                "--check-every compares hand-written with autodiff gradients; it needs --grad manual",
+            ),
+            (
+                _is_number(self.check_tolerance) and self.check_tolerance > 0,
+                f"--check-tolerance must be a positive number, got {self.check_tolerance}",
+            ),
+            (
+                self.dp_clip is None or (_is_number(self.dp_clip) and self.dp_clip > 0),
+                f"--dp-clip must be a positive number, got {self.dp_clip}",
+            ),
+            (
+                _is_number(self.dp_noise_multiplier) and self.dp_noise_multiplier >= 0,
+                f"--dp-noise-multiplier must be >= 0, got {self.dp_noise_multiplier}",
+            ),
+            (
+                self.dp_noise_multiplier == 0 or self.dp_clip is not None,
+                "--dp-noise-multiplier scales the noise by the clipping norm; it needs --dp-clip",
+            ),
             (_is_number(self.dp_delta) and 0 < self.dp_delta < 1, f"--dp-delta must be in (0, 1), got {self.dp_delta}"),
-            (self.dp_clip is None or self.grad == "manual",
-             "--dp-clip clips per-example gradients with the hand-written per-example rules; it needs --grad manual"),
-            (self.dp_clip is None or self.check_every == 0,
-             "--check-every compares batch gradients, but with --dp-clip the step's gradient is clipped and noised; "
-             "check the per-example rules with jaxcnn.gradients instead"),
-            (self.train_limit is None or (_is_int(self.train_limit) and self.train_limit >= 1),
-             f"--train-limit must be >= 1, got {self.train_limit}"),
-            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
-            (self.devices is None or (_is_int(self.devices) and self.devices >= 1), f"--devices must be >= 1, got {self.devices}"),
-            (_is_int(self.augment) and 0 <= self.augment <= 8, f"--augment must be between 0 and 8 pixels, got {self.augment}"),
+            (
+                self.dp_clip is None or self.grad == "manual",
+                "--dp-clip clips per-example gradients with the hand-written per-example rules; it needs --grad manual",
+            ),
+            (
+                self.dp_clip is None or self.check_every == 0,
+                "--check-every compares batch gradients, but with --dp-clip the step's gradient is clipped and noised; "
+                "check the per-example rules with jaxcnn.gradients instead",
+            ),
+            (
+                self.train_limit is None or (_is_int(self.train_limit) and self.train_limit >= 1),
+                f"--train-limit must be >= 1, got {self.train_limit}",
+            ),
+            (
+                self.precision in PRECISIONS,
+                f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+            ),
+            (
+                self.devices is None or (_is_int(self.devices) and self.devices >= 1),
+                f"--devices must be >= 1, got {self.devices}",
+            ),
+            (
+                _is_int(self.augment) and 0 <= self.augment <= 8,
+                f"--augment must be between 0 and 8 pixels, got {self.augment}",
+            ),
             (self.loop in LOOP_FORMS, f"--loop must be one of {', '.join(LOOP_FORMS)}, got {self.loop!r}"),
-            (_is_int(self.chunk_steps) and self.chunk_steps >= 1, f"--chunk-steps must be >= 1, got {self.chunk_steps}"),
-            (_is_int(self.eval_batch_size) and self.eval_batch_size >= 1,
-             f"--eval-batch-size must be >= 1, got {self.eval_batch_size}"),
-            (self.checkpoint_every is None or (_is_int(self.checkpoint_every) and self.checkpoint_every >= 1),
-             f"--checkpoint-every must be a positive number of steps, got {self.checkpoint_every}"),
+            (
+                _is_int(self.chunk_steps) and self.chunk_steps >= 1,
+                f"--chunk-steps must be >= 1, got {self.chunk_steps}",
+            ),
+            (
+                _is_int(self.eval_batch_size) and self.eval_batch_size >= 1,
+                f"--eval-batch-size must be >= 1, got {self.eval_batch_size}",
+            ),
+            (
+                self.checkpoint_every is None or (_is_int(self.checkpoint_every) and self.checkpoint_every >= 1),
+                f"--checkpoint-every must be a positive number of steps, got {self.checkpoint_every}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

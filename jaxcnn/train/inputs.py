@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
 import jax
 import jax.numpy as jnp
@@ -59,11 +60,11 @@ def background(x):
     normalisation; for natural images it is the colour at the border, which a shift extends.
     """
     h, w = x.shape[1:3]
-    ring = jnp.concatenate([x[:, 0], x[:, h - 1], x[:, 1:h - 1, 0], x[:, 1:h - 1, w - 1]], axis=1)  # (B, ring, C)
+    ring = jnp.concatenate([x[:, 0], x[:, h - 1], x[:, 1 : h - 1, 0], x[:, 1 : h - 1, w - 1]], axis=1)  # (B, ring, C)
     return jnp.mean(ring, axis=1)[:, None, None, :]
 
 
-def random_shift(key, x, max_shift: int):
+def random_shift(key: jax.Array, x: jax.Array, max_shift: int) -> jax.Array:
     """Translates each image of ``x (B, H, W, C)`` by its own random offset in ``[-max_shift, max_shift]``
     pixels along each axis; the uncovered border takes the image's :func:`background` value."""
     if max_shift == 0:
@@ -91,7 +92,7 @@ def classes_of(targets) -> np.ndarray:
     return np.argmax(t, axis=1)
 
 
-def balanced_subset(classes, n: int, seed: int) -> tuple[np.ndarray, dict[int, int]]:
+def balanced_subset(classes: npt.ArrayLike, n: int, seed: int) -> tuple[np.ndarray, dict[int, int]]:
     """Indices of ``n`` examples drawn evenly across classes (seeded), in their original order, and how
     many of each class were taken.
 
@@ -103,7 +104,7 @@ def balanced_subset(classes, n: int, seed: int) -> tuple[np.ndarray, dict[int, i
     total = len(classes)
     if n >= total:
         values, counts = np.unique(classes, return_counts=True)
-        return np.arange(total), dict(zip(values.tolist(), counts.tolist()))
+        return np.arange(total), dict(zip(values.tolist(), counts.tolist(), strict=True))
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EB5E7]))
     values = np.unique(classes)
     members = {v: rng.permutation(np.flatnonzero(classes == v)) for v in values.tolist()}
@@ -112,13 +113,13 @@ def balanced_subset(classes, n: int, seed: int) -> tuple[np.ndarray, dict[int, i
     while left:
         # The classes with the fewest examples so far first, so that the remainder's extra examples keep the
         # counts of the classes that have enough within 1 of each other.
-        open_classes = sorted((v for v in members if quota[v] < len(members[v])), key=quota.get)
+        open_classes = sorted((v for v in members if quota[v] < len(members[v])), key=lambda v: quota[v])
         share, extra = divmod(left, len(open_classes))
         for i, v in enumerate(open_classes):
             take = min(share + (i < extra), len(members[v]) - quota[v])
             quota[v] += take
             left -= take
-    chosen = np.sort(np.concatenate([members[v][:quota[v]] for v in members]))
+    chosen = np.sort(np.concatenate([members[v][: quota[v]] for v in members]))
     return chosen, {v: q for v, q in quota.items() if q}
 
 

@@ -27,10 +27,12 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +43,15 @@ from jaxcnn.layers import Layer
 from jaxcnn.train import checkpoint as ckpt
 from jaxcnn.train import privacy
 from jaxcnn.train.config import ConfigError, TrainConfig, array_settings, make_optimizer
-from jaxcnn.train.inputs import Scaling, as_images, balanced_subset, classes_of, describe_counts, random_shift, scaling_for
+from jaxcnn.train.inputs import (
+    Scaling,
+    as_images,
+    balanced_subset,
+    classes_of,
+    describe_counts,
+    random_shift,
+    scaling_for,
+)
 from jaxcnn.train.runtime import Interrupt, Placement, default_compiler_options, host, progress_bar
 from jaxcnn.train.step import Step, TrainState, eval_step, make_step, train_step
 
@@ -72,7 +82,17 @@ class FitResult(NamedTuple):
 # The compiled functions
 
 
-def run_step(step: Step, scaling: Scaling, augment: int, root_key, state: TrainState, images, targets, idx, t):
+def run_step(
+    step: Step,
+    scaling: Scaling,
+    augment: int,
+    root_key: jax.Array,
+    state: TrainState,
+    images: jax.Array,
+    targets: jax.Array,
+    idx: jax.Array,
+    t: int | jax.Array,
+) -> tuple[TrainState, dict]:
     """One :func:`train_step` on the examples ``idx (B,)`` of the device-resident ``images``/``targets``, at
     global step ``t``: gathers the batch, scales it, shifts it (``augment``) with the key of step ``t`` and
     trains with the dropout key of step ``t``. Returns the new state and the step's metrics."""
@@ -81,8 +101,17 @@ def run_step(step: Step, scaling: Scaling, augment: int, root_key, state: TrainS
     return train_step(step, state, x, targets[idx], jax.random.fold_in(dropout_root, t), t)
 
 
-def run_steps(step: Step, scaling: Scaling, augment: int, root_key, state: TrainState, images, targets,
-              batch_indices, first_step):
+def run_steps(
+    step: Step,
+    scaling: Scaling,
+    augment: int,
+    root_key: jax.Array,
+    state: TrainState,
+    images: jax.Array,
+    targets: jax.Array,
+    batch_indices: jax.Array,
+    first_step: int | jax.Array,
+) -> tuple[TrainState, dict]:
     """:func:`run_step` on each row of ``batch_indices (steps, B)`` inside one ``lax.scan``, starting at
     global step ``first_step``.
 
@@ -119,8 +148,9 @@ def evaluate(step: Step, scaling: Scaling, batch_size: int, batch_sharding, para
         sums = eval_step(step, params, model_state, scaling(x), t, m)
         return (totals[0] + sums["loss_sum"], totals[1] + sums["correct"]), None
 
-    (loss_sum, correct), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)),
-                                          (images, targets, mask))
+    (loss_sum, correct), _ = jax.lax.scan(
+        body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), (images, targets, mask)
+    )
     return loss_sum / n, correct / n
 
 
@@ -134,29 +164,54 @@ class Trainer:
     (:func:`~jaxcnn.train.inputs.classes_of`).
     """
 
-    def __init__(self, model: Layer, loss: Loss, train, test, config: TrainConfig, *,
-                 compiler_options: dict | None = None, log: Callable[[str], None] = print, classes=None):
+    def __init__(
+        self,
+        model: Layer,
+        loss: Loss,
+        train,
+        test,
+        config: TrainConfig,
+        *,
+        compiler_options: dict | None = None,
+        log: Callable[[str], None] = print,
+        classes=None,
+    ):
         self.config = config.validate()
         self.model, self.loss = model, loss
         images, targets = _pair(train, "train")
         if config.train_limit is not None and config.train_limit < len(images):
-            keep, counts = balanced_subset(classes_of(targets) if classes is None else classes, config.train_limit,
-                                           config.seed)
+            keep, counts = balanced_subset(
+                classes_of(targets) if classes is None else classes, config.train_limit, config.seed
+            )
             images, targets = images[keep], targets[keep]
-            log(f"train_limit {config.train_limit}: a class-balanced subset (seed {config.seed}): {describe_counts(counts)}")
+            log(
+                f"train_limit {config.train_limit}: a class-balanced subset (seed {config.seed}): "
+                f"{describe_counts(counts)}"
+            )
         self.train_count, self.input_shape = len(images), (1, *images.shape[1:])
         self.compiler_options = dict(default_compiler_options() if compiler_options is None else compiler_options)
         self.placement = p = Placement(config.devices)
         if config.batch_size % p.size:
-            raise ConfigError(f"--batch-size {config.batch_size} does not divide evenly over {p.size} devices; "
-                              f"use a multiple of {p.size} or pass --devices")
+            raise ConfigError(
+                f"--batch-size {config.batch_size} does not divide evenly over {p.size} devices; "
+                f"use a multiple of {p.size} or pass --devices"
+            )
         if self.train_count < config.batch_size:
-            raise ConfigError(f"--batch-size {config.batch_size} exceeds the {self.train_count} training examples; lower it")
+            raise ConfigError(
+                f"--batch-size {config.batch_size} exceeds the {self.train_count} training examples; lower it"
+            )
         self.steps_per_epoch = self.train_count // config.batch_size
         self.tx = make_optimizer(config, self.steps_per_epoch)
-        self.step = make_step(model, loss, self.tx, grad=config.grad, precision=config.precision,
-                              check_every=config.check_every, dp_clip=config.dp_clip,
-                              dp_noise_multiplier=config.dp_noise_multiplier)
+        self.step = make_step(
+            model,
+            loss,
+            self.tx,
+            grad=config.grad,
+            precision=config.precision,
+            check_every=config.check_every,
+            dp_clip=config.dp_clip,
+            dp_noise_multiplier=config.dp_noise_multiplier,
+        )
         if config.dp_clip is not None:
             _check_per_example(model, loss, self.input_shape, targets[:2])
         self.scaling = scaling_for(images, config.normalize)
@@ -168,23 +223,36 @@ class Trainer:
         if test is not None:
             test_images, test_targets = _pair(test, "test")
             if test_images.shape[1:] != images.shape[1:]:
-                raise ConfigError(f"test images {test_images.shape[1:]} and train images {images.shape[1:]} differ in shape")
+                raise ConfigError(
+                    f"test images {test_images.shape[1:]} and train images {images.shape[1:]} differ in shape"
+                )
             self.test_count = len(test_images)
             self.fingerprints["test"] = ckpt.data_fingerprint(test_images, test_targets)
             self.test_images, self.test_targets = p.put(test_images), p.put(test_targets)
         rep = p.replicated
         fixed = (self.step, self.scaling, config.augment, self.root_key)
         self.loop = loop_form(config)
-        self.run_steps = jax.jit(functools.partial(run_steps, *fixed), donate_argnums=(0,),
-                                 in_shardings=(rep, rep, rep, p.batch_sharded, rep), out_shardings=rep,
-                                 compiler_options=self.compiler_options)
-        self.run_step = jax.jit(functools.partial(run_step, *fixed), donate_argnums=(0,),
-                                in_shardings=(rep, rep, rep, p.rows_sharded, rep), out_shardings=rep,
-                                compiler_options=self.compiler_options)
+        self.run_steps = jax.jit(
+            functools.partial(run_steps, *fixed),
+            donate_argnums=(0,),
+            in_shardings=(rep, rep, rep, p.batch_sharded, rep),
+            out_shardings=rep,
+            compiler_options=self.compiler_options,
+        )
+        self.run_step = jax.jit(
+            functools.partial(run_step, *fixed),
+            donate_argnums=(0,),
+            in_shardings=(rep, rep, rep, p.rows_sharded, rep),
+            out_shardings=rep,
+            compiler_options=self.compiler_options,
+        )
         eval_batch = min(config.eval_batch_size, max(self.test_count, 1))  # a larger batch would only pad the test set
         eval_sharding = p.batch_sharded if eval_batch % p.size == 0 else None
-        self.evaluate_fn = jax.jit(functools.partial(evaluate, self.step, self.scaling, eval_batch, eval_sharding),
-                                   in_shardings=rep, out_shardings=rep)
+        self.evaluate_fn = jax.jit(
+            functools.partial(evaluate, self.step, self.scaling, eval_batch, eval_sharding),
+            in_shardings=rep,
+            out_shardings=rep,
+        )
 
     def init_state(self) -> TrainState:
         """The initial parameters, model state and optimiser state, replicated on the mesh."""
@@ -204,12 +272,22 @@ class Trainer:
         p = self.placement
         batch_indices = np.asarray(batch_indices, np.int32)
         if self.loop == "scan":
-            return self.run_steps(state, self.train_images, self.train_targets, p.put(batch_indices, p.batch_sharded),
-                                  p.put(np.int32(first_step)))
+            return self.run_steps(
+                state,
+                self.train_images,
+                self.train_targets,
+                p.put(batch_indices, p.batch_sharded),
+                p.put(np.int32(first_step)),
+            )
         rows = []
         for i, idx in enumerate(batch_indices):
-            state, metrics = self.run_step(state, self.train_images, self.train_targets, p.put(idx, p.rows_sharded),
-                                           p.put(np.int32(first_step + i)))
+            state, metrics = self.run_step(
+                state,
+                self.train_images,
+                self.train_targets,
+                p.put(idx, p.rows_sharded),
+                p.put(np.int32(first_step + i)),
+            )
             rows.append(metrics)
         return state, jax.tree_util.tree_map(lambda *m: np.stack([host(a) for a in m]), *rows)
 
@@ -269,8 +347,19 @@ def _pair(data, what: str):
 # The job
 
 
-def fit(model: Layer, loss: Loss, /, train, test=None, *, out: str | os.PathLike | None = None, resume: bool = False,
-        log: Callable[[str], None] = print, progress: bool | None = None, **settings) -> FitResult:
+def fit(
+    model: Layer,
+    loss: Loss,
+    /,
+    train: tuple[npt.ArrayLike, npt.ArrayLike],
+    test: tuple[npt.ArrayLike, npt.ArrayLike] | None = None,
+    *,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    progress: bool | None = None,
+    **settings: Any,
+) -> FitResult:
     """Trains ``model`` (any :class:`~jaxcnn.layers.Layer`: a zoo model or one built with ``serial``) on
     ``loss`` and returns the trained parameters, state and per-epoch history.
 
@@ -309,28 +398,72 @@ def fit(model: Layer, loss: Loss, /, train, test=None, *, out: str | os.PathLike
         checkpoint stays intact).
       Interrupted: SIGINT/SIGTERM stopped training, after saving a checkpoint into ``out``.
       TrainingStopped: a non-finite loss (the last good checkpoint is kept) or a failed gradient check.
+
+    Examples:
+      One epoch of a linear classifier on 64 random 8x8 images, in four steps of 16:
+
+      >>> import numpy as np
+      >>> import jaxcnn
+      >>> from jaxcnn.gradients import softmax_cross_entropy
+      >>> from jaxcnn.layers import Dense, Flatten, serial
+      >>> rng = np.random.default_rng(0)
+      >>> images = rng.random((64, 8, 8, 1), dtype=np.float32)
+      >>> labels = rng.integers(0, 10, 64)
+      >>> model = serial(Flatten(), Dense(10))
+      >>> result = jaxcnn.fit(model, softmax_cross_entropy, (images, labels), epochs=1, batch_size=16,
+      ...                     log=lambda line: None, progress=False)
+      >>> result.params[1]["w"].shape
+      (64, 10)
+      >>> [record["epoch"] for record in result.history], sorted(result.history[0])
+      ([1], ['epoch', 'images_per_s', 'train_accuracy', 'train_loss', 'wall_s'])
     """
     allowed = array_settings()
     for name in settings:
         if name not in allowed:
-            hint = ("it chooses what jaxcnn train builds and loads; pass the network and the arrays instead"
-                    if name in {f.name for f in dataclasses.fields(TrainConfig)} else f"settings are {', '.join(allowed)}")
+            hint = (
+                "it chooses what jaxcnn train builds and loads; pass the network and the arrays instead"
+                if name in {f.name for f in dataclasses.fields(TrainConfig)}
+                else f"settings are {', '.join(allowed)}"
+            )
             raise ConfigError(f"fit: unknown setting {name!r}; {hint}")
     config = TrainConfig(**settings).validate()
-    return train_arrays(model, loss, train, test, config, out=out, resume=resume, log=log, progress=progress,
-                        source="the given arrays", presets=False)
+    return train_arrays(
+        model,
+        loss,
+        train,
+        test,
+        config,
+        out=out,
+        resume=resume,
+        log=log,
+        progress=progress,
+        source="the given arrays",
+        presets=False,
+    )
 
 
-def train_arrays(model: Layer, loss: Loss, train, test, config: TrainConfig, *, out=None, resume: bool = False,
-                 log: Callable[[str], None] = print, progress: bool | None = None, source: str = "the given arrays",
-                 presets: bool = True, classes=None) -> FitResult:
+def train_arrays(
+    model: Layer,
+    loss: Loss,
+    train: tuple[npt.ArrayLike, npt.ArrayLike],
+    test: tuple[npt.ArrayLike, npt.ArrayLike] | None,
+    config: TrainConfig,
+    *,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    progress: bool | None = None,
+    source: str = "the given arrays",
+    presets: bool = True,
+    classes: npt.ArrayLike | None = None,
+) -> FitResult:
     """:func:`fit` with a whole :class:`TrainConfig` (``presets``: whether its preset fields describe this run,
     as in ``jaxcnn train``; they are left out of ``config.json`` otherwise; ``classes``: see :class:`Trainer`)."""
     config.validate()
     # With several processes (multi-host), process 0 alone logs and writes; every process reads --resume.
     writer = jax.process_index() == 0
     if not writer:
-        log = lambda message: None  # noqa: E731
+        log = lambda message: None  # noqa: E731  (rebinds the parameter; a def would redefine it)
     trainer = Trainer(model, loss, train, test, config, log=log, classes=classes)
     workdir = Path(out) if out is not None else None
     recorded = config.to_json() if presets else {k: v for k, v in config.to_json().items() if k in array_settings()}
@@ -339,9 +472,12 @@ def train_arrays(model: Layer, loss: Loss, train, test, config: TrainConfig, *, 
     progress = sys.stderr.isatty() if progress is None else progress
     # What the checkpoints of this run continue: checked by --resume, recorded in config.json too.
     # ``scaling`` and ``input_shape`` are what jaxcnn.load_checkpoint needs to feed new images as training did.
-    run = {"data": {"source": source, **trainer.fingerprints}, "steps_per_epoch": trainer.steps_per_epoch,
-           "scaling": {k: float(v) for k, v in trainer.scaling._asdict().items()},
-           "input_shape": list(trainer.input_shape)}
+    run = {
+        "data": {"source": source, **trainer.fingerprints},
+        "steps_per_epoch": trainer.steps_per_epoch,
+        "scaling": {k: float(v) for k, v in trainer.scaling._asdict().items()},
+        "input_shape": list(trainer.input_shape),
+    }
     state = trainer.init_state()
     start_epoch, start_step, history, partial = 0, 0, [], None
     if workdir is not None:
@@ -355,28 +491,43 @@ def train_arrays(model: Layer, loss: Loss, train, test, config: TrainConfig, *, 
             history = ckpt.read_metrics(workdir / ckpt.METRICS, upto_epoch=start_epoch, log=log)
             log(f"resuming from {workdir / ckpt.CHECKPOINT} at epoch {start_epoch + 1}, step {start_step}")
         elif (workdir / ckpt.CHECKPOINT).exists():
-            raise ConfigError(f"{workdir} already holds a checkpoint; pass --resume to continue it or choose another --out")
+            raise ConfigError(
+                f"{workdir} already holds a checkpoint; pass --resume to continue it or choose another --out"
+            )
         if writer:
             left = ckpt.remove_temporaries(workdir)
             if left:
                 log(f"removed {len(left)} temporary file(s) of an interrupted write: {', '.join(p.name for p in left)}")
-            ckpt.atomic_write(workdir / ckpt.CONFIG,
-                              lambda f: f.write(json.dumps({**recorded, "data": run["data"]}, indent=2).encode()))
-            ckpt.atomic_write(workdir / ckpt.METRICS, lambda f: f.write("".join(map(ckpt.metrics_line, history)).encode()))
+            ckpt.atomic_write(
+                workdir / ckpt.CONFIG,
+                lambda f: f.write(json.dumps({**recorded, "data": run["data"]}, indent=2).encode()),
+            )
+            ckpt.atomic_write(
+                workdir / ckpt.METRICS, lambda f: f.write("".join(map(ckpt.metrics_line, history)).encode())
+            )
     elif resume:
         raise ConfigError("--resume needs --out DIR (the directory holding the checkpoint)")
 
     spe, chunk, every = trainer.steps_per_epoch, config.chunk_steps, config.checkpoint_every
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-    log(f"{model.name} ({n_params:,} parameters, {config.grad} gradients, {config.precision}) on {source}: "
-        f"{trainer.train_count:,} train / {trainer.test_count:,} test images, {spe} steps of {config.batch_size} per epoch")
+    log(
+        f"{model.name} ({n_params:,} parameters, {config.grad} gradients, {config.precision}) on {source}: "
+        f"{trainer.train_count:,} train / {trainer.test_count:,} test images, "
+        f"{spe} steps of {config.batch_size} per epoch"
+    )
     if config.dp_clip is not None:
-        privacy.epsilon(noise_multiplier=config.dp_noise_multiplier, sample_rate=config.batch_size / trainer.train_count,
-                        steps=1, delta=config.dp_delta)  # fails now, not after an epoch, without dp-accounting
-        log(f"DP-SGD: each example's gradient clipped to norm {config.dp_clip:g}, noise multiplier "
+        privacy.epsilon(
+            noise_multiplier=config.dp_noise_multiplier,
+            sample_rate=config.batch_size / trainer.train_count,
+            steps=1,
+            delta=config.dp_delta,
+        )  # fails now, not after an epoch, without dp-accounting
+        log(
+            f"DP-SGD: each example's gradient clipped to norm {config.dp_clip:g}, noise multiplier "
             f"{config.dp_noise_multiplier:g}, batch {config.batch_size} of {trainer.train_count:,} "
             f"(q = {config.batch_size / trainer.train_count:.4g}); epsilon at delta {config.dp_delta:g} by "
-            f"{privacy.ACCOUNTANT}")
+            f"{privacy.ACCOUNTANT}"
+        )
     wall_start = time.perf_counter() - (partial["wall_s"] if partial else history[-1]["wall_s"] if history else 0.0)
     leaf_names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
 
@@ -394,16 +545,21 @@ def train_arrays(model: Layer, loss: Loss, train, test, config: TrainConfig, *, 
                 bar.update(first)
             for begin in range(first, spe, chunk):  # ``first`` is chunk-aligned unless chunk_steps changed
                 t0 = time.perf_counter()
-                state, metrics = trainer.train_chunk(state, batches[begin: begin + chunk], epoch * spe + begin)
+                state, metrics = trainer.train_chunk(state, batches[begin : begin + chunk], epoch * spe + begin)
                 chunk_losses = host(metrics["loss"])
                 train_time += time.perf_counter() - t0
                 bad = np.flatnonzero(~np.isfinite(chunk_losses))
                 if bad.size:
                     where = begin + int(bad[0])
-                    kept = (f"; the last good checkpoint is {workdir / ckpt.CHECKPOINT}"
-                            if workdir and (workdir / ckpt.CHECKPOINT).exists() else "")
-                    raise TrainingStopped(f"loss became {chunk_losses[bad[0]]} at step {where} of epoch {epoch + 1} "
-                                          f"(global step {epoch * spe + where}); try a lower --lr{kept}")
+                    kept = (
+                        f"; the last good checkpoint is {workdir / ckpt.CHECKPOINT}"
+                        if workdir and (workdir / ckpt.CHECKPOINT).exists()
+                        else ""
+                    )
+                    raise TrainingStopped(
+                        f"loss became {chunk_losses[bad[0]]} at step {where} of epoch {epoch + 1} "
+                        f"(global step {epoch * spe + where}); try a lower --lr{kept}"
+                    )
                 checked.append(_check_gradient_errors(host(metrics["grad_errors"]), leaf_names, config, epoch, begin))
                 losses.append(chunk_losses)
                 correct += int(host(metrics["correct"]).sum())
@@ -417,30 +573,60 @@ def train_arrays(model: Layer, loss: Loss, train, test, config: TrainConfig, *, 
                 if interrupt.signal is not None:
                     if bar is not None:
                         bar.close()
-                    _save_interrupted(interrupt.signal, workdir, state, epoch, end, recorded, run,
-                                      _partial_epoch(losses, correct, seen, train_time, checked, wall_start))
+                    _save_interrupted(
+                        interrupt.signal,
+                        workdir,
+                        state,
+                        epoch,
+                        end,
+                        recorded,
+                        run,
+                        _partial_epoch(losses, correct, seen, train_time, checked, wall_start),
+                    )
                 # --checkpoint-every: this chunk reached a multiple of ``every`` global steps.
-                if every and workdir is not None and writer and (epoch * spe + end) // every > (epoch * spe + begin) // every:
-                    ckpt.save_checkpoint(workdir, state, epoch=epoch, step=end, config=recorded, run=run,
-                                         partial_epoch=_partial_epoch(losses, correct, seen, train_time, checked, wall_start))
+                if (
+                    every
+                    and workdir is not None
+                    and writer
+                    and (epoch * spe + end) // every > (epoch * spe + begin) // every
+                ):
+                    ckpt.save_checkpoint(
+                        workdir,
+                        state,
+                        epoch=epoch,
+                        step=end,
+                        config=recorded,
+                        run=run,
+                        partial_epoch=_partial_epoch(losses, correct, seen, train_time, checked, wall_start),
+                    )
             if bar is not None:
                 bar.close()
-            record = {"epoch": epoch + 1, "train_loss": float(np.concatenate(losses).mean()),
-                      "train_accuracy": correct / max(seen, 1)}
+            record: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "train_loss": float(np.concatenate(losses).mean()),
+                "train_accuracy": correct / max(seen, 1),
+            }
             if test is not None:
                 record["test_loss"], record["test_accuracy"] = trainer.evaluate(state)
             if config.dp_clip is not None:
-                record["dp_epsilon"] = privacy.epsilon(noise_multiplier=config.dp_noise_multiplier,
-                                                       sample_rate=config.batch_size / trainer.train_count,
-                                                       steps=(epoch + 1) * spe, delta=config.dp_delta)
+                record["dp_epsilon"] = privacy.epsilon(
+                    noise_multiplier=config.dp_noise_multiplier,
+                    sample_rate=config.batch_size / trainer.train_count,
+                    steps=(epoch + 1) * spe,
+                    delta=config.dp_delta,
+                )
                 record["dp_delta"] = config.dp_delta
             record["images_per_s"] = seen / train_time if train_time > 0 else float("nan")
             record["wall_s"] = time.perf_counter() - wall_start
             if config.check_every:
                 rows = np.concatenate(checked)
                 # Max relative difference between manual and jax.grad gradients, per parameter array.
-                record["grad_check"] = {"steps": len(rows), "max_relative_error":
-                                        dict(zip(leaf_names, rows.max(axis=0).tolist())) if len(rows) else {}}
+                record["grad_check"] = {
+                    "steps": len(rows),
+                    "max_relative_error": dict(zip(leaf_names, rows.max(axis=0).tolist(), strict=True))
+                    if len(rows)
+                    else {},
+                }
             history.append(record)
             log(_epoch_line(record, config))
             if workdir is not None and writer:
@@ -454,8 +640,10 @@ def train_arrays(model: Layer, loss: Loss, train, test, config: TrainConfig, *, 
 
 
 def _epoch_line(record: dict, config: TrainConfig) -> str:
-    line = (f"epoch {record['epoch']:>3}/{config.epochs}  train loss {record['train_loss']:.4f}  "
-            f"acc {record['train_accuracy']:.4f}")
+    line = (
+        f"epoch {record['epoch']:>3}/{config.epochs}  train loss {record['train_loss']:.4f}  "
+        f"acc {record['train_accuracy']:.4f}"
+    )
     if "test_loss" in record:
         line += f"  |  test loss {record['test_loss']:.4f}  acc {record['test_accuracy']:.4f}"
     if "dp_epsilon" in record:
@@ -474,28 +662,44 @@ def _make_out(workdir: Path) -> None:
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a parent that is a file, no permission, a read-only file system, ...
-        raise ConfigError(f"--out {workdir}: cannot create the directory ({e.strerror or e}); choose another --out") from None
+        raise ConfigError(
+            f"--out {workdir}: cannot create the directory ({e.strerror or e}); choose another --out"
+        ) from None
 
 
 def _partial_epoch(losses, correct, seen, train_time, checked, wall_start) -> dict:
     """The statistics of an epoch's steps so far, saved with a mid-epoch checkpoint so that the resumed run
     reports the same epoch metrics as an uninterrupted one."""
-    return {"losses": np.concatenate(losses).tolist(), "correct": correct, "seen": seen, "train_time": train_time,
-            "checked": np.concatenate(checked).tolist(), "wall_s": time.perf_counter() - wall_start}
+    return {
+        "losses": np.concatenate(losses).tolist(),
+        "correct": correct,
+        "seen": seen,
+        "train_time": train_time,
+        "checked": np.concatenate(checked).tolist(),
+        "wall_s": time.perf_counter() - wall_start,
+    }
 
 
 def _save_interrupted(signum, workdir, state, epoch, step, config, run, partial_epoch=None):
     name = signal.Signals(signum).name
     if workdir is None or jax.process_index() != 0:
         reason = "no --out" if workdir is None else f"process {jax.process_index()} does not write"
-        raise Interrupted(signum, f"{name}: training stopped at epoch {epoch + 1}, step {step} ({reason}, nothing saved)")
-    path = ckpt.save_checkpoint(workdir, state, epoch=epoch, step=step, config=config, partial_epoch=partial_epoch,
-                                run=run)
-    raise Interrupted(signum, f"{name}: checkpoint saved to {path} at epoch {epoch + 1}, step {step}; "
-                              "continue with the same command plus --resume")
+        raise Interrupted(
+            signum, f"{name}: training stopped at epoch {epoch + 1}, step {step} ({reason}, nothing saved)"
+        )
+    path = ckpt.save_checkpoint(
+        workdir, state, epoch=epoch, step=step, config=config, partial_epoch=partial_epoch, run=run
+    )
+    raise Interrupted(
+        signum,
+        f"{name}: checkpoint saved to {path} at epoch {epoch + 1}, step {step}; "
+        "continue with the same command plus --resume",
+    )
 
 
-def _check_gradient_errors(errors: np.ndarray, leaf_names: list[str], config: TrainConfig, epoch: int, begin: int) -> np.ndarray:
+def _check_gradient_errors(
+    errors: np.ndarray, leaf_names: list[str], config: TrainConfig, epoch: int, begin: int
+) -> np.ndarray:
     """Raises :class:`TrainingStopped` if a checked step exceeds the tolerance; returns the checked rows."""
     if errors.size == 0:  # no --check-every: the scan stacked (steps, 0) empty rows
         return errors.reshape(0, len(leaf_names))
@@ -507,5 +711,6 @@ def _check_gradient_errors(errors: np.ndarray, leaf_names: list[str], config: Tr
         if not errs[worst] <= tol:
             raise TrainingStopped(
                 f"gradient check failed at step {begin + row} of epoch {epoch + 1}: manual and autodiff gradients of "
-                f"params{leaf_names[worst]} differ by {errs[worst]:.2e} (relative) > {tol:.0e}")
+                f"params{leaf_names[worst]} differ by {errs[worst]:.2e} (relative) > {tol:.0e}"
+            )
     return errors[errors[:, 0] >= 0]

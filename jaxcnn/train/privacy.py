@@ -38,10 +38,12 @@ def epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: f
         import dp_accounting
         from dp_accounting import rdp
     except ImportError:
-        raise ConfigError("privacy accounting of --dp-noise-multiplier needs the dp-accounting package: "
-                          "pip install 'jaxcnn[dp]'") from None
+        raise ConfigError(
+            "privacy accounting of --dp-noise-multiplier needs the dp-accounting package: pip install 'jaxcnn[dp]'"
+        ) from None
     event = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), steps)
+        dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), steps
+    )
     accountant = rdp.RdpAccountant()
     accountant.compose(event)
     return float(accountant.get_epsilon(delta))

@@ -9,24 +9,25 @@ import numpy as np
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxcnn.train.config import ConfigError
 
 # XLA:CPU options for the training step, chosen by measurement (``jaxcnn bench``, docs/benchmarks.md):
 # the experimental YNNPACK fusions slowed every zoo model's step, so they are switched off when this
 # jaxlib knows the option (an unknown option name is an error, so it is checked first).
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+CPU_COMPILER_OPTIONS: dict[str, str | bool] = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def default_compiler_options() -> dict:
     """:data:`CPU_COMPILER_OPTIONS` when the default backend is the CPU and this jaxlib accepts them, else ``{}``."""
     if jax.default_backend() != "cpu":
         return {}
     try:
         jax.jit(lambda a: a + 1).lower(jnp.zeros((2,), jnp.float32)).compile(compiler_options=CPU_COMPILER_OPTIONS)
-    except Exception:  # noqa: BLE001 - an option this XLA does not have: keep its defaults
+    except Exception:
         return {}
     return dict(CPU_COMPILER_OPTIONS)
 
@@ -53,7 +54,9 @@ class Placement:
         available = jax.devices()
         count = len(available) if devices is None else devices
         if count > len(available):
-            raise ConfigError(f"--devices {count} but only {len(available)} device(s) are available ({available[0].platform})")
+            raise ConfigError(
+                f"--devices {count} but only {len(available)} device(s) are available ({available[0].platform})"
+            )
         self.mesh = Mesh(np.array(available[:count]), ("data",))
         self.size = self.mesh.size
         self.replicated = NamedSharding(self.mesh, P())

@@ -52,12 +52,29 @@ class Step(NamedTuple):
     dp_noise: float = 0.0
 
 
-def make_step(model: Layer, loss: Loss, tx: optax.GradientTransformation, *, grad: str = "manual",
-              precision: str = "float32", check_every: int = 0, dp_clip: float | None = None,
-              dp_noise_multiplier: float = 0.0) -> Step:
+def make_step(
+    model: Layer,
+    loss: Loss,
+    tx: optax.GradientTransformation,
+    *,
+    grad: str = "manual",
+    precision: str = "float32",
+    check_every: int = 0,
+    dp_clip: float | None = None,
+    dp_noise_multiplier: float = 0.0,
+) -> Step:
     """The :class:`Step` that trains ``model`` on ``loss`` with ``tx`` (DP-SGD with ``dp_clip``)."""
-    return Step(compute_network(model, precision), loss, tx, grad, PRECISIONS[precision], check_every,
-                model if check_every else None, dp_clip, float(dp_noise_multiplier))
+    return Step(
+        compute_network(model, precision),
+        loss,
+        tx,
+        grad,
+        PRECISIONS[precision],
+        check_every,
+        model if check_every else None,
+        dp_clip,
+        float(dp_noise_multiplier),
+    )
 
 
 def _cast(tree, dtype):
@@ -66,15 +83,21 @@ def _cast(tree, dtype):
 
 def max_relative_errors(got, want) -> jax.Array:
     """``max|got - want| / max|want|`` for each pair of leaves, stacked: ``(leaves,)``."""
-    return jnp.stack([jnp.max(jnp.abs(g - w)) / jnp.maximum(jnp.max(jnp.abs(w)), 1e-30)
-                      for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want))]).astype(jnp.float32)
+    return jnp.stack(
+        [
+            jnp.max(jnp.abs(g - w)) / jnp.maximum(jnp.max(jnp.abs(w)), 1e-30)
+            for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True)
+        ]
+    ).astype(jnp.float32)
 
 
-def train_step(step: Step, state: TrainState, x, target, key, t=0) -> tuple[TrainState, dict]:
+def train_step(
+    step: Step, state: TrainState, x: jax.Array, target: jax.Array, key: jax.Array | None, t: int | jax.Array = 0
+) -> tuple[TrainState, dict]:
     """One optimisation step on the batch ``x (B, H, W, C)`` (float), ``target`` (what ``step.loss`` takes).
 
-    ``key`` drives the layers that draw random numbers (dropout) and DP-SGD's noise; ``t`` is the global step number, used
-    only to decide whether this step runs the gradient check. Returns the new state and the metrics
+    ``key`` drives the layers that draw random numbers (dropout) and DP-SGD's noise; ``t`` is the global step
+    number, used only to decide whether this step runs the gradient check. Returns the new state and the metrics
     ``{"loss", "correct", "grad_errors"}``: the batch loss (float32), the number of examples predicted
     right, and per parameter array the largest relative difference between this step's gradient and
     ``jax.grad`` of the same forward pass in float32 (``-1`` where the step was not checked; an empty
@@ -89,13 +112,19 @@ def train_step(step: Step, state: TrainState, x, target, key, t=0) -> tuple[Trai
     grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
     errors = jnp.zeros((0,), jnp.float32)
     if step.check_every:
-        errors = jax.lax.cond(t % step.check_every == 0, lambda: _check(step, state, x, target, key, grads),
-                              lambda: jnp.full((len(jax.tree_util.tree_leaves(state.params)),), -1.0, jnp.float32))
+        errors = jax.lax.cond(
+            t % step.check_every == 0,
+            lambda: _check(step, state, x, target, key, grads),
+            lambda: jnp.full((len(jax.tree_util.tree_leaves(state.params)),), -1.0, jnp.float32),
+        )
     updates, opt_state = step.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     correct = jnp.sum(step.loss.correct(pred.astype(jnp.float32), target), dtype=jnp.int32)
-    return TrainState(params, model_state, opt_state), {"loss": loss.astype(jnp.float32), "correct": correct,
-                                                        "grad_errors": errors}
+    return TrainState(params, model_state, opt_state), {
+        "loss": loss.astype(jnp.float32),
+        "correct": correct,
+        "grad_errors": errors,
+    }
 
 
 def _private_grad(step: Step, params, model_state, x, target, key):
@@ -104,15 +133,19 @@ def _private_grad(step: Step, params, model_state, x, target, key):
     layout. The noise and the sum are float32 whatever the compute dtype."""
     if key is None:
         raise ValueError("train_step: a DP-SGD step (dp_clip) needs a PRNG key for its noise; pass key=")
+    assert step.dp_clip is not None  # train_step calls this for a DP-SGD step only
     dropout_key, noise_key = jax.random.split(key)
-    out, (grad_sum, _) = value_and_clipped_grad_sum(step.network, step.loss, params, model_state, x, target,
-                                                    step.dp_clip, train=True, key=dropout_key)
+    out, (grad_sum, _) = value_and_clipped_grad_sum(
+        step.network, step.loss, params, model_state, x, target, step.dp_clip, train=True, key=dropout_key
+    )
     leaves, treedef = jax.tree_util.tree_flatten(grad_sum)
     keys = jax.random.split(noise_key, max(len(leaves), 1))
     scale, batch = step.dp_noise * step.dp_clip, x.shape[0]
-    noisy = [(g.astype(jnp.float32) + scale * jax.random.normal(k, g.shape, jnp.float32)) / batch
-             for g, k in zip(leaves, keys)]
-    return out, treedef.unflatten(noisy)
+    noisy = [
+        (g.astype(jnp.float32) + scale * jax.random.normal(k, g.shape, jnp.float32)) / batch
+        for g, k in zip(leaves, keys, strict=False)  # a network without parameters still splits one key
+    ]
+    return out, jax.tree_util.tree_unflatten(treedef, noisy)
 
 
 def _check(step: Step, state: TrainState, x, target, key, grads):
@@ -121,12 +154,14 @@ def _check(step: Step, state: TrainState, x, target, key, grads):
     cannot be the one checked (bfloat16 moves ReLU and max-pool switches, so its gradient differs from any
     float32 one by several percent, which would hide a wrong backward): there the step's route recomputes
     the gradient in float32 on the same batch, testing the same backward code."""
+    assert step.check_network is not None  # make_step sets it whenever check_every is
     x32 = x.astype(jnp.float32)
     reference = value_and_grad(step.check_network, step.loss, "autodiff_same_forward")
     _, want = reference(state.params, state.model_state, x32, target, train=True, key=key)
     if step.dtype != jnp.float32:
-        _, grads = value_and_grad(step.check_network, step.loss, step.grad)(state.params, state.model_state, x32,
-                                                                              target, train=True, key=key)
+        _, grads = value_and_grad(step.check_network, step.loss, step.grad)(
+            state.params, state.model_state, x32, target, train=True, key=key
+        )
     return max_relative_errors(grads, want)
 
 
@@ -139,15 +174,17 @@ def eval_outputs(step: Step, params, model_state, x):
     return pred.astype(jnp.float32)
 
 
-def eval_step(step: Step, params, model_state, x, target, mask) -> dict:
+def eval_step(step: Step, params: Any, model_state: Any, x: jax.Array, target: jax.Array, mask: jax.Array) -> dict:
     """Sums over the examples of one batch where ``mask`` is true: ``{"loss_sum", "correct"}``, the loss
     being ``step.loss.per_example`` of the model's evaluation-mode output (:func:`eval_outputs`; float32 sums)."""
     pred = eval_outputs(step, params, model_state, x)
     per_example = step.loss.per_example(pred, target)
     hits = step.loss.correct(pred, target)
     # Explicit dtypes: with jax_enable_x64 the sums would be int64/float64 and break a scan's carry.
-    return {"loss_sum": jnp.sum(jnp.where(mask, per_example, 0.0), dtype=jnp.float32),
-            "correct": jnp.sum(hits & mask, dtype=jnp.int32)}
+    return {
+        "loss_sum": jnp.sum(jnp.where(mask, per_example, 0.0), dtype=jnp.float32),
+        "correct": jnp.sum(hits & mask, dtype=jnp.int32),
+    }
 
 
 def Cast(dtype) -> Layer:
@@ -190,6 +227,13 @@ def compute_network(model: Layer, precision: str) -> Layer:
 
         return backward
 
-    return Layer(model.init, with_cast(model.forward), through_cast(model.backward), model.name, model.children,
-                 None if model.autodiff_forward is None else with_cast(model.autodiff_forward),
-                 through_cast(per_example_backward(model)), through_cast(per_example_sq_norms(model)))
+    return Layer(
+        model.init,
+        with_cast(model.forward),
+        through_cast(model.backward),
+        model.name,
+        model.children,
+        None if model.autodiff_forward is None else with_cast(model.autodiff_forward),
+        through_cast(per_example_backward(model)),
+        through_cast(per_example_sq_norms(model)),
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -13,9 +13,15 @@ from jaxcnn.train.config import ConfigError, TrainConfig
 from jaxcnn.train.loop import FitResult, train_arrays
 
 
-def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None = None, *, resume: bool = False,
-                       dataset: jdata.Dataset | None = None, log: Callable[[str], None] = print,
-                       progress: bool | None = None) -> FitResult:
+def train_and_evaluate(
+    config: TrainConfig,
+    workdir: str | os.PathLike | None = None,
+    *,
+    resume: bool = False,
+    dataset: jdata.Dataset | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool | None = None,
+) -> FitResult:
     """Trains the zoo preset ``config.model`` (built with ``config.conv_method``) on ``config.dataset``
     (or on ``dataset`` when given) and evaluates it after every epoch; see :func:`jaxcnn.fit`.
 
@@ -31,6 +37,16 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None = 
         dataset = jdata.load_dataset(config.dataset, data_dir=config.data_dir, download=not config.offline, log=log)
     train = (dataset.train_images, np.asarray(spec.targets(dataset.train_labels)))
     test = (dataset.test_images, np.asarray(spec.targets(dataset.test_labels)))
-    return train_arrays(spec.build(conv_method=config.conv_method), spec.loss, train, test, config, out=workdir,
-                        resume=resume, log=log, progress=progress, source=dataset.source,
-                        classes=dataset.train_labels)
+    return train_arrays(
+        spec.build(conv_method=config.conv_method),
+        spec.loss,
+        train,
+        test,
+        config,
+        out=workdir,
+        resume=resume,
+        log=log,
+        progress=progress,
+        source=dataset.source,
+        classes=dataset.train_labels,
+    )

@@ -1,0 +1,223 @@
+"""Section ``per_example``: per-example gradient norms and a DP-SGD step, hand-written against ``vmap(jax.grad)``.
+
+For each zoo model, at its benchmark batch size:
+
+* ``norms/<model>``: every example's gradient norm. ``manual`` is
+  :func:`jaxcnn.gradients.per_example_grad_norms` (one forward pass, the layers' norm rules: dense
+  ``‖x_n‖²‖dy_n‖²``, conv ghost norm or per-example kernel gradient); ``vmap_grad`` is how a JAX user gets
+  them, ``jax.vmap`` of ``jax.grad`` of one example's loss through the lax forward (the JAX and optax DP-SGD
+  examples), then the norms of those gradients.
+* ``dp_step/<model>``: one DP-SGD training step, clip 1 and noise multiplier 1.1. ``manual`` is
+  :func:`jaxcnn.train.step.train_step` with ``dp_clip`` (what ``jaxcnn train --dp-clip`` runs), called per
+  step and scanned as training runs it; ``vmap_grad`` is the optax way: per-example gradients by
+  ``vmap(jax.grad)`` fed to ``optax.contrib.differentially_private_aggregate`` chained with the same
+  optimiser, jitted per step.
+
+Both contenders of a benchmark are alternated round by round (:func:`jaxcnn.bench.harness.measure`); the
+ratio ``manual/vmap_grad`` is the median of per-round ratios, and memory is XLA's compiled memory analysis.
+Opacus, the PyTorch peer, is timed when installed (its ``GradSampleModule`` with the same network, batch
+and clipping; ghost clipping where its version offers it).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+from jaxcnn.bench.config import LR, BenchConfig
+from jaxcnn.bench.harness import (
+    Contender,
+    compile_with,
+    function_name,
+    loop_and_scan,
+    measure,
+    memory_bytes,
+    round_ratio,
+)
+
+DP_CLIP, DP_NOISE = 1.0, 1.1  # TensorFlow Privacy's MNIST tutorial settings
+FAMILIES = ("manual", "vmap_grad", "opacus")
+
+
+def vmap_grad_per_example(model, loss):
+    """``grads(params, state, x, target) -> per-example gradients``: ``vmap`` over examples of ``jax.grad`` of
+    one example's loss through :func:`jaxcnn.layers.autodiff_forward` (a batch of one; evaluation-mode
+    state, as per-example gradients require)."""
+    import jax
+
+    from jaxcnn.layers import autodiff_forward
+
+    forward = autodiff_forward(model)
+
+    def one(params, state, x, target):
+        pred, _, _ = forward(params, state, x[None], train=True)
+        return loss.value(pred, target[None])
+
+    return jax.vmap(jax.grad(one), in_axes=(None, None, 0, 0))
+
+
+def vmap_grad_norms(model, loss):
+    """``norms(params, state, x, target) -> (N,)`` from :func:`vmap_grad_per_example`."""
+    import jax
+    import jax.numpy as jnp
+
+    grads_of = vmap_grad_per_example(model, loss)
+
+    def norms(params, state, x, target):
+        grads = grads_of(params, state, x, target)
+        sq = sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1) for g in jax.tree_util.tree_leaves(grads))
+        return jnp.sqrt(sq)
+
+    return norms
+
+
+def vmap_grad_dp_step(model, loss, tx, *, clip: float = DP_CLIP, noise: float = DP_NOISE):
+    """``(init, step)``: a DP-SGD step as the optax examples write it, ``step(state, x, target) -> state``
+    with ``state = (params, model_state, opt_state)``: per-example gradients by ``vmap(jax.grad)``, then
+    ``optax.contrib.differentially_private_aggregate`` (clip, sum, noise, mean) chained with ``tx``."""
+    import optax
+
+    dp_tx = optax.chain(optax.contrib.differentially_private_aggregate(clip, noise, key=0), tx)
+    grads_of = vmap_grad_per_example(model, loss)
+
+    def step(state, x, target):
+        params, model_state, opt_state = state
+        grads = grads_of(params, model_state, x, target)
+        updates, opt_state = dp_tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), model_state, opt_state
+
+    return dp_tx.init, step
+
+
+def _setup(model_name: str, batch: int):
+    import jax
+
+    from jaxcnn.bench.sections import step_inputs
+    from jaxcnn.models import get_model
+    from jaxcnn.ops.conv import DEFAULT_METHOD
+
+    spec = get_model(model_name)
+    model = spec.build(conv_method=DEFAULT_METHOD)
+    x, target = step_inputs(spec, batch)
+    params, model_state, _ = model.init(jax.random.PRNGKey(0), (1, *x.shape[1:]))
+    return spec, model, x, target, params, model_state
+
+
+def _jit_contender(name, family, fn, args, options, info, *, donate=()) -> Contender:
+    """A contender calling ``fn(*args)`` compiled under ``options``, with its compiled memory."""
+    import jax
+
+    t0 = time.perf_counter()
+    compiled = compile_with(fn, args, options, donate=donate)
+    info = {**info, "runs": function_name(fn), "compile_s": time.perf_counter() - t0, **memory_bytes(compiled)}
+    return Contender(name, family, lambda: jax.block_until_ready(compiled(*args)), 1, info)
+
+
+def norm_contenders(cfg: BenchConfig, model_name: str, opts: dict) -> list[Contender]:
+    """``manual`` (:func:`jaxcnn.gradients.per_example_grad_norms`) and ``vmap_grad`` norms, per option set."""
+    from jaxcnn import gradients
+
+    spec, model, x, target, params, model_state = _setup(model_name, cfg.batch_of(model_name))
+    manual = functools.partial(gradients.per_example_grad_norms, model, spec.loss)
+    baseline = vmap_grad_norms(model, spec.loss)
+    info = {"batch": x.shape[0]}
+    out = []
+    for oname, o in opts.items():
+        args = (params, model_state, x, target)
+        out.append(_jit_contender(f"manual[{oname}]", "manual", manual, args, o, {**info, "options": oname}))
+        out.append(_jit_contender(f"vmap_grad[{oname}]", "vmap_grad", baseline, args, o, {**info, "options": oname}))
+    return out
+
+
+def dp_step_contenders(cfg: BenchConfig, model_name: str, opts: dict) -> list[Contender]:
+    """The DP-SGD step: ``manual`` as :func:`~jaxcnn.train.step.train_step` with ``dp_clip`` (per step and
+    scanned, as :func:`jaxcnn.train.loop.run_steps`), ``vmap_grad`` the optax way (per step)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxcnn.train import config as train_config
+    from jaxcnn.train import inputs, loop
+    from jaxcnn.train import step as train_step_module
+
+    assert cfg.scan_steps is not None  # set by BenchConfig.resolved()
+    steps = cfg.scan_steps
+    spec, model, x, target, params, model_state = _setup(model_name, cfg.batch_of(model_name))
+    tx = train_config.make_optimizer(train_config.TrainConfig(lr=LR, schedule="constant"), 1)
+    step = train_step_module.make_step(model, spec.loss, tx, dp_clip=DP_CLIP, dp_noise_multiplier=DP_NOISE)
+    state = train_step_module.TrainState(params, model_state, tx.init(params))
+    info = {"batch": x.shape[0], "dp_clip": DP_CLIP, "dp_noise_multiplier": DP_NOISE}
+    out = loop_and_scan(
+        functools.partial(train_step_module.train_step, step),
+        functools.partial(loop.run_steps, step, inputs.Scaling(), 0, jax.random.PRNGKey(0)),
+        state,
+        x,
+        target,
+        cfg.scan_steps,
+        opts,
+        "manual",
+        "manual",
+        info,
+        ("scan",) if cfg.quick else ("loop", "scan"),
+    )
+    init, baseline = vmap_grad_dp_step(model, spec.loss, tx)
+    for oname, o in opts.items():
+        t0 = time.perf_counter()
+        start = (params, model_state, init(params))
+        compiled = compile_with(baseline, (start, x, target), o, donate=(0,))
+        holder = [jax.tree_util.tree_map(jnp.copy, start)]
+
+        def run(c=compiled, h=holder, steps=steps):
+            s = h[0]
+            for _ in range(steps):
+                s = c(s, x, target)
+            h[0] = jax.block_until_ready(s)
+
+        out.append(
+            Contender(
+                f"vmap_grad[loop,{oname}]",
+                "vmap_grad",
+                run,
+                cfg.scan_steps,
+                {
+                    **info,
+                    "structure": "loop",
+                    "options": oname,
+                    "runs": function_name(baseline),
+                    "compile_s": time.perf_counter() - t0,
+                    **memory_bytes(compiled),
+                },
+            )
+        )
+    return out
+
+
+def _ratios(records: list[dict]) -> dict:
+    from jaxcnn.bench.harness import best_of
+
+    out: dict[str, float | str] = {}
+    a = best_of(records, "manual")
+    for den in ("vmap_grad", "opacus"):
+        b = best_of(records, den)
+        if a and b:
+            out[f"manual/{den}"] = round_ratio(a, b)
+            out[f"manual/{den} contenders"] = f"{a['contender']} / {b['contender']}"
+            if a.get("memory_bytes") and b.get("memory_bytes"):
+                out[f"memory manual/{den}"] = a["memory_bytes"] / b["memory_bytes"]
+    return out
+
+
+def bench_per_example(cfg: BenchConfig, opts: dict, log, notes: list) -> tuple[list[dict], dict]:
+    """Runs the section; returns its records and ratios (``per_example/norms/<model>``,
+    ``per_example/dp_step/<model>``)."""
+    import importlib.util
+
+    if importlib.util.find_spec("opacus") is None:
+        notes.append("per_example: Opacus is not installed; its contender is left out")
+    records, ratios = [], {}
+    for model_name in cfg.models:
+        for what, make in (("norms", norm_contenders), ("dp_step", dp_step_contenders)):
+            name = f"per_example/{what}/{model_name}"
+            recs = measure(name, make(cfg, model_name, opts), cfg, log)
+            records += recs
+            ratios[name] = _ratios(recs)
+    return records, ratios
