@@ -88,7 +88,8 @@ def test_quick_run_writes_valid_json(tmp_path):
     for name in bench.MODELS:
         for what in ("norms", "dp_step"):
             recs = [r for r in report["results"] if r["benchmark"] == f"per_example/{what}/{name}"]
-            assert {r["family"] for r in recs} == {"manual", "vmap_grad"}, (what, name)
+            # Opacus joins the DP step when it is installed (it is a benchmark peer, never a dependency).
+            assert {"manual", "vmap_grad"} <= {r["family"] for r in recs} <= {"manual", "vmap_grad", "opacus"}
             assert report["ratios"][f"per_example/{what}/{name}"]["manual/vmap_grad"] > 0
         step = [r for r in report["results"] if r["benchmark"] == f"per_example/dp_step/{name}"]
         assert all(r["runs"] == "jaxcnn.train.loop.run_steps" for r in step if r["family"] == "manual")

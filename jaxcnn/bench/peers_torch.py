@@ -94,3 +94,75 @@ def make_step(model_name: str, batch: int, steps: int, *, compiled: bool = False
             one()
 
     return fn, {"torch": torch.__version__, "threads": torch.get_num_threads(), "layout": "NCHW"}
+
+
+# Opacus's ways of getting per-example gradients: hooks that form each example's gradient (its default), and
+# ghost clipping, which clips from per-example norms without forming them (a second backward pass).
+OPACUS_MODES = ("hooks", "ghost")
+
+
+def make_dp_step(
+    model_name: str,
+    batch: int,
+    steps: int,
+    *,
+    mode: str = "hooks",
+    clip: float = 1.0,
+    noise: float = 1.1,
+    lr: float = 0.05,
+    threads: int = 2,
+):
+    """``(fn, info)``: ``fn()`` runs ``steps`` DP-SGD steps of Opacus (``PrivacyEngine.make_private`` with
+    clipping norm ``clip``, noise multiplier ``noise``, SGD with momentum 0.9) on one fixed batch of the zoo
+    spec's inputs; ``mode`` is Opacus's ``grad_sample_mode``, ``"hooks"`` or ``"ghost"``."""
+    import torch
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from jaxcnn.models import get_model
+
+    spec = get_model(model_name)
+    _, h, w, c = spec.input_shape
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    net, loss_fn = build(model_name, c)
+    x = torch.rand(batch, c, h, w)
+    target = torch.from_numpy(np.array(spec.targets(np.random.default_rng(2).integers(0, 10, batch))))
+    if not target.is_floating_point():
+        target = target.long()
+    with torch.no_grad():
+        net(x)  # sizes the lazy layers
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    loader = DataLoader(TensorDataset(x, target), batch_size=batch)
+    criterion = torch.nn.CrossEntropyLoss() if loss_fn is torch.nn.functional.cross_entropy else _Module(loss_fn)
+    engine = PrivacyEngine(accountant="rdp")
+    made = engine.make_private(
+        module=net,
+        optimizer=opt,
+        criterion=criterion,
+        data_loader=loader,
+        noise_multiplier=noise,
+        max_grad_norm=clip,
+        poisson_sampling=False,
+        grad_sample_mode=mode,
+    )
+    model, opt = made[0], made[1]
+    criterion = made[2] if mode == "ghost" else criterion
+
+    def fn():
+        for _ in range(steps):
+            opt.zero_grad()
+            criterion(model(x), target).backward()
+            opt.step()
+
+    return fn, {"peer": "opacus", "grad_sample_mode": mode, "threads": threads}
+
+
+class _Module:
+    """A loss function as the callable module Opacus's ``criterion`` expects (``reduction="mean"``)."""
+
+    def __init__(self, fn):
+        self.fn, self.reduction = fn, "mean"
+
+    def __call__(self, pred, target):
+        return self.fn(pred, target)

@@ -191,6 +191,40 @@ def dp_step_contenders(cfg: BenchConfig, model_name: str, opts: dict) -> list[Co
     return out
 
 
+def opacus_contenders(cfg: BenchConfig, model_name: str) -> list[Contender]:
+    """Opacus's DP-SGD step on the PyTorch twin of the model, same batch, clip, noise and optimiser, in each
+    of its per-example modes (:data:`jaxcnn.bench.peers_torch.OPACUS_MODES`)."""
+    import warnings
+
+    from jaxcnn.bench import peers_torch
+
+    assert cfg.scan_steps is not None  # set by BenchConfig.resolved()
+    out = []
+    for mode in peers_torch.OPACUS_MODES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Opacus's notes on its insecure RNG and on backward hooks
+            fn, info = peers_torch.make_dp_step(
+                model_name,
+                cfg.batch_of(model_name),
+                cfg.scan_steps,
+                mode=mode,
+                clip=DP_CLIP,
+                noise=DP_NOISE,
+                lr=LR,
+                threads=cfg.torch_threads,
+            )
+
+        def run(fn=fn):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fn()
+
+        out.append(
+            Contender(f"opacus[{mode}]", "opacus", run, cfg.scan_steps, {**info, "batch": cfg.batch_of(model_name)})
+        )
+    return out
+
+
 def _ratios(records: list[dict]) -> dict:
     from jaxcnn.bench.harness import best_of
 
@@ -211,13 +245,17 @@ def bench_per_example(cfg: BenchConfig, opts: dict, log, notes: list) -> tuple[l
     ``per_example/dp_step/<model>``)."""
     import importlib.util
 
-    if importlib.util.find_spec("opacus") is None:
-        notes.append("per_example: Opacus is not installed; its contender is left out")
+    with_opacus = "torch" in cfg.peers and importlib.util.find_spec("opacus") is not None
+    if not with_opacus:
+        notes.append("per_example: Opacus is not installed (or --peers leaves out torch); its contender is left out")
     records, ratios = [], {}
     for model_name in cfg.models:
         for what, make in (("norms", norm_contenders), ("dp_step", dp_step_contenders)):
             name = f"per_example/{what}/{model_name}"
-            recs = measure(name, make(cfg, model_name, opts), cfg, log)
+            contenders = make(cfg, model_name, opts)
+            if what == "dp_step" and with_opacus:
+                contenders += opacus_contenders(cfg, model_name)
+            recs = measure(name, contenders, cfg, log)
             records += recs
             ratios[name] = _ratios(recs)
     return records, ratios

@@ -59,6 +59,8 @@ def evaluate_targets(report: dict) -> list[dict]:
         for what in ("norms", "dp_step"):
             value, detail = ratio(f"per_example/{what}/{m}", "manual/vmap_grad")
             add(f"per_example {what} {m}: manual / vmap(jax.grad) <= 1/3", value, 1 / 3, detail=detail)
+        value, detail = ratio(f"per_example/dp_step/{m}", "manual/opacus")
+        add(f"per_example dp_step {m}: manual / Opacus < 1", value, 1.0, detail=detail)
     return out
 
 
