@@ -247,9 +247,9 @@ def _sum_cotangent(loss: Loss, pred, target):
 
 
 def _forward_for_examples(model: Layer, loss: Loss, params, state, x, target, train, key):
-    """The forward pass and the per-example loss cotangent: ``(residuals, dpred (N, ...))``."""
-    pred, _, residuals = model.forward(params, state, x, train=train, key=key)
-    return residuals, _sum_cotangent(loss, pred, target)
+    """The forward pass and the per-example loss cotangent: ``(pred, new_state, residuals, dpred (N, ...))``."""
+    pred, new_state, residuals = model.forward(params, state, x, train=train, key=key)
+    return pred, new_state, residuals, _sum_cotangent(loss, pred, target)
 
 
 def per_example_grads(
@@ -300,7 +300,7 @@ def per_example_grads(
       >>> bool(jnp.allclose(per_example[1]["w"].mean(axis=0), batch[1]["w"], atol=1e-6))
       True
     """
-    residuals, dpred = _forward_for_examples(model, loss, params, state, x, target, train, key)
+    _, _, residuals, dpred = _forward_for_examples(model, loss, params, state, x, target, train, key)
     grads, _ = per_example_backward(model)(params, residuals, dpred)
     return grads
 
@@ -324,7 +324,7 @@ def per_example_grad_norms(
     costs less (:func:`jaxcnn.per_example.conv2d_norm_method`); other layers with params the norms of
     :func:`per_example_grads`' terms. Arguments as for :func:`per_example_grads`.
     """
-    residuals, dpred = _forward_for_examples(model, loss, params, state, x, target, train, key)
+    _, _, residuals, dpred = _forward_for_examples(model, loss, params, state, x, target, train, key)
     sq, _ = per_example_sq_norms(model)(params, residuals, dpred)
     return jnp.sqrt(jnp.maximum(sq, 0))  # the ghost norm is a sum of products: rounding can leave -0.0 at 0
 
@@ -383,8 +383,7 @@ def value_and_clipped_grad_sum(
     This is what a DP-SGD train step calls (:func:`jaxcnn.train.train_step` with ``dp_clip``)."""
     if isinstance(clip, (int, float)) and not clip > 0:
         raise ValueError(f"clipped_grad_sum: clip must be positive, got {clip}")
-    pred, new_state, residuals = model.forward(params, state, x, train=train, key=key)
-    dpred = _sum_cotangent(loss, pred, target)
+    pred, new_state, residuals, dpred = _forward_for_examples(model, loss, params, state, x, target, train, key)
     sq, _ = per_example_sq_norms(model)(params, residuals, dpred)
     norms = jnp.sqrt(jnp.maximum(sq, 0))  # (N,)
     over = norms > clip

@@ -79,8 +79,8 @@ def conv2d_per_example_grads(
 
     Formed as a batched matrix product of the patch matrix (:func:`jaxcnn.ops.im2col`, the im2col
     formulation of seed 004) with ``dy``, the batch kept as a batch dimension: ``dw_n = P_nᵀ dY_n`` per group.
-    Chosen by measurement over one grouped convolution with the examples as ``N·G`` feature groups (no patch
-    matrix, but 1.2-4.5x slower on XLA:CPU at the zoo's conv shapes, batch 128).
+    Chosen over one grouped convolution with the examples as ``N·G`` feature groups, which needs no patch
+    matrix but ran slower on XLA:CPU at every zoo conv shape when the formulation was chosen.
 
     Args:
       dy: cotangent of the output, ``(N, oh, ow, O)``.
@@ -114,8 +114,8 @@ def conv2d_norm_method(out_positions: int, patch_size: int, outputs_per_group: i
 
     ``"ghost"`` when ``T·(K + O) < K·O`` (the ``T²`` and ``K·O`` terms are ignored), i.e. when the output
     is small against the channels: e.g. ``T = 49`` (7x7), ``K = 576``, ``O = 64`` (3x3 conv, 64 channels)
-    gives ``31,360 < 36,864``; a 28x28 layer (``T = 784``) never does. Memory follows the same sizes:
-    ``N·G·T²`` for the Gram matrices against ``N·K·G·O`` for the per-example kernels.
+    gives ``31,360 < 36,864``; a 28x28 layer (``T = 784``) never does. Memory: ``N·G·T²`` for the Gram
+    matrices against ``N·T·G·K`` for the patch matrix plus ``N·K·G·O`` for the per-example kernels.
     """
     return "ghost" if out_positions * (patch_size + outputs_per_group) < patch_size * outputs_per_group else "direct"
 

@@ -34,11 +34,10 @@ echo "command: bash scripts/gpu_check.sh $*" | tee -a "$summary"
 
 # Everything that computes gradients or trains (ops, layers, models, gradient checks, the loop), on the GPU.
 tests=(tests/test_ops_conv.py tests/test_ops_pool.py tests/test_ops_elementwise.py tests/test_layers.py
-       tests/test_models.py tests/test_gradcheck.py tests/test_per_example.py tests/test_hvp.py
+       tests/test_models.py tests/test_gradcheck.py tests/test_per_example.py tests/test_hvp.py tests/test_dp.py
        tests/test_fit.py tests/test_train.py)
-present=(); for t in "${tests[@]}"; do [ -f "$t" ] && present+=("$t"); done
 tests_status=0
-python -m pytest -o addopts="-ra --strict-markers" -p no:cacheprovider -q -m "not slow" "${present[@]}" > "$results/gpu-tests.log" 2>&1 \
+python -m pytest -o addopts="-ra --strict-markers" -p no:cacheprovider -q -m "not slow" "${tests[@]}" > "$results/gpu-tests.log" 2>&1 \
   || tests_status=$?
 echo "tests (exit status $tests_status): $(tail -n 1 "$results/gpu-tests.log")" | tee -a "$summary"
 

@@ -56,10 +56,9 @@ def build(model_name: str, channels: int):
     raise KeyError(model_name)
 
 
-def make_step(model_name: str, batch: int, steps: int, *, compiled: bool = False, lr: float = 0.05, threads: int = 2):
-    """``(fn, info)``: ``fn()`` runs ``steps`` train steps (zero_grad, forward, loss, backward, SGD step) on one
-    fixed batch of the zoo spec's input shape and targets; ``compiled`` wraps the module in ``torch.compile``
-    and runs it once to compile."""
+def _training_setup(model_name: str, batch: int, *, lr: float, threads: int):
+    """``(net, loss_fn, x, target, optimizer)``: the PyTorch twin of a zoo model (lazy layers sized), one fixed
+    random batch of the zoo spec's input shape and targets, and SGD with momentum 0.9."""
     import torch
 
     from jaxcnn.models import get_model
@@ -76,7 +75,16 @@ def make_step(model_name: str, batch: int, steps: int, *, compiled: bool = False
         target = target.long()  # class indices, as cross_entropy takes them
     with torch.no_grad():
         net(x)  # sizes the lazy layers before the optimiser sees the parameters
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    return net, loss_fn, x, target, torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+
+
+def make_step(model_name: str, batch: int, steps: int, *, compiled: bool = False, lr: float = 0.05, threads: int = 2):
+    """``(fn, info)``: ``fn()`` runs ``steps`` train steps (zero_grad, forward, loss, backward, SGD step) on one
+    fixed batch of the zoo spec's input shape and targets; ``compiled`` wraps the module in ``torch.compile``
+    and runs it once to compile."""
+    import torch
+
+    net, loss_fn, x, target, opt = _training_setup(model_name, batch, lr=lr, threads=threads)
     model = torch.compile(net) if compiled else net
 
     def one():
@@ -119,20 +127,7 @@ def make_dp_step(
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    from jaxcnn.models import get_model
-
-    spec = get_model(model_name)
-    _, h, w, c = spec.input_shape
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    net, loss_fn = build(model_name, c)
-    x = torch.rand(batch, c, h, w)
-    target = torch.from_numpy(np.array(spec.targets(np.random.default_rng(2).integers(0, 10, batch))))
-    if not target.is_floating_point():
-        target = target.long()
-    with torch.no_grad():
-        net(x)  # sizes the lazy layers
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    net, loss_fn, x, target, opt = _training_setup(model_name, batch, lr=lr, threads=threads)
     loader = DataLoader(TensorDataset(x, target), batch_size=batch)
     criterion = torch.nn.CrossEntropyLoss() if loss_fn is torch.nn.functional.cross_entropy else _Module(loss_fn)
     engine = PrivacyEngine(accountant="rdp")

@@ -72,19 +72,21 @@ def vmap_grad_norms(model, loss):
 
 
 def vmap_grad_dp_step(model, loss, tx, *, clip: float = DP_CLIP, noise: float = DP_NOISE):
-    """``(init, step)``: a DP-SGD step as the optax examples write it, ``step(state, x, target) -> state``
-    with ``state = (params, model_state, opt_state)``: per-example gradients by ``vmap(jax.grad)``, then
+    """``(init, step)``: a DP-SGD step as the optax examples write it, ``step(state, x, target, key) ->
+    (state, {})`` with ``state = (params, model_state, opt_state)`` (the signature of a train step; the noise
+    comes from the optax state, not ``key``): per-example gradients by ``vmap(jax.grad)``, then
     ``optax.contrib.differentially_private_aggregate`` (clip, sum, noise, mean) chained with ``tx``."""
     import optax
 
     dp_tx = optax.chain(optax.contrib.differentially_private_aggregate(clip, noise, key=0), tx)
     grads_of = vmap_grad_per_example(model, loss)
 
-    def step(state, x, target):
+    def step(state, x, target, key):
+        del key
         params, model_state, opt_state = state
         grads = grads_of(params, model_state, x, target)
         updates, opt_state = dp_tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), model_state, opt_state
+        return (optax.apply_updates(params, updates), model_state, opt_state), {}
 
     return dp_tx.init, step
 
@@ -133,7 +135,6 @@ def dp_step_contenders(cfg: BenchConfig, model_name: str, opts: dict) -> list[Co
     """The DP-SGD step: ``manual`` as :func:`~jaxcnn.train.step.train_step` with ``dp_clip`` (per step and
     scanned, as :func:`jaxcnn.train.loop.run_steps`), ``vmap_grad`` the optax way (per step)."""
     import jax
-    import jax.numpy as jnp
 
     from jaxcnn.train import config as train_config
     from jaxcnn.train import inputs, loop
@@ -160,34 +161,19 @@ def dp_step_contenders(cfg: BenchConfig, model_name: str, opts: dict) -> list[Co
         ("scan",) if cfg.quick else ("loop", "scan"),
     )
     init, baseline = vmap_grad_dp_step(model, spec.loss, tx)
-    for oname, o in opts.items():
-        t0 = time.perf_counter()
-        start = (params, model_state, init(params))
-        compiled = compile_with(baseline, (start, x, target), o, donate=(0,))
-        holder = [jax.tree_util.tree_map(jnp.copy, start)]
-
-        def run(c=compiled, h=holder, steps=steps):
-            s = h[0]
-            for _ in range(steps):
-                s = c(s, x, target)
-            h[0] = jax.block_until_ready(s)
-
-        out.append(
-            Contender(
-                f"vmap_grad[loop,{oname}]",
-                "vmap_grad",
-                run,
-                cfg.scan_steps,
-                {
-                    **info,
-                    "structure": "loop",
-                    "options": oname,
-                    "runs": function_name(baseline),
-                    "compile_s": time.perf_counter() - t0,
-                    **memory_bytes(compiled),
-                },
-            )
-        )
+    out += loop_and_scan(
+        baseline,
+        None,
+        (params, model_state, init(params)),
+        x,
+        target,
+        steps,
+        opts,
+        "vmap_grad",
+        "vmap_grad",
+        info,
+        ("loop",),
+    )
     return out
 
 
