@@ -44,35 +44,22 @@ class Row(NamedTuple):
 
 ROWS = (
     Row(
-        "offline_default",
-        "`JAXCNN_OFFLINE=1 jaxcnn train` (the default run with no data at hand)",
-        (),
-        "bundled held-out 1,000",
-        (("JAXCNN_OFFLINE", "1"),),
-    ),
-    Row(
         "small_cnn_30",
-        "`jaxcnn train --epochs 30 --data-dir DIR` (small_cnn)",
-        ("--epochs", "30", "--data-dir", MNIST_DIR),
+        "`jaxcnn train --recipe classic --epochs 30 --data-dir DIR` (small_cnn)",
+        ("--recipe", "classic", "--epochs", "30", "--data-dir", MNIST_DIR),
         "official MNIST, 10,000",
     ),
     Row(
         "lenet5_30",
-        "`jaxcnn train --model lenet5 --epochs 30 --data-dir DIR`",
-        ("--model", "lenet5", "--epochs", "30", "--data-dir", MNIST_DIR),
+        "`jaxcnn train --recipe classic --model lenet5 --epochs 30 --data-dir DIR`",
+        ("--recipe", "classic", "--model", "lenet5", "--epochs", "30", "--data-dir", MNIST_DIR),
         "official MNIST, 10,000",
     ),
     Row(
         "small_cnn_autodiff_30",
-        "`jaxcnn train --grad autodiff --epochs 30 --data-dir DIR` (small_cnn)",
-        ("--grad", "autodiff", "--epochs", "30", "--data-dir", MNIST_DIR),
+        "`jaxcnn train --recipe classic --grad autodiff --epochs 30 --data-dir DIR` (small_cnn)",
+        ("--recipe", "classic", "--grad", "autodiff", "--epochs", "30", "--data-dir", MNIST_DIR),
         "official MNIST, 10,000",
-    ),
-    Row(
-        "fashion_small_cnn_10",
-        "`jaxcnn train --dataset fashion-mnist --epochs 10` (small_cnn)",
-        ("--dataset", "fashion-mnist", "--epochs", "10"),
-        "official Fashion-MNIST, 10,000",
     ),
 )
 
@@ -130,10 +117,25 @@ def render_speed(bench: dict) -> str:
     return common.markdown_table(headers, rows, align="l" + "r" * (len(headers) - 1))
 
 
-def render(results: dict, bench: dict | None) -> dict[str, str]:
-    blocks = {"accuracy": render_accuracy(results)}
+def render_recipes() -> str:
+    """The recipes, one bullet each, from :mod:`jaxcnn.train.recipes` (no measured figure)."""
+    from jaxcnn.train.recipes import DEFAULT_RECIPE, RECIPES, describe
+
+    lines = []
+    for recipe in RECIPES.values():
+        name, _, rest = describe(recipe).partition(": ")
+        lines.append(f"- `{name}`{' (the default)' if name == DEFAULT_RECIPE else ''}: {rest}")
+    return "\n".join(lines)
+
+
+def render(results: dict, bench: dict | None, time_to_accuracy: dict | None = None) -> dict[str, str]:
+    blocks = {"accuracy": render_accuracy(results), "recipes": render_recipes()}
     if bench is not None:
         blocks["speed"] = render_speed(bench)
+    if time_to_accuracy is not None:
+        from experiments import time_to_accuracy as tta
+
+        blocks["time_to_accuracy"] = tta.render_table(time_to_accuracy)
     return blocks
 
 
@@ -151,6 +153,11 @@ def load_results(out: Path = common.RESULTS / NAME) -> dict:
 
 
 def load_bench(path: Path = BENCH_JSON) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def load_time_to_accuracy(path: Path = common.RESULTS / "time_to_accuracy" / "time_to_accuracy.json") -> dict | None:
+    """The committed results of ``experiments/time_to_accuracy.py`` (the README's recipe rows), if any."""
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -197,7 +204,7 @@ def main(argv=None) -> int:
     results["environment"] = common.environment(common.command_line(NAME, argv))
     common.write_json(path, results)
     if args.write_readme and not args.smoke:
-        README.write_text(fill_readme(README.read_text(), render(results, load_bench())))
+        README.write_text(fill_readme(README.read_text(), render(results, load_bench(), load_time_to_accuracy())))
         log("README.md updated")
     log(f"wrote {path}")
     return 0

@@ -29,14 +29,23 @@ GRADCHECK_MAX_BATCH = 256  # finite differences in float64 over every parameter:
 def _train_parser(sub) -> None:
     from jaxcnn.models import MODELS
     from jaxcnn.train.config import add_flags
+    from jaxcnn.train.recipes import DEFAULT_RECIPE, RECIPES, describe
 
     p = sub.add_parser(
         "train",
         help="train a zoo preset on MNIST-format data",
         description="Train a zoo preset with hand-written (or autodiff) gradients and an optax optimiser, through "
-        "jaxcnn.fit. Without arguments: small_cnn on MNIST, the full set when it is cached or "
+        f"jaxcnn.fit. Without arguments: the recipe {DEFAULT_RECIPE} on MNIST, the full set when it is cached or "
         "downloadable, otherwise the bundled offline subset of real MNIST.",
+        epilog="recipes (flags given explicitly override a recipe's settings; the other defaults shown are "
+        "those of no recipe): " + "; ".join(describe(r) for r in RECIPES.values()),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--recipe",
+        default=DEFAULT_RECIPE,
+        choices=list(RECIPES),
+        help="named partial configuration (listed below); explicit flags override it",
     )
     add_flags(p, choices={"model": MODELS})
     p.add_argument(
@@ -106,16 +115,22 @@ def _run_train(args) -> int:
     import signal
 
     from jaxcnn.train import ConfigError, Interrupted, TrainingStopped, train_and_evaluate
-    from jaxcnn.train.config import from_flags
+    from jaxcnn.train.config import explicit_settings
+    from jaxcnn.train.recipes import resolve
 
     _init_distributed(args)
     if args.resume and not args.out:
         raise ConfigError("--resume needs --out DIR (the directory holding the checkpoint)")
-    config = from_flags(args)
+    config = resolve(args.recipe, explicit_settings(args))
     progress = {"auto": None, "on": True, "off": False}[args.progress]
     try:
         history = train_and_evaluate(
-            config, args.out, resume=args.resume, progress=progress, log=lambda s: print(s, flush=True)
+            config,
+            args.out,
+            resume=args.resume,
+            progress=progress,
+            log=lambda s: print(s, flush=True),
+            recipe=args.recipe,
         ).history
     except Interrupted as e:
         print(str(e), file=sys.stderr)

@@ -29,6 +29,7 @@ Owning the backward pass gives more than the batch gradient (``docs/per_example.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -98,6 +99,32 @@ softmax_cross_entropy = Loss(
     ops.softmax_cross_entropy_per_example,
     _correct_softmax,
 )
+
+
+def label_smoothed_cross_entropy(label_smoothing: float) -> Loss:
+    """Softmax cross-entropy against the smoothed targets ``(1 - α) onehot(label) + α / classes``
+    (``α = label_smoothing`` in ``[0, 1)``; 0 gives :data:`softmax_cross_entropy` itself).
+
+    Accuracy still compares the argmax with the integer label.
+
+    >>> loss = label_smoothed_cross_entropy(0.1)
+    >>> loss.name
+    'softmax_cross_entropy(label_smoothing=0.1)'
+    >>> round(float(loss.value(jnp.zeros((2, 10)), jnp.array([3, 7]))), 4)  # uniform logits: log 10 whatever α
+    2.3026
+    """
+    alpha = float(label_smoothing)
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if alpha == 0.0:
+        return softmax_cross_entropy
+    return Loss(
+        functools.partial(ops.softmax_cross_entropy, label_smoothing=alpha),
+        functools.partial(ops.softmax_cross_entropy_backward, label_smoothing=alpha),
+        f"softmax_cross_entropy(label_smoothing={alpha:g})",
+        functools.partial(ops.softmax_cross_entropy_per_example, label_smoothing=alpha),
+        _correct_softmax,
+    )
 
 
 def value_and_grad(model: Layer, loss: Loss, route: str = "manual") -> Callable:

@@ -11,8 +11,8 @@ optimiser state is checked (its leaf count, when the recorded optimiser can be r
 Inputs are scaled exactly as training scaled them (:class:`~jaxcnn.train.inputs.Scaling`): uint8 images
 are divided by 255, float images are taken as they are, and a run trained with ``normalize`` subtracts
 the training set's mean and divides by its standard deviation. The forward is the one the training loop
-evaluates with (:func:`jaxcnn.train.step.eval_outputs`: the run's gradient route and precision), in
-batches of the run's ``eval_batch_size``, so :func:`evaluate` reproduces the loop's test accuracy.
+evaluates with (:func:`jaxcnn.train.step.eval_outputs`: the run's gradient route, precision and test-time
+augmentation), in batches of the run's ``eval_batch_size``, so :func:`evaluate` reproduces the loop's test accuracy.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from jaxcnn.models import INPUT_SHAPE, MODELS, ModelSpec
 from jaxcnn.ops.conv import DEFAULT_METHOD
 from jaxcnn.ops.conv import METHODS as CONV_METHODS
 from jaxcnn.train.checkpoint import CHECKPOINT
-from jaxcnn.train.config import GRAD_ROUTES, OPTIMIZERS, ConfigError, TrainConfig, array_settings, make_optimizer
+from jaxcnn.train.config import GRAD_ROUTES, OPTIMIZERS, TTA, ConfigError, TrainConfig, array_settings, make_optimizer
 from jaxcnn.train.inputs import Scaling, as_images, balanced_subset, classes_of, scaling_for
 from jaxcnn.train.loop import FitResult
 from jaxcnn.train.step import PRECISIONS, Step, eval_outputs, make_step
@@ -421,6 +421,7 @@ def _step(ck: Checkpoint) -> Step:
         _NO_UPDATE,
         grad=grad if grad in GRAD_ROUTES else "manual",
         precision=precision if precision in PRECISIONS else "float32",
+        tta=ck.config.get("tta", "none") if ck.config.get("tta") in TTA else "none",
     )
 
 

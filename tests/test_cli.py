@@ -29,6 +29,8 @@ from jaxcnn.train import CHECKPOINT, TrainConfig, loop, zoo
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_RUN = [
+    "--recipe",
+    "classic",
     "--model",
     "seed_net",
     "--dataset",
@@ -46,6 +48,8 @@ SMALL_RUN = [
 ]
 # 16 steps of 16 per epoch, all in the first chunk (--chunk-steps 50).
 TWO_EPOCHS = [
+    "--recipe",
+    "classic",
     "--model",
     "seed_net",
     "--dataset",
@@ -135,22 +139,35 @@ def one_line_error(stderr: str) -> str:
 
 
 def test_train_help_documents_every_flag_with_its_default():
+    """Every flag shows its default: a TrainConfig field its field default (the flag itself defaults to absent,
+    so that a recipe can tell what was given), and the help lists every recipe with its settings."""
+    from jaxcnn.train.recipes import DEFAULT_RECIPE, RECIPES
+
     parser = train_parser()
-    blocks = option_blocks(parser.format_help())
+    help_text = parser.format_help()
+    blocks = option_blocks(help_text)
     defaults = TrainConfig()
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
     assert len(flags) >= 20
     for action in flags:
         flag = action.option_strings[-1]
         assert flag in blocks, flag
         assert action.help, f"{flag} has no help"
-        assert f"(default: {action.default})" in blocks[flag], blocks[flag]
-        # The command line's defaults are TrainConfig's.
-        if action.dest in {f.name for f in dataclasses.fields(TrainConfig)}:
-            assert action.default == getattr(defaults, action.dest), flag
+        if action.dest in fields:
+            assert action.default is argparse.SUPPRESS, flag
+            shown = getattr(defaults, action.dest)
+            shown = "off" if shown is None or shown is False else shown
+            assert f"(default: {shown})" in blocks[flag], blocks[flag]
+        else:
+            assert f"(default: {action.default})" in blocks[flag], blocks[flag]
+    assert f"(default: {DEFAULT_RECIPE})" in blocks["--recipe"]
+    flat = re.sub(r"\s+", " ", help_text)
+    for name in RECIPES:
+        assert f"{name}: " in flat, name
     assert {"--check-every", "--out", "--resume", "--precision", "--grad", "--train-limit"} <= set(blocks)
-    args = parser.parse_args([])
-    assert args.offline is False and defaults.offline is False
+    assert vars(parser.parse_args([])).keys() >= {"recipe", "out"}
+    assert "offline" not in vars(parser.parse_args([])) and parser.parse_args(["--offline"]).offline is True
 
 
 def test_every_train_config_field_is_a_flag_with_its_help_text():
@@ -232,12 +249,14 @@ def test_small_training_run(small_run):
         "train_accuracy",
         "test_loss",
         "test_accuracy",
+        "eval_s",
         "images_per_s",
         "wall_s",
     ]
     saved = json.loads((out / "config.json").read_text())
     # jaxcnn train records every setting, its presets included, and the data actually used.
     assert saved.pop("data")["source"].startswith("the bundled MNIST subset")
+    assert saved.pop("recipe") == "classic"
     assert (
         saved
         == TrainConfig(

@@ -139,6 +139,8 @@ def _free_port() -> int:
 
 def test_two_processes_agree_with_one(tmp_path):
     common = [
+        "--recipe",
+        "classic",
         "--model",
         "lenet5",
         "--dataset",

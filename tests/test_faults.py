@@ -41,8 +41,10 @@ from jaxcnn.train import checkpoint as ckpt
 from jaxcnn.train.config import array_settings
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING_KEYS = ("images_per_s", "wall_s")
+TIMING_KEYS = ("images_per_s", "wall_s", "eval_s")
 RUN = [
+    "--recipe",
+    "classic",
     "--model",
     "seed_net",
     "--batch-size",

@@ -26,7 +26,16 @@ from jaxcnn.train import ConfigError, TrainConfig, Trainer, balanced_subset, mak
 from jaxcnn.train.config import array_settings
 from jaxcnn.train.inputs import scaling_for
 
-HISTORY_KEYS = ["epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "images_per_s", "wall_s"]
+HISTORY_KEYS = [
+    "epoch",
+    "train_loss",
+    "train_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "eval_s",
+    "images_per_s",
+    "wall_s",
+]
 CE, MSE = gradients.softmax_cross_entropy, gradients.mse
 QUIET = dict(log=lambda s: None, progress=False)
 
@@ -157,11 +166,11 @@ def test_history_has_exactly_the_documented_keys(mnist_fit, tmp_path):
     # Without test data: no test keys; with ``out``, metrics.jsonl holds the same records.
     x, labels = blobs(120, 2, by="colour")
     result = jaxcnn.fit(colour_net(3), CE, (x, labels), out=tmp_path, epochs=1, batch_size=30, **QUIET)
-    assert [list(r) for r in result.history] == [[k for k in HISTORY_KEYS if not k.startswith("test_")]]
+    assert [list(r) for r in result.history] == [[k for k in HISTORY_KEYS if not k.startswith(("test_", "eval_"))]]
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == result.history
     recorded = json.loads((tmp_path / "config.json").read_text())
     assert recorded["network"] == "colour_net" and recorded["loss"] == "softmax_cross_entropy"
-    assert set(recorded) == {"network", "loss", "data", *array_settings()}
+    assert set(recorded) == {"network", "loss", "recipe", "data", *array_settings()} and recorded["recipe"] is None
     assert recorded["data"]["train"]["count"] == 120 and recorded["data"]["test"] is None
 
 

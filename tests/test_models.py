@@ -20,8 +20,8 @@ from jaxcnn.modelcheck import check_model
 from jaxcnn.models import INPUT_SHAPE, MODELS, get_model
 from jaxcnn.ops.conv import DEFAULT_METHOD
 
-ZOO = ("seed_net", "lenet5", "small_cnn", "resnet_small")
-OUTPUTS = {"seed_net": 1, "lenet5": 10, "small_cnn": 10, "resnet_small": 10}
+ZOO = ("seed_net", "lenet5", "small_cnn", "resnet_small", "fast_cnn")
+OUTPUTS = {"seed_net": 1, "lenet5": 10, "small_cnn": 10, "resnet_small": 10, "fast_cnn": 10}
 # Explicit formulations; "auto" (the default, checked for every model) picks "taps" and "conv" per layer.
 CONV_METHODS = ("conv", "im2col", "taps")
 # Parameter counts worked out by hand from the architectures in the docstrings.
@@ -35,6 +35,8 @@ PARAMETER_COUNTS = {
     # stem 3*3*1*32 + BN 64; two blocks of 2 * (3*3*32*32 + BN 64); the projected block
     # 3*3*32*64 + 3*3*64*64 + 1*1*32*64 + 3 BN of 128; one block of 2 * (3*3*64*64 + BN 128); dense 64*10 + 10
     "resnet_small": 352 + 2 * 18560 + (18432 + 36864 + 2048 + 3 * 128) + 2 * (36864 + 128) + 650,
+    # conv 5*5*1*24 + 24, BN 48; conv 3*3*24*48 + 48, BN 96; conv 3*3*48*96 + 96, BN 192; dense 3*3*96*10 + 10
+    "fast_cnn": 624 + 48 + 10416 + 96 + 41568 + 192 + 8650,
 }
 TOL = 1e-10  # float64, relative per parameter array (measured: <= 4e-15)
 
@@ -74,7 +76,7 @@ def test_zoo_names_and_unknown_model_error():
         assert spec.name == name and spec.description
         assert spec.input_shape == INPUT_SHAPE
     with pytest.raises(
-        ValueError, match=r"unknown model 'vgg16'; choose one of seed_net, lenet5, small_cnn, resnet_small"
+        ValueError, match=r"unknown model 'vgg16'; choose one of seed_net, lenet5, small_cnn, resnet_small, fast_cnn"
     ):
         get_model("vgg16")
 

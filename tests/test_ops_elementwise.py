@@ -149,6 +149,18 @@ def _np_softmax(x, axis):
     return e / e.sum(axis=axis, keepdims=True)
 
 
+SMOOTHING = 0.1
+
+
+def _np_smoothed(z, labels):
+    """The label-smoothed targets, element by element: ``1 - α + α/K`` at the label, ``α/K`` elsewhere."""
+    q = np.empty(z.shape)
+    for n in range(z.shape[0]):
+        for k in range(z.shape[1]):
+            q[n, k] = (1 - SMOOTHING if k == labels[n] else 0.0) + SMOOTHING / z.shape[1]
+    return q
+
+
 def _np_softmax_vjp(dy, x, axis, log):
     """``dyᵀ J`` with the Jacobian written out as a matrix per row: softmax ``J = diag(s) - s sᵀ``,
     log-softmax ``J = I - 1 sᵀ`` (row i: output i, column j: input j)."""
@@ -355,10 +367,18 @@ LOSSES = {
         lambda z, y: -np.mean(np.log(_np_softmax(z, -1))[np.arange(len(y)), y]),
         lambda rng, shape, dtype: rng.integers(0, shape[1], shape[0]),
     ),
+    # Label smoothing 0.1: the NumPy formula builds the smoothed targets as a loop over examples and classes.
+    "softmax_cross_entropy_smoothed": (
+        functools.partial(ops.softmax_cross_entropy, label_smoothing=SMOOTHING),
+        functools.partial(ops.softmax_cross_entropy_backward, label_smoothing=SMOOTHING),
+        lambda z, y: np.mean(-np.sum(_np_smoothed(z, y) * np.log(_np_softmax(z, -1)), axis=1)),
+        lambda rng, shape, dtype: rng.integers(0, shape[1], shape[0]),
+    ),
 }
 
 # NumPy gradients of the losses with respect to the prediction, in float64.
 NP_LOSS_GRAD = {
+    "softmax_cross_entropy_smoothed": lambda z, y: (_np_softmax(z, -1) - _np_smoothed(z, y)) / z.shape[0],
     "mse": lambda p, t: (p - t) / p.size,
     "bce_with_logits": lambda z, y: (_np_sigmoid(z) - y) / z.size,
     "softmax_cross_entropy": lambda z, y: (_np_softmax(z, -1) - np.eye(z.shape[1])[y]) / z.shape[0],
@@ -483,12 +503,18 @@ PER_EXAMPLE = {
         lambda z, y: -np.log(_np_softmax(z, -1))[np.arange(len(y)), y],
         "softmax_cross_entropy",
     ),
+    "softmax_cross_entropy_smoothed": (
+        functools.partial(ops.softmax_cross_entropy_per_example, label_smoothing=SMOOTHING),
+        lambda z, y: -np.sum(_np_smoothed(z, y) * np.log(_np_softmax(z, -1)), axis=1),
+        "softmax_cross_entropy(label_smoothing=0.1)",
+    ),
 }
 # Prediction shapes: (N, features) for all; a rank-4 map (N, H, W, C) and one output column for the elementwise losses.
 PER_EXAMPLE_SHAPES = {
     "mse": [(4, 5), (3, 2, 2, 3), (6, 1)],
     "bce_with_logits": [(4, 5), (3, 2, 2, 3), (6, 1)],
     "softmax_cross_entropy": [(4, 5), (1, 3)],
+    "softmax_cross_entropy_smoothed": [(4, 5), (1, 3)],
 }
 
 

@@ -58,14 +58,47 @@ def test_row_figures_are_those_of_its_run(results, row):
             assert arg in got["command"]
 
 
-@pytest.mark.parametrize("name", ["accuracy", "speed"])
+@pytest.mark.parametrize("name", ["accuracy", "speed", "recipes", "time_to_accuracy"])
 def test_readme_blocks_equal_the_committed_results(results, name):
-    blocks = rn.render(results, rn.load_bench())
+    blocks = rn.render(results, rn.load_bench(), rn.load_time_to_accuracy())
     assert name in blocks, f"no committed result renders the {name} block"
     assert rn.fill_readme(README, {name: blocks[name]}) == README, (
         f"README.md's {name} block differs from the committed results; run "
         "python experiments/readme_numbers.py --write-readme"
     )
+
+
+def test_time_to_accuracy_rows_are_those_of_their_runs():
+    """Every run in the committed time-to-accuracy results: its accuracy and epochs are those of its own
+    metrics.jsonl, its config.json is the recipe resolved as the command says, and the row's summary is
+    computed from its runs; the README's first command (``jaxcnn train`` with no data at hand, the row
+    ``offline``) is among them."""
+    from experiments import time_to_accuracy as tta
+    from jaxcnn.train.recipes import DEFAULT_RECIPE
+
+    results = rn.load_time_to_accuracy()
+    assert results is not None and set(results["rows"]) == {t.key for t in tta.TARGETS}
+    # The README's first command ends in a bare ``jaxcnn train``; the row offline ran exactly that (plus its seed).
+    assert "pip install -e . && jaxcnn train\n" in README
+    assert results["rows"]["offline"]["commands"]["jaxcnn"].endswith("jaxcnn.cli train --seed 0 --progress off")
+    for target in tta.TARGETS:
+        row = results["rows"][target.key]
+        for who, runs in row["runs"].items():
+            assert [r["seed"] for r in runs] == list(target.seeds), (target.key, who)
+            for r in runs:
+                workdir = rn.common.RESULTS / "time_to_accuracy" / target.key / f"{who}_seed{r['seed']}"
+                records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+                config = json.loads((workdir / "config.json").read_text())
+                assert r["test_accuracy"] == records[-1]["test_accuracy"] and r["epochs"] == records[-1]["epoch"]
+                assert config["seed"] == r["seed"] and config["epochs"] == r["epochs"]
+                assert config["recipe"] == (target.args[1] if target.args[:1] == ("--recipe",) else DEFAULT_RECIPE)
+            accuracies = [r["test_accuracy"] for r in runs]
+            summary = row["summary"][who]
+            assert summary["mean_accuracy"] == pytest.approx(np.mean(accuracies), abs=1e-12)
+            assert summary["max_seconds"] == max(r["process_s"] for r in runs)
+            assert summary["met"] == (
+                summary["mean_accuracy"] >= target.accuracy and summary["max_seconds"] <= target.seconds
+            )
 
 
 def _outside_generated_blocks(text: str) -> str:

@@ -39,8 +39,17 @@ from jaxcnn.train import (
 )
 from jaxcnn.train.config import array_settings
 
-TIMING_KEYS = ("images_per_s", "wall_s")
-HISTORY_KEYS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "images_per_s", "wall_s"}
+TIMING_KEYS = ("images_per_s", "wall_s", "eval_s")
+HISTORY_KEYS = {
+    "epoch",
+    "train_loss",
+    "train_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "eval_s",
+    "images_per_s",
+    "wall_s",
+}
 LOSS = gradients.softmax_cross_entropy
 BASE = dict(epochs=2, batch_size=32, lr=0.05, chunk_steps=4, eval_batch_size=128, seed=3)
 
@@ -220,7 +229,7 @@ def test_metrics_jsonl_config_json_and_checkpoint(reference):
     recorded = json.loads((workdir / "config.json").read_text())
     expected = {k: v for k, v in TrainConfig(**settings()).to_json().items() if k in array_settings()}
     data = recorded.pop("data")  # where the data came from and its fingerprint
-    assert recorded == {"network": "tiny", "loss": "softmax_cross_entropy", **expected}
+    assert recorded == {"network": "tiny", "loss": "softmax_cross_entropy", "recipe": None, **expected}
     assert data["source"] == "the given arrays"
     assert (data["train"]["count"], data["train"]["image_shape"], data["train"]["image_dtype"]) == (
         256,
@@ -408,7 +417,10 @@ def test_invalid_settings_are_config_errors(small):
             dict(optimizer="rmsprop"),
             "--optimizer must be one of sgd, nesterov, adam or an optax GradientTransformation, got 'rmsprop'",
         ),
-        (dict(model="vgg16"), "--model must be one of seed_net, lenet5, small_cnn, resnet_small, got 'vgg16'"),
+        (
+            dict(model="vgg16"),
+            "--model must be one of seed_net, lenet5, small_cnn, resnet_small, fast_cnn, got 'vgg16'",
+        ),
         (dict(conv_method="fft"), "--conv-method must be one of "),
         (dict(precision="float16"), "--precision must be one of float32, bfloat16"),
         (dict(check_every=-1), "--check-every must be >= 0"),

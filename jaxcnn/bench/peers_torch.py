@@ -53,6 +53,15 @@ def build(model_name: str, channels: int):
             nn.Linear(256, 10),
         )
         return net, nn.functional.cross_entropy
+    if model_name == "fast_cnn":
+
+        def block(c_in: int, c_out: int, size: int) -> list:
+            return [nn.Conv2d(c_in, c_out, size, padding=size // 2), nn.ReLU(), nn.MaxPool2d(2), nn.BatchNorm2d(c_out)]
+
+        net = nn.Sequential(
+            *block(channels, 24, 5), *block(24, 48, 3), *block(48, 96, 3), nn.Flatten(), nn.LazyLinear(10)
+        )
+        return net, nn.functional.cross_entropy
     raise KeyError(model_name)
 
 

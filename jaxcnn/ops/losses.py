@@ -77,21 +77,45 @@ def _check_labels(fn: str, logits, labels) -> None:
         raise TypeError(f"{fn}: labels must be integer class indices, got dtype {jnp.result_type(labels)}")
 
 
-def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """``mean_n(logsumexp(z_n) - z_n[label_n])`` for ``logits (N, classes)`` and integer ``labels (N,)``."""
+def _smoothed_targets(logits, labels, label_smoothing):
+    """``q = (1 - α) onehot(label) + α / classes``: the targets of label smoothing (``α = 0``: the one-hot labels)."""
+    classes = logits.shape[-1]
+    return (1.0 - label_smoothing) * jax.nn.one_hot(labels, classes, dtype=logits.dtype) + label_smoothing / classes
+
+
+def _check_smoothing(fn: str, label_smoothing) -> None:
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"{fn}: label_smoothing must be in [0, 1), got {label_smoothing}")
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0) -> jax.Array:
+    """``mean_n(logsumexp(z_n) - Σ_k q_nk z_nk)`` for ``logits (N, classes)`` and integer ``labels (N,)``, where
+    ``q_n = (1 - α) onehot(label_n) + α / classes`` and ``α = label_smoothing`` (0: ``logsumexp(z_n) - z_n[label_n]``).
+    """
     _check_labels("softmax_cross_entropy", logits, labels)
-    log_p = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=-1))
+    _check_smoothing("softmax_cross_entropy", label_smoothing)
+    return jnp.mean(softmax_cross_entropy_per_example(logits, labels, label_smoothing=label_smoothing))
 
 
-def softmax_cross_entropy_per_example(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """``logsumexp(z_n) - z_n[label_n]`` for each example: ``(N, classes), (N,) -> (N,)``."""
+def softmax_cross_entropy_per_example(
+    logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0
+) -> jax.Array:
+    """``-Σ_k q_nk log softmax(z_n)_k`` for each example: ``(N, classes), (N,) -> (N,)`` (``q``: see
+    :func:`softmax_cross_entropy`)."""
     _check_labels("softmax_cross_entropy_per_example", logits, labels)
-    return -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[:, None], axis=-1)[:, 0]
+    _check_smoothing("softmax_cross_entropy_per_example", label_smoothing)
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    if not label_smoothing:
+        return -jnp.take_along_axis(log_p, labels[:, None], axis=-1)[:, 0]
+    return -jnp.sum(_smoothed_targets(logits, labels, label_smoothing) * log_p, axis=-1)
 
 
-def softmax_cross_entropy_backward(dloss: float | jax.Array, logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """``d/dz = (softmax(z) - onehot(label)) / N``."""
+def softmax_cross_entropy_backward(
+    dloss: float | jax.Array, logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0
+) -> jax.Array:
+    """``d/dz = (softmax(z) - q) / N``, with ``q`` the (smoothed) targets of :func:`softmax_cross_entropy`
+    (the ``Σ_k q_k = 1`` of any ``α`` is what leaves ``softmax(z)`` alone in the derivative of the log-sum-exp)."""
     _check_labels("softmax_cross_entropy_backward", logits, labels)
-    onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
-    return dloss * (jax.nn.softmax(logits, axis=-1) - onehot) / logits.shape[0]
+    _check_smoothing("softmax_cross_entropy_backward", label_smoothing)
+    q = _smoothed_targets(logits, labels, label_smoothing)
+    return dloss * (jax.nn.softmax(logits, axis=-1) - q) / logits.shape[0]

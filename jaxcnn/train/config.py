@@ -20,9 +20,10 @@ from jaxcnn.ops.conv import DEFAULT_METHOD
 from jaxcnn.ops.conv import METHODS as CONV_METHODS
 
 OPTIMIZERS = ("sgd", "nesterov", "adam")  # the choices of --optimizer
-SCHEDULES = ("constant", "cosine", "step")  # the choices of --schedule
+SCHEDULES = ("constant", "cosine", "linear", "step")  # the choices of --schedule
 PRECISIONS = ("float32", "bfloat16")  # the choices of --precision
 LOOP_FORMS = ("auto", "scan", "step")
+TTA = ("none", "flip")  # the choices of --tta
 GRAD_ROUTES = ("manual", "autodiff")  # the training routes; "autodiff_same_forward" is the check's witness
 assert set(GRAD_ROUTES) <= set(ROUTES)
 # --check-every: the largest max-relative difference per parameter array accepted between the hand-written
@@ -72,11 +73,29 @@ class TrainConfig:
         choices=OPTIMIZERS,
     )
     momentum: float = _setting(0.9, "momentum of sgd/nesterov", type=float)
-    weight_decay: float = _setting(0.0, "decoupled weight decay (0: off)", type=float)
+    weight_decay: float = _setting(
+        0.0,
+        "weight decay: added to the gradient (L2) for sgd and nesterov, decoupled (AdamW) for adam (0: off)",
+        type=float,
+    )
     schedule: str = _setting(
         "cosine",
-        "learning-rate schedule: constant, cosine decay to 0, or step (x0.1 at 50%% and 75%%)",
+        "learning-rate schedule: constant, cosine decay to 0, linear decay to 0, or step (x0.1 at 50%% and 75%%)",
         choices=SCHEDULES,
+    )
+    warmup: float = _setting(
+        0.0,
+        "fraction of the steps over which the learning rate first rises linearly from 0 to --lr, before "
+        "--schedule takes over for the rest (0: none; --schedule linear --warmup 0.25 is a one-cycle triangle)",
+        type=float,
+        metavar="FRACTION",
+    )
+    label_smoothing: float = _setting(
+        0.0,
+        "softmax cross-entropy against (1 - A) onehot + A / classes; the test loss stays the plain "
+        "cross-entropy (0: off)",
+        type=float,
+        metavar="A",
     )
     seed: int = _setting(
         0, "seeds initialisation, shuffling, augmentation, dropout and --train-limit's subset", type=int
@@ -127,6 +146,19 @@ class TrainConfig:
         type=int,
         metavar="PIXELS",
     )
+    rotate: float = _setting(
+        0.0, "rotate each training image by a random angle of up to this many degrees (0: off)", type=float
+    )
+    scale: float = _setting(
+        0.0, "zoom each training image by a random factor in [1 - S, 1 + S] (0: off)", type=float, metavar="S"
+    )
+    flip: bool = _setting(False, "mirror each training image left to right with probability 1/2 (not for digits)")
+    tta: str = _setting(
+        "none",
+        "test-time augmentation of evaluation and prediction: flip averages the network's outputs for each image "
+        "and its mirror image (not for digits)",
+        choices=TTA,
+    )
     devices: int | None = _setting(
         None,
         "data-parallel over the first N devices (default: all; 1: a single "
@@ -144,6 +176,12 @@ class TrainConfig:
         50, "steps per compiled lax.scan call (between progress updates and interrupt checks)", type=int, metavar="N"
     )
     eval_batch_size: int = _setting(1000, "examples per evaluation batch", type=int, metavar="N")
+    eval_every: int = _setting(
+        1,
+        "evaluate the test set every N epochs and after the last one (0: after the last one only)",
+        type=int,
+        metavar="N",
+    )
     checkpoint_every: int | None = _setting(
         None,
         "also save a checkpoint mid-epoch every STEPS training steps: at "
@@ -181,6 +219,14 @@ class TrainConfig:
             (
                 _is_number(self.weight_decay) and self.weight_decay >= 0,
                 f"--weight-decay must be >= 0, got {self.weight_decay}",
+            ),
+            (
+                _is_number(self.warmup) and 0 <= self.warmup < 1,
+                f"--warmup must be a fraction in [0, 1), got {self.warmup}",
+            ),
+            (
+                _is_number(self.label_smoothing) and 0 <= self.label_smoothing < 1,
+                f"--label-smoothing must be in [0, 1), got {self.label_smoothing}",
             ),
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
             (
@@ -242,6 +288,17 @@ class TrainConfig:
                 _is_int(self.augment) and 0 <= self.augment <= 8,
                 f"--augment must be between 0 and 8 pixels, got {self.augment}",
             ),
+            (
+                _is_number(self.rotate) and 0 <= self.rotate <= 180,
+                f"--rotate must be between 0 and 180 degrees, got {self.rotate}",
+            ),
+            (_is_number(self.scale) and 0 <= self.scale < 1, f"--scale must be in [0, 1), got {self.scale}"),
+            (isinstance(self.flip, bool), f"--flip must be true or false, got {self.flip!r}"),
+            (self.tta in TTA, f"--tta must be one of {', '.join(TTA)}, got {self.tta!r}"),
+            (
+                _is_int(self.eval_every) and self.eval_every >= 0,
+                f"--eval-every must be >= 0, got {self.eval_every}",
+            ),
             (self.loop in LOOP_FORMS, f"--loop must be one of {', '.join(LOOP_FORMS)}, got {self.loop!r}"),
             (
                 _is_int(self.chunk_steps) and self.chunk_steps >= 1,
@@ -284,16 +341,22 @@ def array_settings() -> tuple[str, ...]:
 
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     """``config.optimizer`` itself when it is an optax transformation; otherwise SGD with momentum
-    (default), Nesterov or Adam, with optional decoupled weight decay and ``config.schedule``."""
+    (default), Nesterov or Adam, with optional weight decay (L2 for SGD, decoupled for Adam) and ``config.schedule``."""
     if not isinstance(config.optimizer, str):
         return config.optimizer
     total = max(config.epochs * steps_per_epoch, 1)
+    warmup = int(config.warmup * total)
+    rest = total - warmup
     if config.schedule == "cosine":
-        lr = optax.cosine_decay_schedule(config.lr, total)
+        lr = optax.cosine_decay_schedule(config.lr, rest)
+    elif config.schedule == "linear":
+        lr = optax.linear_schedule(config.lr, 0.0, rest)
     elif config.schedule == "step":
-        lr = optax.piecewise_constant_schedule(config.lr, {int(total * 0.5): 0.1, int(total * 0.75): 0.1})
+        lr = optax.piecewise_constant_schedule(config.lr, {int(rest * 0.5): 0.1, int(rest * 0.75): 0.1})
     else:
         lr = optax.constant_schedule(config.lr)
+    if warmup:
+        lr = optax.join_schedules([optax.linear_schedule(0.0, config.lr, warmup), lr], [warmup])
     if config.optimizer == "adam":
         return optax.adamw(lr, weight_decay=config.weight_decay) if config.weight_decay else optax.adam(lr)
     sgd = optax.sgd(lr, momentum=config.momentum, nesterov=config.optimizer == "nesterov")
@@ -301,8 +364,10 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientT
 
 
 def add_flags(parser: argparse.ArgumentParser, *, choices: dict | None = None) -> None:
-    """Adds one ``--flag`` per :class:`TrainConfig` field, with its default and help text.
+    """Adds one ``--flag`` per :class:`TrainConfig` field, with its help text and default.
 
+    A flag not given is absent from the parsed namespace (``argparse.SUPPRESS``), so that :func:`from_flags`
+    can tell the settings a user chose from a recipe's; the help text shows each field's default.
     ``choices`` adds choices known only at run time (e.g. the zoo's names for ``model``).
     """
     defaults = TrainConfig()
@@ -310,14 +375,21 @@ def add_flags(parser: argparse.ArgumentParser, *, choices: dict | None = None) -
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         kwargs = dict(f.metadata["flag"])
+        shown = f"{f.metadata['help']} (default: {'off' if default is None or default is False else default})"
         if isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
+            parser.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=shown)
             continue
         if choices and f.name in choices:
             kwargs["choices"] = list(choices[f.name])
-        parser.add_argument(flag, dest=f.name, default=default, help=f.metadata["help"], **kwargs)
+        parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=shown, **kwargs)
+
+
+def explicit_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`TrainConfig` fields given as flags (see :func:`add_flags`)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
 
 
 def from_flags(args: argparse.Namespace) -> TrainConfig:
-    """The :class:`TrainConfig` of parsed flags (see :func:`add_flags`)."""
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    """The :class:`TrainConfig` of parsed flags alone: every field not given at its default (see
+    :func:`jaxcnn.train.recipes.resolve` for flags over a recipe)."""
+    return TrainConfig(**explicit_settings(args))

@@ -80,6 +80,66 @@ def random_shift(key: jax.Array, x: jax.Array, max_shift: int) -> jax.Array:
     return jax.vmap(crop)(padded, offsets) + fill
 
 
+def rotate_and_zoom(x: jax.Array, angle: jax.Array, zoom: jax.Array) -> jax.Array:
+    """Rotates each image of ``x (B, H, W, C)`` counter-clockwise by ``angle (B,)`` radians about its centre and
+    magnifies it by ``zoom (B,)``, sampling bilinearly; pixels that come from outside the image take its
+    :func:`background` value. Output pixel ``p`` reads the input at ``centre + R(-angle) (p - centre) / zoom``.
+    """
+    _, h, w, _ = x.shape
+    fill = background(x)
+    rows, cols = jnp.meshgrid(jnp.arange(h) - (h - 1) / 2, jnp.arange(w) - (w - 1) / 2, indexing="ij")
+
+    def warp(image, angle, zoom):  # (H, W, C); rows grow downwards, so +angle turns the picture counter-clockwise
+        cos, sin = jnp.cos(angle) / zoom, jnp.sin(angle) / zoom
+        source = [cos * rows + sin * cols + (h - 1) / 2, -sin * rows + cos * cols + (w - 1) / 2]
+        sample = lambda channel: jax.scipy.ndimage.map_coordinates(channel, source, order=1, cval=0.0)  # noqa: E731
+        return jax.vmap(sample, in_axes=2, out_axes=2)(image)
+
+    return jax.vmap(warp)(x - fill, angle, zoom) + fill
+
+
+def random_affine(key: jax.Array, x: jax.Array, max_degrees: float, max_scale: float) -> jax.Array:
+    """:func:`rotate_and_zoom` of each image of ``x (B, H, W, C)`` by its own angle, drawn uniformly from
+    ``[-max_degrees, max_degrees]`` degrees, and zoom, drawn from ``[1 - max_scale, 1 + max_scale]``."""
+    if not max_degrees and not max_scale:
+        return x
+    k_angle, k_zoom = jax.random.split(key)
+    b = x.shape[0]
+    angle = jnp.deg2rad(jax.random.uniform(k_angle, (b,), minval=-max_degrees, maxval=max_degrees))
+    zoom = jax.random.uniform(k_zoom, (b,), minval=1.0 - max_scale, maxval=1.0 + max_scale)
+    return rotate_and_zoom(x, angle, zoom)
+
+
+def random_flip(key: jax.Array, x: jax.Array) -> jax.Array:
+    """Mirrors each image of ``x (B, H, W, C)`` left to right with probability 1/2."""
+    flip = jax.random.bernoulli(key, 0.5, (x.shape[0], 1, 1, 1))
+    return jnp.where(flip, x[:, :, ::-1], x)
+
+
+class Augmentation(NamedTuple):
+    """The random transformations of each training image, in this order: a mirror image (``flip``), a rotation
+    by up to ``rotate`` degrees and a zoom by up to ``scale`` (:func:`random_affine`), a shift by up to
+    ``shift`` pixels (:func:`random_shift`). All off by default; ``augmentation(key, x)`` applies them."""
+
+    shift: int = 0
+    rotate: float = 0.0
+    scale: float = 0.0
+    flip: bool = False
+
+    def __call__(self, key: jax.Array, x: jax.Array) -> jax.Array:
+        if self.flip or self.rotate or self.scale:  # the shift alone keeps the key it always had
+            k_flip, k_affine, key = jax.random.split(key, 3)
+            if self.flip:
+                x = random_flip(k_flip, x)
+            x = random_affine(k_affine, x, self.rotate, self.scale)
+        return random_shift(key, x, self.shift)
+
+
+def as_augmentation(augment: Augmentation | int) -> Augmentation:
+    """``augment`` as an :class:`Augmentation` (an int is a shift alone)."""
+    return augment if isinstance(augment, Augmentation) else Augmentation(shift=int(augment))
+
+
 def classes_of(targets) -> np.ndarray:
     """The class of each example, for class-balanced subsets: integer labels as they are, one column of
     {0, 1} targets rounded, several columns (one-hot or scores) by their argmax."""

@@ -41,15 +41,16 @@ from jaxcnn import data as jdata
 from jaxcnn.gradients import Loss
 from jaxcnn.layers import Layer
 from jaxcnn.train import checkpoint as ckpt
-from jaxcnn.train import privacy
+from jaxcnn.train import privacy, recipes
 from jaxcnn.train.config import ConfigError, TrainConfig, array_settings, make_optimizer
 from jaxcnn.train.inputs import (
+    Augmentation,
     Scaling,
+    as_augmentation,
     as_images,
     balanced_subset,
     classes_of,
     describe_counts,
-    random_shift,
     scaling_for,
 )
 from jaxcnn.train.runtime import Interrupt, Placement, default_compiler_options, host, progress_bar
@@ -85,7 +86,7 @@ class FitResult(NamedTuple):
 def run_step(
     step: Step,
     scaling: Scaling,
-    augment: int,
+    augment: Augmentation | int,
     root_key: jax.Array,
     state: TrainState,
     images: jax.Array,
@@ -94,17 +95,18 @@ def run_step(
     t: int | jax.Array,
 ) -> tuple[TrainState, dict]:
     """One :func:`train_step` on the examples ``idx (B,)`` of the device-resident ``images``/``targets``, at
-    global step ``t``: gathers the batch, scales it, shifts it (``augment``) with the key of step ``t`` and
+    global step ``t``: gathers the batch, scales it, augments it (``augment``, an
+    :class:`~jaxcnn.train.inputs.Augmentation` or a number of pixels to shift by) with the key of step ``t`` and
     trains with the dropout key of step ``t``. Returns the new state and the step's metrics."""
     dropout_root, augment_root = jax.random.fold_in(root_key, 1), jax.random.fold_in(root_key, 2)
-    x = random_shift(jax.random.fold_in(augment_root, t), scaling(images[idx]), augment)
+    x = as_augmentation(augment)(jax.random.fold_in(augment_root, t), scaling(images[idx]))
     return train_step(step, state, x, targets[idx], jax.random.fold_in(dropout_root, t), t)
 
 
 def run_steps(
     step: Step,
     scaling: Scaling,
-    augment: int,
+    augment: Augmentation | int,
     root_key: jax.Array,
     state: TrainState,
     images: jax.Array,
@@ -178,6 +180,7 @@ class Trainer:
     ):
         self.config = config.validate()
         self.model, self.loss = model, loss
+        train_loss = _training_loss(loss, config.label_smoothing)
         images, targets = _pair(train, "train")
         if config.train_limit is not None and config.train_limit < len(images):
             keep, counts = balanced_subset(
@@ -204,13 +207,14 @@ class Trainer:
         self.tx = make_optimizer(config, self.steps_per_epoch)
         self.step = make_step(
             model,
-            loss,
+            train_loss,
             self.tx,
             grad=config.grad,
             precision=config.precision,
             check_every=config.check_every,
             dp_clip=config.dp_clip,
             dp_noise_multiplier=config.dp_noise_multiplier,
+            tta=config.tta,
         )
         if config.dp_clip is not None:
             _check_per_example(model, loss, self.input_shape, targets[:2])
@@ -230,7 +234,8 @@ class Trainer:
             self.fingerprints["test"] = ckpt.data_fingerprint(test_images, test_targets)
             self.test_images, self.test_targets = p.put(test_images), p.put(test_targets)
         rep = p.replicated
-        fixed = (self.step, self.scaling, config.augment, self.root_key)
+        self.augmentation = Augmentation(config.augment, config.rotate, config.scale, config.flip)
+        fixed = (self.step, self.scaling, self.augmentation, self.root_key)
         self.loop = loop_form(config)
         self.run_steps = jax.jit(
             functools.partial(run_steps, *fixed),
@@ -249,7 +254,8 @@ class Trainer:
         eval_batch = min(config.eval_batch_size, max(self.test_count, 1))  # a larger batch would only pad the test set
         eval_sharding = p.batch_sharded if eval_batch % p.size == 0 else None
         self.evaluate_fn = jax.jit(
-            functools.partial(evaluate, self.step, self.scaling, eval_batch, eval_sharding),
+            # The test loss is ``loss`` itself, also when training minimises its label-smoothed form.
+            functools.partial(evaluate, self.step._replace(loss=loss), self.scaling, eval_batch, eval_sharding),
             in_shardings=rep,
             out_shardings=rep,
         )
@@ -309,6 +315,19 @@ def loop_form(config: TrainConfig) -> str:
     return DEFAULT_LOOP_FORM[config.grad] if config.loop == "auto" else config.loop
 
 
+def _training_loss(loss: Loss, label_smoothing: float) -> Loss:
+    """``loss``, or with ``label_smoothing`` its label-smoothed form (softmax cross-entropy only)."""
+    if not label_smoothing:
+        return loss
+    from jaxcnn import gradients
+
+    if loss is not gradients.softmax_cross_entropy:
+        raise ConfigError(
+            f"--label-smoothing smooths the labels of softmax cross-entropy; this run's loss is {loss.name}"
+        )
+    return gradients.label_smoothed_cross_entropy(label_smoothing)
+
+
 def _check_per_example(model: Layer, loss: Loss, input_shape, targets) -> None:
     """:class:`ConfigError` when DP-SGD cannot clip ``model``'s per-example gradients (a layer that mixes the
     examples of a batch, such as BatchNorm in training mode), found by tracing it on two examples."""
@@ -358,6 +377,7 @@ def fit(
     resume: bool = False,
     log: Callable[[str], None] = print,
     progress: bool | None = None,
+    recipe: str | None = None,
     **settings: Any,
 ) -> FitResult:
     """Trains ``model`` (any :class:`~jaxcnn.layers.Layer`: a zoo model or one built with ``serial``) on
@@ -382,6 +402,8 @@ def fit(
         killed write are removed and a torn last line of ``metrics.jsonl`` is dropped (logged).
       log: called with one line per epoch (and a few more).
       progress: a progress bar per epoch (default: when stderr is a terminal).
+      recipe: a named partial configuration of :mod:`jaxcnn.train.recipes` (e.g. ``"mnist"``) whose settings,
+        other than ``model``, apply where ``settings`` does not say otherwise (default: none).
       **settings: fields of :class:`jaxcnn.train.TrainConfig` that apply to arrays: ``epochs``,
         ``batch_size``, ``lr``, ``optimizer`` (a name or an optax ``GradientTransformation``), ``schedule``,
         ``seed``, ``grad``, ``check_every``, ``augment``, ``precision``, ``train_limit``, ``devices``,
@@ -389,8 +411,9 @@ def fit(
 
     Returns:
       A :class:`FitResult` ``(params, state, opt_state, history)``; each ``history`` entry has ``epoch``,
-      ``train_loss``, ``train_accuracy``, ``test_loss`` and ``test_accuracy`` (with ``test``),
-      ``images_per_s`` and ``wall_s``.
+      ``train_loss``, ``train_accuracy``, ``test_loss``, ``test_accuracy`` and ``eval_s`` (the seconds the
+      evaluation took; on the epochs evaluated, see ``eval_every``), ``images_per_s`` (training only) and
+      ``wall_s`` (since the start, evaluation included).
 
     Raises:
       ConfigError: a setting that cannot work, a checkpoint that is damaged or does not continue this run,
@@ -426,7 +449,7 @@ def fit(
                 else f"settings are {', '.join(allowed)}"
             )
             raise ConfigError(f"fit: unknown setting {name!r}; {hint}")
-    config = TrainConfig(**settings).validate()
+    config = recipes.resolve(recipe, settings, fields=allowed, loss=loss)
     return train_arrays(
         model,
         loss,
@@ -439,6 +462,7 @@ def fit(
         progress=progress,
         source="the given arrays",
         presets=False,
+        recipe=recipe,
     )
 
 
@@ -456,9 +480,11 @@ def train_arrays(
     source: str = "the given arrays",
     presets: bool = True,
     classes: npt.ArrayLike | None = None,
+    recipe: str | None = None,
 ) -> FitResult:
     """:func:`fit` with a whole :class:`TrainConfig` (``presets``: whether its preset fields describe this run,
-    as in ``jaxcnn train``; they are left out of ``config.json`` otherwise; ``classes``: see :class:`Trainer`)."""
+    as in ``jaxcnn train``; they are left out of ``config.json`` otherwise; ``classes``: see :class:`Trainer`;
+    ``recipe``: the name of the recipe ``config`` was resolved from, recorded in ``config.json``)."""
     config.validate()
     # With several processes (multi-host), process 0 alone logs and writes; every process reads --resume.
     writer = jax.process_index() == 0
@@ -469,6 +495,7 @@ def train_arrays(
     recorded = config.to_json() if presets else {k: v for k, v in config.to_json().items() if k in array_settings()}
     if not presets:
         recorded = {"network": model.name, "loss": loss.name, **recorded}
+    recorded["recipe"] = recipe
     progress = sys.stderr.isatty() if progress is None else progress
     # What the checkpoints of this run continue: checked by --resume, recorded in config.json too.
     # ``scaling`` and ``input_shape`` are what jaxcnn.load_checkpoint needs to feed new images as training did.
@@ -606,8 +633,12 @@ def train_arrays(
                 "train_loss": float(np.concatenate(losses).mean()),
                 "train_accuracy": correct / max(seen, 1),
             }
-            if test is not None:
+            if test is not None and (
+                epoch + 1 == config.epochs or (config.eval_every and (epoch + 1) % config.eval_every == 0)
+            ):
+                t0 = time.perf_counter()
                 record["test_loss"], record["test_accuracy"] = trainer.evaluate(state)
+                record["eval_s"] = time.perf_counter() - t0
             if config.dp_clip is not None:
                 record["dp_epsilon"] = privacy.epsilon(
                     noise_multiplier=config.dp_noise_multiplier,

@@ -38,7 +38,8 @@ class Step(NamedTuple):
     compares its gradient with ``jax.grad`` of the same float32 forward (``check_network``) and reports the
     largest relative difference per parameter array. With ``dp_clip`` the step is DP-SGD's: each example's
     gradient clipped to L2 norm ``dp_clip``, Gaussian noise of std ``dp_noise * dp_clip`` added to their sum,
-    divided by the batch size (:mod:`jaxcnn.train.privacy`).
+    divided by the batch size (:mod:`jaxcnn.train.privacy`). ``tta`` is the test-time augmentation of
+    :func:`eval_outputs` (``"none"`` or ``"flip"``).
     """
 
     network: Layer
@@ -50,6 +51,7 @@ class Step(NamedTuple):
     check_network: Layer | None = None
     dp_clip: float | None = None
     dp_noise: float = 0.0
+    tta: str = "none"
 
 
 def make_step(
@@ -62,8 +64,10 @@ def make_step(
     check_every: int = 0,
     dp_clip: float | None = None,
     dp_noise_multiplier: float = 0.0,
+    tta: str = "none",
 ) -> Step:
-    """The :class:`Step` that trains ``model`` on ``loss`` with ``tx`` (DP-SGD with ``dp_clip``)."""
+    """The :class:`Step` that trains ``model`` on ``loss`` with ``tx`` (DP-SGD with ``dp_clip``; ``tta``: the
+    test-time augmentation of its evaluation)."""
     return Step(
         compute_network(model, precision),
         loss,
@@ -74,6 +78,7 @@ def make_step(
         model if check_every else None,
         dp_clip,
         float(dp_noise_multiplier),
+        tta,
     )
 
 
@@ -167,11 +172,15 @@ def _check(step: Step, state: TrainState, x, target, key, grads):
 
 def eval_outputs(step: Step, params, model_state, x):
     """The model's evaluation-mode output for the batch ``x (B, H, W, C)`` (already scaled), as float32:
-    the forward of ``step.grad``'s route (the lax forward for ``"autodiff"``) in ``step.dtype``. What
+    the forward of ``step.grad``'s route (the lax forward for ``"autodiff"``) in ``step.dtype``; with
+    ``step.tta == "flip"`` the mean of the outputs for ``x`` and for its mirror image (left to right). What
     :func:`eval_step` scores and what :func:`jaxcnn.predict` reads classes from."""
     forward = autodiff_forward(step.network) if step.grad == "autodiff" else step.network.forward
-    pred, _, _ = forward(_cast(params, step.dtype), model_state, x.astype(step.dtype), train=False)
-    return pred.astype(jnp.float32)
+    params, x = _cast(params, step.dtype), x.astype(step.dtype)
+    pred = forward(params, model_state, x, train=False)[0].astype(jnp.float32)
+    if step.tta == "flip":  # the mean of the outputs for the image and its mirror image
+        pred = (pred + forward(params, model_state, x[:, :, ::-1], train=False)[0].astype(jnp.float32)) / 2
+    return pred
 
 
 def eval_step(step: Step, params: Any, model_state: Any, x: jax.Array, target: jax.Array, mask: jax.Array) -> dict:

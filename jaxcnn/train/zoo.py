@@ -21,9 +21,11 @@ def train_and_evaluate(
     dataset: jdata.Dataset | None = None,
     log: Callable[[str], None] = print,
     progress: bool | None = None,
+    recipe: str | None = None,
 ) -> FitResult:
     """Trains the zoo preset ``config.model`` (built with ``config.conv_method``) on ``config.dataset``
-    (or on ``dataset`` when given) and evaluates it after every epoch; see :func:`jaxcnn.fit`.
+    (or on ``dataset`` when given) and evaluates it every ``config.eval_every`` epochs; see :func:`jaxcnn.fit`.
+    ``recipe`` names the recipe ``config`` was resolved from (:mod:`jaxcnn.train.recipes`), for ``config.json``.
 
     ``train_limit`` balances its subset over the digit labels, not the preset's targets (so ``seed_net``'s
     binary task still sees every digit).
@@ -49,4 +51,5 @@ def train_and_evaluate(
         progress=progress,
         source=dataset.source,
         classes=dataset.train_labels,
+        recipe=recipe,
     )

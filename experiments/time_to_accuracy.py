@@ -1,0 +1,328 @@
+"""Time to accuracy: each recipe's target run of ``jaxcnn train``, and the PyTorch peer on the same recipe.
+
+Every run is a command as a user types it, launched as a subprocess and timed from launch to exit (Python
+start-up, imports, data loading, compilation from a cold cache, training and the final evaluation), with
+the same command for the PyTorch peer (``experiments/torch_peer.py``, the same flags resolved by the same
+recipe code) right after it, seed by seed, so that the two alternate on one machine:
+
+* ``mnist``: ``jaxcnn train --dataset DIR``, every setting default (the recipe ``mnist``), where DIR holds
+  the 5,000 real MNIST training images of the bundled subset as IDX files and the official 10,000-image
+  test set (from ``--mnist-dir``); target: a mean test accuracy >= 0.99 over seeds 0, 1 and 2, each run
+  <= 60 s.
+* ``offline``: ``JAXCNN_OFFLINE=1 jaxcnn train`` (4,000 bundled training images, the held-out 1,000 as test
+  set); the same target.
+* ``fashion_quick`` and ``fashion``: ``jaxcnn train --recipe NAME --dataset fashion-mnist`` (60,000 training
+  images, the official 10,000 test images); targets >= 0.92 in <= 120 s and >= 0.93 in <= 300 s.
+
+The recipes were chosen on held-out training images (:mod:`jaxcnn.train.recipes`); the test sets are
+reported here once. A curve run of each row (seed 0, ``--eval-every 1``) gives the accuracy after every
+epoch against the time spent (start-up and training; the extra evaluations' time is subtracted), for the
+figure.
+
+    python experiments/time_to_accuracy.py [--rows mnist offline ...] [--no-peer]
+
+``python experiments/readme_numbers.py --write-readme`` then puts its table into README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+if __package__ in (None, ""):  # run as a script: make ``experiments`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments import common
+
+NAME = "time_to_accuracy"
+PEER = common.REPO / "experiments" / "torch_peer.py"
+
+
+class Target(NamedTuple):
+    key: str
+    shown: str  # the command as the README shows it
+    args: tuple  # jaxcnn train's arguments; "{mnist5k}" stands for the IDX directory made from the subset
+    test_set: str
+    accuracy: float  # the target: mean test accuracy over the seeds
+    seconds: float  # within this wall time per run
+    seeds: tuple = (0, 1, 2)
+    env: tuple = ()
+
+
+TARGETS = (
+    Target(
+        "mnist",
+        "`jaxcnn train --dataset DIR` (DIR: 5,000 real MNIST training images, the official test set)",
+        ("--dataset", "{mnist5k}"),
+        "official MNIST, 10,000",
+        0.99,
+        60,
+    ),
+    Target(
+        "offline",
+        "`JAXCNN_OFFLINE=1 jaxcnn train` (the bundled subset)",
+        (),
+        "bundled held-out 1,000",
+        0.99,
+        60,
+        env=(("JAXCNN_OFFLINE", "1"),),
+    ),
+    Target(
+        "fashion_quick",
+        "`jaxcnn train --recipe fashion_quick --dataset fashion-mnist`",
+        ("--recipe", "fashion_quick", "--dataset", "fashion-mnist"),
+        "official Fashion-MNIST, 10,000",
+        0.92,
+        120,
+        seeds=(0,),
+    ),
+    Target(
+        "fashion",
+        "`jaxcnn train --recipe fashion --dataset fashion-mnist`",
+        ("--recipe", "fashion", "--dataset", "fashion-mnist"),
+        "official Fashion-MNIST, 10,000",
+        0.93,
+        300,
+        seeds=(0,),
+    ),
+)
+
+
+def make_mnist5k(directory: Path, mnist_dir: Path) -> Path:
+    """Writes the bundled subset's 5,000 training images and labels as IDX files beside a link to the official
+    test files of ``mnist_dir`` (the MNIST files themselves stay where they are)."""
+    from jaxcnn.data.idx import write_idx
+    from jaxcnn.data.offline import load_offline_subset
+
+    images, labels = load_offline_subset()
+    directory.mkdir(parents=True, exist_ok=True)
+    write_idx(directory / "train-images-idx3-ubyte", images)
+    write_idx(directory / "train-labels-idx1-ubyte", labels)
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        link = directory / name
+        if not link.exists():
+            link.symlink_to((mnist_dir / name).resolve())
+    return directory
+
+
+def run_one(argv: list[str], workdir: Path, env: dict, log) -> dict:
+    """Runs one training command into ``workdir`` and returns its figures (process wall time included)."""
+    for name in ("checkpoint.npz", "metrics.jsonl", "config.json"):
+        (workdir / name).unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    done = subprocess.run(
+        [*argv, "--out", str(workdir)], cwd=common.REPO, env=env, capture_output=True, text=True, check=False
+    )
+    process_s = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()[-800:]}")
+    (workdir / "stdout.txt").write_text(done.stdout)
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    (workdir / "checkpoint.npz").unlink(missing_ok=True)  # the figures are kept, not the weights
+    final = records[-1]
+    startup_s = process_s - final["wall_s"]
+    log(f"  {final['test_accuracy']:.4f} after {final['epoch']} epochs, {process_s:.1f} s ({startup_s:.1f} s start-up)")
+    return {
+        "test_accuracy": final["test_accuracy"],
+        "epochs": final["epoch"],
+        "process_s": process_s,
+        "startup_s": startup_s,
+        "curve": [
+            {
+                "epoch": r["epoch"],
+                "test_accuracy": r["test_accuracy"],
+                # start-up plus training time up to this epoch, without the time of the evaluations
+                "seconds": startup_s + r["wall_s"] - sum(q.get("eval_s", 0.0) for q in records[: i + 1]),
+            }
+            for i, r in enumerate(records)
+            if "test_accuracy" in r
+        ],
+    }
+
+
+def commands(target: Target, mnist5k: Path, seed: int, extra: tuple = ()) -> dict[str, list[str]]:
+    args = [a.replace("{mnist5k}", str(mnist5k)) for a in target.args]
+    args += ["--seed", str(seed), *extra]
+    return {
+        "jaxcnn": [sys.executable, "-m", "jaxcnn.cli", "train", *args, "--progress", "off"],
+        "pytorch": [sys.executable, str(PEER), *args],
+    }
+
+
+def run_target(target: Target, out: Path, mnist5k: Path, peers: tuple[str, ...], log) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env.update(dict(target.env))
+    runs: dict[str, list] = {who: [] for who in peers}
+    for seed in target.seeds:
+        for who, argv in commands(target, mnist5k, seed).items():
+            if who in peers:
+                log(f"{target.key} seed {seed} {who}: {' '.join(argv[2:] if who == 'jaxcnn' else argv[1:])}")
+                runs[who].append({"seed": seed, **run_one(argv, out / target.key / f"{who}_seed{seed}", env, log)})
+    curves = {}
+    for who, argv in commands(target, mnist5k, target.seeds[0], ("--eval-every", "1")).items():
+        if who in peers:
+            log(f"{target.key} curve {who}")
+            curves[who] = run_one(argv, out / target.key / f"{who}_curve", env, log)["curve"]
+    summary = {}
+    for who, rows in runs.items():
+        accuracies = [r["test_accuracy"] for r in rows]
+        seconds = [r["process_s"] for r in rows]
+        summary[who] = {
+            "mean_accuracy": sum(accuracies) / len(accuracies),
+            "min_accuracy": min(accuracies),
+            "max_accuracy": max(accuracies),
+            "mean_seconds": sum(seconds) / len(seconds),
+            "max_seconds": max(seconds),
+            "met": sum(accuracies) / len(accuracies) >= target.accuracy and max(seconds) <= target.seconds,
+        }
+    if "jaxcnn" in summary and "pytorch" in summary:
+        summary["seconds_ratio"] = summary["jaxcnn"]["mean_seconds"] / summary["pytorch"]["mean_seconds"]
+    return {
+        "key": target.key,
+        "shown": target.shown,
+        "test_set": target.test_set,
+        "target": {"accuracy": target.accuracy, "seconds": target.seconds},
+        "commands": {
+            who: " ".join(argv[2:] if who == "jaxcnn" else argv[1:])
+            for who, argv in commands(target, mnist5k, 0).items()
+        },
+        "runs": runs,
+        "curves": curves,
+        "summary": summary,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tables and figure
+
+
+def render_table(results: dict) -> str:
+    rows = []
+    for target in TARGETS:
+        r = results["rows"].get(target.key)
+        if r is None:
+            continue
+        s = r["summary"]
+        mine = s["jaxcnn"]
+        seeds = len(r["runs"]["jaxcnn"])
+        peer = s.get("pytorch")
+        rows.append(
+            [
+                r["shown"],
+                r["test_set"],
+                f">= {target.accuracy:.2f} in <= {target.seconds:.0f} s",
+                f"{mine['mean_accuracy']:.4f}" + (f" (mean of {seeds})" if seeds > 1 else ""),
+                f"{mine['max_seconds']:.0f} s",
+                "met" if mine["met"] else "missed",
+                "—" if peer is None else f"{peer['mean_accuracy']:.4f}, {peer['max_seconds']:.0f} s",
+                "—" if peer is None else f"{s['seconds_ratio']:.2f}",
+            ]
+        )
+    return common.markdown_table(
+        [
+            "command",
+            "test set",
+            "target",
+            "test accuracy",
+            "wall time (longest run)",
+            "",
+            "PyTorch, same recipe",
+            "time ratio",
+        ],
+        rows,
+        align="lllrrlrr",
+    )
+
+
+def plot(results: dict, path: Path, log) -> None:
+    plt = common.pyplot(log)
+    if plt is None:
+        return
+    keys = [t.key for t in TARGETS if t.key in results["rows"]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        row = results["rows"][key]
+        target = row["target"]
+        for who, colour in (("jaxcnn", common.COLORS["manual"]), ("pytorch", common.COLORS["autodiff"])):
+            curve = row["curves"].get(who)
+            if curve:
+                ax.plot(
+                    [p["seconds"] for p in curve],
+                    [p["test_accuracy"] for p in curve],
+                    "-",
+                    color=colour,
+                    lw=1.2,
+                    label=f"{who}, every epoch",
+                )
+            finals = row["runs"].get(who, [])
+            if finals:
+                ax.plot(
+                    [r["process_s"] for r in finals],
+                    [r["test_accuracy"] for r in finals],
+                    "o",
+                    color=colour,
+                    label=f"{who}, target runs",
+                )
+        ax.axhline(target["accuracy"], color="grey", lw=0.8, ls="--")
+        ax.axvline(target["seconds"], color="grey", lw=0.8, ls=":")
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("seconds from launch")
+        ax.set_ylim(max(0.8, target["accuracy"] - 0.06), min(1.0, target["accuracy"] + 0.015))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy")
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    common.save_figure(fig, path, log)
+
+
+def main(argv=None) -> int:
+    parser = common.base_parser(NAME, __doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", default=[t.key for t in TARGETS], choices=[t.key for t in TARGETS])
+    parser.add_argument("--no-peer", action="store_true", help="run jaxcnn only (no PyTorch peer)")
+    parser.add_argument(
+        "--mnist-dir",
+        default=str(common.shared_mnist_dir() or ""),
+        help="directory with the official MNIST test files (t10k-*.gz)",
+    )
+    args = parser.parse_args(argv)
+    log = common.logger(NAME)
+    out = common.out_dir(args.out)
+    path = out / f"{NAME}.json"
+    results = json.loads(path.read_text()) if path.exists() else {"rows": {}}
+    peers = ("jaxcnn",) if args.no_peer else ("jaxcnn", "pytorch")
+    if "pytorch" in peers:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            log("PyTorch is not installed: running jaxcnn only")
+            peers = ("jaxcnn",)
+    targets = [t for t in TARGETS if t.key in args.rows]
+    if args.smoke:  # one short run of the default command on the bundled subset, no peer
+        targets = [Target("smoke", "smoke", ("--epochs", "1", "--dataset", "mnist-offline"), "bundled", 0.0, 1e9, (0,))]
+        peers = ("jaxcnn",)
+    with tempfile.TemporaryDirectory() as tmp:
+        mnist5k = Path(tmp) / "mnist5k"
+        if any("{mnist5k}" in " ".join(t.args) for t in targets):
+            if not args.mnist_dir:
+                parser.error("--mnist-dir: the official MNIST test files are needed for the row mnist")
+            make_mnist5k(mnist5k, Path(args.mnist_dir))
+        for target in targets:
+            results["rows"][target.key] = run_target(target, out, mnist5k, peers, log)
+    if args.smoke:
+        return 0
+    results["environment"] = common.environment(common.command_line(NAME, argv))
+    common.write_json(path, results)
+    (out / f"{NAME}.md").write_text(render_table(results) + "\n")
+    plot(results, out / f"{NAME}.png", log)
+    log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

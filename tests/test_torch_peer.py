@@ -1,0 +1,132 @@
+"""The PyTorch peer of ``jaxcnn train`` (``experiments/torch_peer.py``) follows jaxcnn's recipe: the learning rate
+of every step is optax's, the rotation, zoom and shift are jaxcnn's, and a run writes ``config.json`` and
+``metrics.jsonl`` with ``jaxcnn train``'s keys. Skipped without PyTorch, which jaxcnn never depends on."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+import jax
+import jax.numpy as jnp
+
+torch = pytest.importorskip("torch")
+
+sys.path.insert(0, str(REPO))  # ``experiments`` is a directory of scripts beside the package, not installed
+
+from experiments import torch_peer  # noqa: E402  (needs torch and the repository on sys.path, above)
+from jaxcnn.train import inputs  # noqa: E402
+from jaxcnn.train.config import TrainConfig, make_optimizer  # noqa: E402
+
+
+def _optax_rates(config: TrainConfig, steps_per_epoch: int) -> np.ndarray:
+    """The learning rate of each step of jaxcnn's optimiser: with momentum 0 and a gradient of 1, an update is -lr."""
+    tx = make_optimizer(config, steps_per_epoch)
+    param = jnp.zeros((), jnp.float32)
+    state, rates = tx.init(param), []
+    for _ in range(config.epochs * steps_per_epoch):
+        update, state = tx.update(jnp.ones((), jnp.float32), state, param)
+        rates.append(-float(update))
+    return np.array(rates)
+
+
+def _torch_rates(config: TrainConfig, steps_per_epoch: int) -> np.ndarray:
+    """The learning rate each ``optimizer.step()`` of the peer's loop applies (set per step, as the loop does)."""
+    param = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+    optimizer = torch_peer.make_optimizer(config, [param])
+    lr_at = torch_peer.learning_rate(config, steps_per_epoch)
+    rates = []
+    for step in range(config.epochs * steps_per_epoch):
+        torch_peer.set_lr(optimizer, lr_at(step))
+        before = param.item()
+        param.grad = torch.ones((), dtype=torch.float64)
+        optimizer.step()
+        rates.append(before - param.item())
+    return np.array(rates)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(schedule="linear", warmup=0.2),
+        dict(schedule="cosine"),
+        dict(schedule="cosine", warmup=0.1),
+        dict(schedule="step", warmup=0.3),
+    ],
+    ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()),
+)
+@pytest.mark.parametrize("epochs,steps_per_epoch", [(3, 13), (2, 3)])
+def test_schedule_matches_optax(settings, epochs, steps_per_epoch):
+    config = TrainConfig(lr=0.1, epochs=epochs, optimizer="sgd", momentum=0.0, **settings)
+    expected = _optax_rates(config, steps_per_epoch)
+    got = _torch_rates(config, steps_per_epoch)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
+    if int(config.warmup * epochs * steps_per_epoch):
+        assert got[0] == 0.0  # the warm-up starts from 0
+
+
+@pytest.mark.parametrize("degrees,zoom", [(12.0, 1.1), (-30.0, 0.85), (90.0, 1.0)])
+def test_rotate_and_zoom_matches_jaxcnn(degrees, zoom):
+    rng = np.random.default_rng(0)
+    x = rng.random((3, 28, 28, 1), dtype=np.float32)
+    x += np.float32(0.25) * np.arange(3, dtype=np.float32)[:, None, None, None]  # distinct backgrounds
+    angle = np.full(3, np.deg2rad(degrees), np.float32)
+    zooms = np.full(3, zoom, np.float32)
+    expected = np.asarray(inputs.rotate_and_zoom(jnp.asarray(x), jnp.asarray(angle), jnp.asarray(zooms)))
+    got = torch_peer.rotate_and_zoom(
+        torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(angle), torch.from_numpy(zooms)
+    )
+    np.testing.assert_allclose(got.numpy().transpose(0, 2, 3, 1), expected, atol=1e-5)
+
+
+def test_shift_matches_jaxcnn():
+    rng = np.random.default_rng(1)
+    x = rng.random((4, 28, 28, 1), dtype=np.float32)
+    key = jax.random.PRNGKey(3)
+    expected = np.asarray(inputs.random_shift(key, jnp.asarray(x), 2))
+    offsets = torch.from_numpy(np.array(jax.random.randint(key, (4, 2), 0, 5))).long()  # random_shift's draw
+    got = torch_peer.shift(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), offsets, 2)
+    np.testing.assert_allclose(got.numpy().transpose(0, 2, 3, 1), expected, atol=1e-6)
+
+
+def test_tiny_run_writes_config_and_metrics(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--recipe", "classic", "--model", "lenet5", "--epochs", "1", "--dataset", "mnist-offline", "--offline"]
+    assert torch_peer.main([*argv, "--train-limit", "512", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "final test accuracy" in printed and "after 1 epoch" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["recipe"] == "classic" and config["peer"] == "pytorch" and config["model"] == "lenet5"
+    assert config["schedule"] == "cosine" and config["train_limit"] == 512  # the recipe's, and the flag's
+    assert {"torch", "threads", "compile", "channels_last"} <= set(config)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1
+    keys = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "images_per_s", "wall_s", "eval_s"}
+    assert set(records[0]) == keys
+    assert 0 <= records[0]["test_accuracy"] <= 1 and records[0]["wall_s"] >= records[0]["eval_s"] > 0
+
+
+def test_model_without_a_twin_is_one_line(tmp_path, capsys, monkeypatch):
+    def build(model_name, channels):
+        raise KeyError(model_name)  # what peers_torch.build raises for a zoo model it has no twin of
+
+    monkeypatch.setattr(torch_peer.peers_torch, "build", build)
+    code = torch_peer.main(["--model", "lenet5", "--dataset", "mnist-offline", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no PyTorch twin" in err and len(err.strip().splitlines()) == 1
+
+
+def test_compile_starts_from_an_empty_inductor_cache(monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    with torch_peer.cold_inductor_cache(True) as recorded:
+        path = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        assert recorded == "fresh" and os.listdir(path) == []
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ and not os.path.exists(path)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/warm")
+    with torch_peer.cold_inductor_cache(True) as recorded:
+        assert recorded == "/somewhere/warm"  # the user's choice is kept, and recorded
