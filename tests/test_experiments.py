@@ -30,6 +30,7 @@ from experiments import (
     gradient_report,
     readme_numbers,
     speed,
+    time_to_accuracy,
     training_comparison,
     tutorial_cnn,
     what_it_learned,
@@ -55,6 +56,7 @@ SCRIPTS = {
         check_tolerance,
         readme_numbers,
         dp_sgd,
+        time_to_accuracy,
     )
 }
 EXPERIMENTS_README = (REPO / "experiments" / "README.md").read_text()
@@ -484,3 +486,39 @@ def test_dp_sgd_smoke(tmp_path):
 
 def test_matplotlib_hint_names_the_extra():
     assert "jaxcnn[plots]" in common.MATPLOTLIB_HINT
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_smoke(tmp_path):
+    """One real ``jaxcnn train`` run of the default recipe (one epoch), timed from launch, into the layout the
+    README's table renders from."""
+    assert time_to_accuracy.main(["--smoke", "--out", str(tmp_path)]) == 0
+    records = [
+        json.loads(line) for line in (tmp_path / "smoke" / "jaxcnn_seed0" / "metrics.jsonl").read_text().splitlines()
+    ]
+    config = load_json(tmp_path / "smoke" / "jaxcnn_seed0" / "config.json")
+    assert config["recipe"] == "mnist" and config["model"] == "fast_cnn" and config["epochs"] == 1
+    assert len(records) == 1 and 0.3 < records[0]["test_accuracy"] <= 1.0
+    assert not (tmp_path / "smoke" / "jaxcnn_seed0" / "checkpoint.npz").exists()
+
+
+def test_time_to_accuracy_table_and_targets():
+    """The table states each target as met or missed from the runs it summarises."""
+    rows = {
+        "mnist": {
+            "shown": "`cmd`",
+            "test_set": "official MNIST, 10,000",
+            "target": {"accuracy": 0.99, "seconds": 60},
+            "runs": {
+                "jaxcnn": [
+                    {"seed": s, "test_accuracy": a, "process_s": t} for s, a, t in ((0, 0.991, 50.0), (1, 0.988, 52.0))
+                ]
+            },
+            "curves": {},
+            "summary": {"jaxcnn": {"mean_accuracy": 0.9895, "max_seconds": 52.0, "met": False}},
+        }
+    }
+    table = time_to_accuracy.render_table({"rows": rows})
+    assert (
+        "| `cmd` | official MNIST, 10,000 | >= 0.99 in <= 60 s | 0.9895 (mean of 2) | 52 s | missed | — | — |" in table
+    )
