@@ -3,7 +3,10 @@
 Every run is a command as a user types it, launched as a subprocess and timed from launch to exit (Python
 start-up, imports, data loading, compilation from a cold cache, training and the final evaluation), with
 the same command for the PyTorch peer (``experiments/torch_peer.py``, the same flags resolved by the same
-recipe code) right after it, seed by seed, so that the two alternate on one machine:
+recipe code) right after it, seed by seed, so that the two alternate on one machine. The peer runs in its
+fastest form: eager, channels-last, or ``torch.compile`` are each run once on the first row's first seed
+and the fastest from launch to exit is used for every row (``--peer-form`` names one instead).
+
 
 * ``mnist``: ``jaxcnn train --dataset DIR``, every setting default (the recipe ``mnist``), where DIR holds
   the 5,000 real MNIST training images of the bundled subset as IDX files and the official 10,000-image
@@ -19,7 +22,7 @@ reported here once. The figure shows every run's final accuracy against its wall
 recipes joined, and for ``mnist`` a curve run (seed 0, ``--eval-every 1``): the accuracy after every epoch
 against the time spent up to it (start-up and training; the extra evaluations' time is subtracted).
 
-    python experiments/time_to_accuracy.py [--rows mnist offline ...] [--no-peer]
+    python experiments/time_to_accuracy.py [--rows mnist offline ...] [--no-peer] [--peer-form FORM]
 
 ``python experiments/readme_numbers.py --write-readme`` then puts its table into README.md.
 """
@@ -148,26 +151,50 @@ def run_one(argv: list[str], workdir: Path, env: dict, log) -> dict:
     }
 
 
-def commands(target: Target, mnist5k: Path, seed: int, extra: tuple = ()) -> dict[str, list[str]]:
+# The PyTorch peer's forms (experiments/torch_peer.py's options). Unless --peer-form names one, each is run once
+# on the first row's first seed and the fastest from launch to exit is the peer of every row.
+PEER_FORMS = {"eager": (), "channels-last": ("--channels-last",), "compile": ("--compile", "--channels-last")}
+
+
+def commands(
+    target: Target, mnist5k: Path, seed: int, extra: tuple = (), peer_options: tuple = ()
+) -> dict[str, list[str]]:
     args = [a.replace("{mnist5k}", str(mnist5k)) for a in target.args]
     args += ["--seed", str(seed), *extra]
     return {
         "jaxcnn": [sys.executable, "-m", "jaxcnn.cli", "train", *args, "--progress", "off"],
-        "pytorch": [sys.executable, str(PEER), *args],
+        "pytorch": [sys.executable, str(PEER), *args, *peer_options],
     }
 
 
-def run_target(target: Target, out: Path, mnist5k: Path, peers: tuple[str, ...], log) -> dict:
+def target_env(target: Target) -> dict:
+    """The environment of a row's runs: this one's, with the row's variables, without a compilation cache."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
     env.update(dict(target.env))
+    return env
+
+
+def choose_peer_form(target: Target, out: Path, mnist5k: Path, log) -> dict:
+    """Runs the PyTorch peer in each of its forms on ``target``'s first seed; returns their wall times and the
+    fastest form's name."""
+    seconds = {}
+    for form, options in PEER_FORMS.items():
+        argv = commands(target, mnist5k, target.seeds[0], peer_options=options)["pytorch"]
+        log(f"peer form {form}: {' '.join(argv[1:])}")
+        seconds[form] = run_one(argv, out / target.key / f"pytorch_form_{form}", target_env(target), log)["process_s"]
+    return {"seconds": seconds, "chosen": min(seconds, key=seconds.__getitem__), "row": target.key}
+
+
+def run_target(target: Target, out: Path, mnist5k: Path, peers: tuple[str, ...], log, peer_options=()) -> dict:
+    env = target_env(target)
     runs: dict[str, list] = {who: [] for who in peers}
     for seed in target.seeds:
-        for who, argv in commands(target, mnist5k, seed).items():
+        for who, argv in commands(target, mnist5k, seed, peer_options=peer_options).items():
             if who in peers:
                 log(f"{target.key} seed {seed} {who}: {' '.join(argv[2:] if who == 'jaxcnn' else argv[1:])}")
                 runs[who].append({"seed": seed, **run_one(argv, out / target.key / f"{who}_seed{seed}", env, log)})
     curves = {}
-    for who, argv in commands(target, mnist5k, target.seeds[0], ("--eval-every", "1")).items():
+    for who, argv in commands(target, mnist5k, target.seeds[0], ("--eval-every", "1"), peer_options).items():
         if who in peers and target.curve:
             log(f"{target.key} curve {who}")
             curves[who] = run_one(argv, out / target.key / f"{who}_curve", env, log)["curve"]
@@ -192,7 +219,7 @@ def run_target(target: Target, out: Path, mnist5k: Path, peers: tuple[str, ...],
         "target": {"accuracy": target.accuracy, "seconds": target.seconds},
         "commands": {
             who: " ".join(argv[2:] if who == "jaxcnn" else argv[1:])
-            for who, argv in commands(target, mnist5k, 0).items()
+            for who, argv in commands(target, mnist5k, 0, peer_options=peer_options).items()
         },
         "runs": runs,
         "curves": curves,
@@ -260,6 +287,7 @@ def render_report(results: dict) -> str:
             "Test accuracy is the fraction of the test set classified right after the last epoch; wall time is "
             "from launch to exit of the command; the time ratio is jaxcnn's mean wall time over PyTorch's.",
             "",
+            *render_peer_form(results.get("peer_form")),
             f"![test accuracy against wall time]({NAME}.png)",
             "",
             f"Command: `{env['command']}`. Machine: {env['cpu']} ({env['cpu_count']} cores; "
@@ -268,6 +296,20 @@ def render_report(results: dict) -> str:
             "",
         ]
     )
+
+
+def render_peer_form(peer_form: dict | None) -> list[str]:
+    """The sentence that says which form of the PyTorch peer ran, and how it was chosen."""
+    if not peer_form:
+        return []
+    if "seconds" not in peer_form:
+        return [f"The PyTorch peer ran in the form {peer_form['chosen']} (named by --peer-form).", ""]
+    trials = ", ".join(f"{form} {s:.1f} s" for form, s in peer_form["seconds"].items())
+    return [
+        f"The PyTorch peer ran in its fastest form, {peer_form['chosen']}: each form ran the {peer_form['row']} "
+        f"row's first seed once, from launch to exit: {trials}.",
+        "",
+    ]
 
 
 PANELS = (("mnist",), ("offline",), ("fashion_quick", "fashion"))  # the figure's panels: rows drawn together
@@ -334,6 +376,12 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", nargs="+", default=[t.key for t in TARGETS], choices=[t.key for t in TARGETS])
     parser.add_argument("--no-peer", action="store_true", help="run jaxcnn only (no PyTorch peer)")
     parser.add_argument(
+        "--peer-form",
+        choices=["fastest", *PEER_FORMS],
+        default="fastest",
+        help="the PyTorch peer's form (default: the fastest of them on the first row's first seed)",
+    )
+    parser.add_argument(
         "--mnist-dir",
         default=str(common.shared_mnist_dir() or ""),
         help="directory with the official MNIST test files (t10k-*.gz)",
@@ -360,8 +408,15 @@ def main(argv=None) -> int:
             if not args.mnist_dir:
                 parser.error("--mnist-dir: the official MNIST test files are needed for the row mnist")
             make_mnist5k(mnist5k, Path(args.mnist_dir))
+        if "pytorch" in peers:
+            if args.peer_form == "fastest":
+                results["peer_form"] = choose_peer_form(targets[0], out, mnist5k, log)
+            else:
+                results["peer_form"] = {"chosen": args.peer_form}
+            log(f"PyTorch peer: {results['peer_form']['chosen']}")
+        peer_options = PEER_FORMS[results["peer_form"]["chosen"]] if "pytorch" in peers else ()
         for target in targets:
-            results["rows"][target.key] = run_target(target, out, mnist5k, peers, log)
+            results["rows"][target.key] = run_target(target, out, mnist5k, peers, log, peer_options)
     if args.smoke:
         return 0
     results["environment"] = common.environment(common.command_line(NAME, argv))

@@ -70,14 +70,15 @@ from jaxcnn.data import DataError
 from jaxcnn.models import MODELS, get_model
 from jaxcnn.train import checkpoint as ckpt
 from jaxcnn.train.config import ConfigError, TrainConfig
-from jaxcnn.train.inputs import balanced_subset, describe_counts, scaling_for
+from jaxcnn.train.inputs import balanced_subset, describe_counts, gaussian_blur_matrix, scaling_for
 from jaxcnn.train.recipes import DEFAULT_RECIPE, RECIPES, resolve
 
 PROG = "python experiments/torch_peer.py"
 # The TrainConfig fields this peer takes as flags, with the names, types and help texts of jaxcnn train's.
 FLAGS = tuple(
     "model dataset data_dir offline epochs batch_size lr optimizer momentum weight_decay schedule warmup "
-    "label_smoothing seed train_limit normalize augment rotate scale flip tta eval_every eval_batch_size".split()
+    "label_smoothing seed train_limit normalize augment rotate scale flip elastic tta eval_every "
+    "eval_batch_size".split()
 )
 # The TrainConfig fields with no PyTorch meaning: how jaxcnn computes, not what it computes.
 IGNORED = tuple(
@@ -204,11 +205,13 @@ def flip(x: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
     return torch.where(mirrored.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
-def rotate_and_zoom(x: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor) -> torch.Tensor:
+def rotate_and_zoom(
+    x: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor, displacement: torch.Tensor | None = None
+) -> torch.Tensor:
     """:func:`jaxcnn.train.inputs.rotate_and_zoom` in NCHW: each image of ``x (B, C, H, W)`` rotated
     counter-clockwise by ``angle (B,)`` radians about its centre and magnified by ``zoom (B,)``, sampled
     bilinearly; pixels from outside the image take its :func:`background` value. Output pixel ``p`` reads the
-    input at ``centre + R(-angle) (p - centre) / zoom``."""
+    input at ``centre + R(-angle) (p - centre) / zoom``, plus ``displacement (B, H, W, 2)`` (rows, columns)."""
     b, c, h, w = x.shape
     fill = background(x)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
@@ -218,7 +221,17 @@ def rotate_and_zoom(x: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor) ->
     zero = torch.zeros_like(cos)
     theta = torch.stack([torch.stack([cos, -sin * ratio, zero], -1), torch.stack([sin / ratio, cos, zero], -1)], 1)
     grid = F.affine_grid(theta, [b, c, h, w], align_corners=True)
+    if displacement is not None:  # pixels to normalised coordinates, (rows, columns) to (x, y)
+        grid = grid + displacement.flip(-1) * torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)])
     return F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=True) + fill
+
+
+def elastic_displacement(b: int, h: int, w: int, alpha: float) -> torch.Tensor:
+    """:func:`jaxcnn.train.inputs.elastic_displacement`: uniform noise in [-1, 1] ``(B, H, W, 2)`` smoothed by the
+    same normalised Gaussian, times ``alpha``."""
+    blur_h, blur_w = (torch.from_numpy(gaussian_blur_matrix(n)).float() for n in (h, w))
+    noise = 2.0 * torch.rand(b, h, w, 2) - 1.0
+    return alpha * torch.einsum("ij,bjkc,lk->bilc", blur_h, noise, blur_w)
 
 
 def shift(x: torch.Tensor, offsets: torch.Tensor, max_shift: int) -> torch.Tensor:
@@ -240,10 +253,11 @@ def augment(x: torch.Tensor, config: TrainConfig) -> torch.Tensor:
     b = x.shape[0]
     if config.flip:
         x = flip(x, torch.rand(b) < 0.5)
-    if config.rotate or config.scale:
+    if config.rotate or config.scale or config.elastic:
         angle = torch.deg2rad((2.0 * torch.rand(b) - 1.0) * config.rotate)
         zoom = 1.0 + (2.0 * torch.rand(b) - 1.0) * config.scale
-        x = rotate_and_zoom(x, angle, zoom)
+        moved = elastic_displacement(b, *x.shape[2:], config.elastic) if config.elastic else None
+        x = rotate_and_zoom(x, angle, zoom, moved)
     if config.augment:
         x = shift(x, torch.randint(0, 2 * config.augment + 1, (b, 2)), config.augment)
     return x

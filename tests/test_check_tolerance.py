@@ -35,6 +35,7 @@ def test_every_zoo_model_was_measured_along_training(measured):
     assert set(measured) == set(MODELS)
     for m in measured.values():
         assert m["steps"] >= 200 and len(m["rows"]) >= 10
+        assert m["batch"] == 64 and m["every"] == 20  # the script's defaults
         # The recorded maxima are those of the recorded rows.
         assert m["max"]["manual_vs_autodiff"] == max(max(r["manual_vs_autodiff"]) for r in m["rows"])
 

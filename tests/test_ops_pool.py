@@ -31,6 +31,7 @@ from jax import lax
 from jaxcnn import ops
 from jaxcnn import reference as ref
 from jaxcnn.gradcheck import gradcheck
+from jaxcnn.ops import pool
 
 
 def _lax_pads(padding):
@@ -103,6 +104,26 @@ def test_max_pool_ties_route_to_first_in_row_major_order(dtype):
     np.testing.assert_array_equal(
         np.asarray(J(ops.max_pool2d)(_nhwc(X_TIES, dtype)))[0, :, :, 0], [[2.0, 5.0], [7.0, 9.0]]
     )
+
+
+@pytest.mark.parametrize("window", [2, (2, 3), (3, 1)])
+def test_max_pool_backward_formulations_agree_on_tiling_windows(window, monkeypatch):
+    # Windows that tile the input take the tiled formulation; the per-tap one must route every dy to the
+    # same winner, ties (values from a set of 3) and unread trailing rows and columns included.
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.integers(-1, 2, (2, 7, 8, 3)).astype(np.float64))
+    y = ops.max_pool2d(x, window=window)
+    dy = jnp.asarray(normal(rng, y.shape))
+    geom = pool.pool_geometry("test", x, window=window, stride=None, padding=0)
+    assert pool._tiles(geom)
+    tiled = np.asarray(pool._max_pool2d_backward_tiles(dy, x, y, geom))
+    np.testing.assert_array_equal(tiled, np.asarray(pool._max_pool2d_backward_taps(dy, x, y, geom)))
+    want = ref.max_pool2d_backward(np.asarray(dy), np.asarray(x), window=window, stride=window)
+    np.testing.assert_array_equal(tiled, want)
+    calls = []
+    monkeypatch.setattr(pool, "_max_pool2d_backward_tiles", lambda *a: calls.append(a) or tiled)
+    ops.max_pool2d_backward(dy, x, window=window)
+    assert len(calls) == 1  # the default geometry selects the tiled formulation
 
 
 def test_max_pool_overlapping_windows_accumulate():
@@ -279,6 +300,7 @@ def test_pool_pinned_cases(case):
 
 GRADCHECK_CASES = [
     ("max", "overlapping 3/2, padding 1"),
+    ("max", "default stride, non-dividing"),  # windows that tile the input: the tiled formulation
     ("max", "pairs of pairs"),
     ("avg", "pairs of pairs"),
     ("avg_exclude_pad", "overlapping 3/2, padding 1"),

@@ -99,6 +99,19 @@ def test_time_to_accuracy_rows_are_those_of_their_runs():
             assert summary["met"] == (
                 summary["mean_accuracy"] >= target.accuracy and summary["max_seconds"] <= target.seconds
             )
+    # The PyTorch peer ran in the form that was fastest on the first row's first seed, in every row.
+    form = results["peer_form"]
+    assert set(form["seconds"]) == set(tta.PEER_FORMS) and form["row"] == tta.TARGETS[0].key
+    assert form["chosen"] == min(form["seconds"], key=form["seconds"].__getitem__)
+    options = tta.PEER_FORMS[form["chosen"]]
+    for target in tta.TARGETS:
+        for r in results["rows"][target.key]["runs"]["pytorch"]:
+            workdir = rn.common.RESULTS / "time_to_accuracy" / target.key / f"pytorch_seed{r['seed']}"
+            config = json.loads((workdir / "config.json").read_text())
+            assert (config["compile"], config["channels_last"]) == (
+                "--compile" in options,
+                "--channels-last" in options,
+            )
 
 
 def _outside_generated_blocks(text: str) -> str:

@@ -19,7 +19,15 @@ from jaxcnn.layers import Conv2D, Dense, Flatten, Relu, serial
 from jaxcnn.models import MODELS
 from jaxcnn.train import ConfigError, TrainConfig, make_optimizer
 from jaxcnn.train.config import array_settings
-from jaxcnn.train.inputs import Augmentation, background, random_affine, random_flip, rotate_and_zoom
+from jaxcnn.train.inputs import (
+    ELASTIC_SIGMA,
+    Augmentation,
+    background,
+    elastic_displacement,
+    random_affine,
+    random_flip,
+    rotate_and_zoom,
+)
 from jaxcnn.train.recipes import DEFAULT_RECIPE, RECIPES, describe, get_recipe, resolve
 
 QUIET = dict(log=lambda s: None, progress=False)
@@ -242,6 +250,52 @@ def test_rotations_fill_with_the_background_and_keep_a_constant_image():
     np.testing.assert_array_equal(random_affine(jax.random.PRNGKey(0), jnp.asarray(x), 0.0, 0.0), x)
 
 
+def test_elastic_displacement_is_smooth_and_of_the_documented_size():
+    """Uniform noise smoothed by a normalised Gaussian of sigma 4 has, away from the border, a standard deviation
+    of ``alpha * sqrt(1/3) / (2 sqrt(pi) sigma)`` per axis; neighbouring pixels move almost alike."""
+    d = np.asarray(elastic_displacement(jax.random.PRNGKey(0), (2048, 28, 28), 34.0))
+    assert d.shape == (2048, 28, 28, 2) and d.dtype == np.float32
+    centre = d[:, 10:18, 10:18]
+    expected = 34.0 * np.sqrt(1 / 3) / (2 * np.sqrt(np.pi) * ELASTIC_SIGMA)
+    # The centre of one field moves nearly as one value: about 2 * 2048 independent samples.
+    assert abs(centre.std() - expected) < 0.06 * expected
+    assert abs(centre.mean()) < 4 * expected / np.sqrt(2 * 2048)
+    step = np.abs(np.diff(centre, axis=1)).mean()
+    assert step < 0.2 * np.abs(centre).mean()  # smooth: a 1-pixel step moves far less than the field itself
+    np.testing.assert_array_equal(elastic_displacement(jax.random.PRNGKey(0), (2, 5, 6), 0.0), np.zeros((2, 5, 6, 2)))
+
+
+def test_a_displacement_moves_where_each_pixel_reads():
+    """A displacement of one row everywhere reads every pixel one row further down; the uncovered row takes
+    the background; with no rotation or zoom and no displacement the image is unchanged."""
+    x = np.arange(1.0, 31.0, dtype=np.float32).reshape(1, 5, 6, 1)
+    one_row = np.zeros((1, 5, 6, 2), np.float32)
+    one_row[..., 0] = 1.0
+    y = np.asarray(rotate_and_zoom(jnp.asarray(x), jnp.zeros(1), jnp.ones(1), jnp.asarray(one_row)))
+    np.testing.assert_allclose(y[0, :4], x[0, 1:], atol=1e-5)
+    np.testing.assert_allclose(y[0, 4, :, 0], np.asarray(background(jnp.asarray(x)))[0, 0, 0, 0], atol=1e-5)
+    np.testing.assert_allclose(
+        rotate_and_zoom(jnp.asarray(x), jnp.zeros(1), jnp.ones(1), jnp.zeros((1, 5, 6, 2))), x, atol=1e-5
+    )
+
+
+def test_elastic_augmentation_keeps_the_other_settings_draws():
+    """Turning ``elastic`` on adds a displacement; the angles and zooms of the other settings are drawn as
+    before (the displacement has a key of its own), and ``elastic=0`` is what the earlier versions drew."""
+    x = np.full((4, 28, 28, 1), 0.1, np.float32)
+    x[:, 6:22, 12:16] = 1.0
+    x = jnp.asarray(x)
+    key = jax.random.PRNGKey(5)
+    plain = Augmentation(shift=1, rotate=10.0, scale=0.1)
+    np.testing.assert_array_equal(Augmentation(shift=1, rotate=10.0, scale=0.1, elastic=0.0)(key, x), plain(key, x))
+    bent = np.asarray(Augmentation(rotate=10.0, scale=0.1, elastic=34.0)(key, x))
+    assert bent.shape == x.shape and np.all(np.isfinite(bent))
+    assert not np.allclose(bent, Augmentation(rotate=10.0, scale=0.1)(key, x), atol=1e-3)
+    # Elastic alone draws the same angle-and-zoom keys, with no rotation or zoom: a constant image stays constant.
+    constant = jnp.full((3, 8, 8, 1), 0.7)
+    np.testing.assert_allclose(Augmentation(elastic=50.0)(key, constant), constant, atol=1e-6)
+
+
 def test_flip_mirrors_about_half_of_the_images():
     x = jnp.asarray(np.random.default_rng(0).random((400, 3, 4, 1), dtype=np.float32))
     y = np.asarray(random_flip(jax.random.PRNGKey(0), x))
@@ -270,6 +324,7 @@ def test_augmentation_of_a_shift_alone_is_the_shift_it_always_was():
         ({"rotate": -1.0}, r"--rotate must be between 0 and 180 degrees, got -1.0"),
         ({"scale": 1.0}, r"--scale must be in \[0, 1\), got 1.0"),
         ({"flip": 1}, r"--flip must be true or false, got 1"),
+        ({"elastic": -2.0}, r"--elastic must be between 0 and 100, got -2.0"),
         ({"warmup": 1.0}, r"--warmup must be a fraction in \[0, 1\), got 1.0"),
         ({"eval_every": -1}, r"--eval-every must be >= 0, got -1"),
         ({"schedule": "onecycle"}, r"--schedule must be one of constant, cosine, linear, step, got 'onecycle'"),

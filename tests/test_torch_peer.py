@@ -84,6 +84,24 @@ def test_rotate_and_zoom_matches_jaxcnn(degrees, zoom):
     np.testing.assert_allclose(got.numpy().transpose(0, 2, 3, 1), expected, atol=1e-5)
 
 
+def test_elastic_distortion_matches_jaxcnn():
+    """The same displacement field moves the pixels alike (with a rotation and zoom), and the peer's fields have
+    jaxcnn's size."""
+    rng = np.random.default_rng(2)
+    x = rng.random((3, 28, 28, 1), dtype=np.float32)
+    angle, zooms = np.full(3, 0.2, np.float32), np.full(3, 1.1, np.float32)
+    moved = np.asarray(inputs.elastic_displacement(jax.random.PRNGKey(0), (3, 28, 28), 34.0))
+    expected = np.asarray(inputs.rotate_and_zoom(*map(jnp.asarray, (x, angle, zooms, moved))))
+    got = torch_peer.rotate_and_zoom(
+        torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), *map(torch.from_numpy, (angle, zooms, moved))
+    )
+    np.testing.assert_allclose(got.numpy().transpose(0, 2, 3, 1), expected, atol=1e-4)
+    torch.manual_seed(0)
+    theirs = torch_peer.elastic_displacement(2048, 28, 28, 34.0).numpy()[:, 10:18, 10:18]
+    ours = np.asarray(inputs.elastic_displacement(jax.random.PRNGKey(1), (2048, 28, 28), 34.0))[:, 10:18, 10:18]
+    assert abs(theirs.std() / ours.std() - 1) < 0.08
+
+
 def test_shift_matches_jaxcnn():
     rng = np.random.default_rng(1)
     x = rng.random((4, 28, 28, 1), dtype=np.float32)

@@ -69,6 +69,7 @@ RESUME_SETTINGS = (
     "normalize",
     "augment",
     "rotate",
+    "elastic",
     "scale",
     "flip",
     "dp_clip",

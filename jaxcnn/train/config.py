@@ -153,6 +153,13 @@ class TrainConfig:
         0.0, "zoom each training image by a random factor in [1 - S, 1 + S] (0: off)", type=float, metavar="S"
     )
     flip: bool = _setting(False, "mirror each training image left to right with probability 1/2 (not for digits)")
+    elastic: float = _setting(
+        0.0,
+        "elastic distortion of each training image: a random displacement field, uniform noise smoothed by a "
+        "Gaussian of 4 pixels, times ALPHA (0: off)",
+        type=float,
+        metavar="ALPHA",
+    )
     tta: str = _setting(
         "none",
         "test-time augmentation of evaluation and prediction: flip averages the network's outputs for each image "
@@ -294,6 +301,10 @@ class TrainConfig:
             ),
             (_is_number(self.scale) and 0 <= self.scale < 1, f"--scale must be in [0, 1), got {self.scale}"),
             (isinstance(self.flip, bool), f"--flip must be true or false, got {self.flip!r}"),
+            (
+                _is_number(self.elastic) and 0 <= self.elastic <= 100,
+                f"--elastic must be between 0 and 100, got {self.elastic}",
+            ),
             (self.tta in TTA, f"--tta must be one of {', '.join(TTA)}, got {self.tta!r}"),
             (
                 _is_int(self.eval_every) and self.eval_every >= 0,

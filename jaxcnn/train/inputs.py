@@ -9,6 +9,7 @@ import numpy.typing as npt
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from jaxcnn.train.config import ConfigError
 
@@ -80,34 +81,70 @@ def random_shift(key: jax.Array, x: jax.Array, max_shift: int) -> jax.Array:
     return jax.vmap(crop)(padded, offsets) + fill
 
 
-def rotate_and_zoom(x: jax.Array, angle: jax.Array, zoom: jax.Array) -> jax.Array:
+def rotate_and_zoom(
+    x: jax.Array, angle: jax.Array, zoom: jax.Array, displacement: jax.Array | None = None
+) -> jax.Array:
     """Rotates each image of ``x (B, H, W, C)`` counter-clockwise by ``angle (B,)`` radians about its centre and
     magnifies it by ``zoom (B,)``, sampling bilinearly; pixels that come from outside the image take its
-    :func:`background` value. Output pixel ``p`` reads the input at ``centre + R(-angle) (p - centre) / zoom``.
+    :func:`background` value. Output pixel ``p`` reads the input at ``centre + R(-angle) (p - centre) / zoom``,
+    plus ``displacement[b, p] (B, H, W, 2)`` (rows, columns) when given (:func:`elastic_displacement`).
     """
-    _, h, w, _ = x.shape
+    b, h, w, _ = x.shape
     fill = background(x)
     rows, cols = jnp.meshgrid(jnp.arange(h) - (h - 1) / 2, jnp.arange(w) - (w - 1) / 2, indexing="ij")
+    if displacement is None:
+        displacement = jnp.zeros((b, h, w, 2), x.dtype)
 
-    def warp(image, angle, zoom):  # (H, W, C); rows grow downwards, so +angle turns the picture counter-clockwise
+    def warp(image, angle, zoom, moved):  # (H, W, C); rows grow downwards, so +angle turns it counter-clockwise
         cos, sin = jnp.cos(angle) / zoom, jnp.sin(angle) / zoom
-        source = [cos * rows + sin * cols + (h - 1) / 2, -sin * rows + cos * cols + (w - 1) / 2]
+        source = [
+            cos * rows + sin * cols + (h - 1) / 2 + moved[..., 0],
+            -sin * rows + cos * cols + (w - 1) / 2 + moved[..., 1],
+        ]
         sample = lambda channel: jax.scipy.ndimage.map_coordinates(channel, source, order=1, cval=0.0)  # noqa: E731
         return jax.vmap(sample, in_axes=2, out_axes=2)(image)
 
-    return jax.vmap(warp)(x - fill, angle, zoom) + fill
+    return jax.vmap(warp)(x - fill, angle, zoom, displacement) + fill
 
 
-def random_affine(key: jax.Array, x: jax.Array, max_degrees: float, max_scale: float) -> jax.Array:
+ELASTIC_SIGMA = 4.0  # the smoothing of elastic distortions, in pixels (Simard et al. 2003 found 4 best on MNIST)
+
+
+def elastic_displacement(
+    key: jax.Array, shape: tuple[int, int, int], alpha: float, dtype: DTypeLike = jnp.float32
+) -> jax.Array:
+    """Random smooth displacement fields ``(B, H, W, 2)`` for ``shape = (B, H, W)``: uniform noise in [-1, 1]
+    per pixel and axis, smoothed by a normalised Gaussian of standard deviation :data:`ELASTIC_SIGMA` pixels
+    (zero outside the image) and multiplied by ``alpha`` (elastic distortions, Simard et al. 2003)."""
+    b, h, w = shape
+    noise = jax.random.uniform(key, (b, h, w, 2), dtype, minval=-1.0, maxval=1.0)
+    blur_h, blur_w = jnp.asarray(gaussian_blur_matrix(h), dtype), jnp.asarray(gaussian_blur_matrix(w), dtype)
+    return alpha * jnp.einsum("ij,bjkc,lk->bilc", blur_h, noise, blur_w)
+
+
+def gaussian_blur_matrix(n: int, sigma: float = ELASTIC_SIGMA) -> np.ndarray:
+    """``(n, n)``: the taps of a Gaussian of standard deviation ``sigma`` at every distance ``i - j`` up to
+    ``3 sigma``, normalised to sum 1 over the whole kernel; ``G @ v`` smooths ``v`` with zeros outside it."""
+    taps = lambda d: np.exp(-0.5 * (d / sigma) ** 2)  # noqa: E731
+    radius = int(3 * sigma)
+    d = np.subtract.outer(np.arange(n), np.arange(n))
+    return np.where(np.abs(d) <= radius, taps(d), 0.0) / np.sum(taps(np.arange(-radius, radius + 1)))
+
+
+def random_affine(
+    key: jax.Array, x: jax.Array, max_degrees: float, max_scale: float, elastic: float = 0.0
+) -> jax.Array:
     """:func:`rotate_and_zoom` of each image of ``x (B, H, W, C)`` by its own angle, drawn uniformly from
-    ``[-max_degrees, max_degrees]`` degrees, and zoom, drawn from ``[1 - max_scale, 1 + max_scale]``."""
-    if not max_degrees and not max_scale:
+    ``[-max_degrees, max_degrees]`` degrees, and zoom, drawn from ``[1 - max_scale, 1 + max_scale]``, plus an
+    :func:`elastic_displacement` of strength ``elastic`` (0: none)."""
+    if not max_degrees and not max_scale and not elastic:
         return x
     k_angle, k_zoom = jax.random.split(key)
-    b = x.shape[0]
+    b, h, w, _ = x.shape
     angle = jnp.deg2rad(jax.random.uniform(k_angle, (b,), minval=-max_degrees, maxval=max_degrees))
     zoom = jax.random.uniform(k_zoom, (b,), minval=1.0 - max_scale, maxval=1.0 + max_scale)
-    return rotate_and_zoom(x, angle, zoom)
+    moved = elastic_displacement(jax.random.fold_in(key, 3), (b, h, w), elastic, x.dtype) if elastic else None
+    return rotate_and_zoom(x, angle, zoom, moved)
 
 
 def random_flip(key: jax.Array, x: jax.Array) -> jax.Array:
@@ -125,13 +162,14 @@ class Augmentation(NamedTuple):
     rotate: float = 0.0
     scale: float = 0.0
     flip: bool = False
+    elastic: float = 0.0
 
     def __call__(self, key: jax.Array, x: jax.Array) -> jax.Array:
-        if self.flip or self.rotate or self.scale:  # the shift alone keeps the key it always had
+        if self.flip or self.rotate or self.scale or self.elastic:  # the shift alone keeps the key it always had
             k_flip, k_affine, key = jax.random.split(key, 3)
             if self.flip:
                 x = random_flip(k_flip, x)
-            x = random_affine(k_affine, x, self.rotate, self.scale)
+            x = random_affine(k_affine, x, self.rotate, self.scale, self.elastic)
         return random_shift(key, x, self.shift)
 
 

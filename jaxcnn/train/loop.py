@@ -234,7 +234,7 @@ class Trainer:
             self.fingerprints["test"] = ckpt.data_fingerprint(test_images, test_targets)
             self.test_images, self.test_targets = p.put(test_images), p.put(test_targets)
         rep = p.replicated
-        self.augmentation = Augmentation(config.augment, config.rotate, config.scale, config.flip)
+        self.augmentation = Augmentation(config.augment, config.rotate, config.scale, config.flip, config.elastic)
         fixed = (self.step, self.scaling, self.augmentation, self.root_key)
         self.loop = loop_form(config)
         self.run_steps = jax.jit(
