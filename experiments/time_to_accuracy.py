@@ -417,10 +417,11 @@ def main(argv=None) -> int:
         peer_options = PEER_FORMS[results["peer_form"]["chosen"]] if "pytorch" in peers else ()
         for target in targets:
             results["rows"][target.key] = run_target(target, out, mnist5k, peers, log, peer_options)
+            if not args.smoke:  # each row is kept as soon as it is measured: a failure later loses no row
+                results["environment"] = common.environment(common.command_line(NAME, argv))
+                common.write_json(path, results)
     if args.smoke:
         return 0
-    results["environment"] = common.environment(common.command_line(NAME, argv))
-    common.write_json(path, results)
     (out / f"{NAME}.md").write_text(render_report(results))
     plot(results, out / f"{NAME}.png", log)
     log(f"wrote {path}")
