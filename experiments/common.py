@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -93,6 +95,29 @@ def out_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def run_training(argv: Sequence[str], workdir: Path, env: Mapping[str, str]) -> tuple[list[dict], float]:
+    """Runs a training command (``jaxcnn train`` or its PyTorch peer) with ``--out workdir`` as a subprocess from
+    the repository, keeps its stdout as ``stdout.txt`` beside its ``config.json`` and ``metrics.jsonl`` (not its
+    checkpoint), and returns the metrics records and the seconds from launch to exit.
+
+    Raises:
+      RuntimeError: the command failed; the message ends with its stderr.
+    """
+    for name in ("checkpoint.npz", "metrics.jsonl", "config.json"):
+        (workdir / name).unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    done = subprocess.run(
+        [*argv, "--out", str(workdir)], cwd=REPO, env=dict(env), capture_output=True, text=True, check=False
+    )
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()[-800:]}")
+    (workdir / "stdout.txt").write_text(done.stdout)
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    (workdir / "checkpoint.npz").unlink(missing_ok=True)  # the figures are kept, not the weights
+    return records, seconds
 
 
 def _jsonable(value: Any) -> Any:

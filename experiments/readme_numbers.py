@@ -18,7 +18,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -67,28 +66,16 @@ ROWS = (
 def run_row(row: Row, out: Path, log) -> dict:
     """Runs one row's command into ``out / row.key`` and returns its figures."""
     workdir = out / row.key
-    for name in ("checkpoint.npz", "metrics.jsonl", "config.json"):
-        (workdir / name).unlink(missing_ok=True)
-    command = [sys.executable, "-m", "jaxcnn.cli", "train", *row.args, "--out", str(workdir), "--progress", "off"]
-    env = {**os.environ, **dict(row.env)}
-    log(f"{row.key}: {' '.join(command[2:])}")
-    t0 = time.perf_counter()
-    done = subprocess.run(command, cwd=common.REPO, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{row.key} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
-    (workdir / "stdout.txt").write_text(done.stdout)
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    (workdir / "checkpoint.npz").unlink(missing_ok=True)  # the figures are kept, not the weights
+    command = [sys.executable, "-m", "jaxcnn.cli", "train", *row.args, "--progress", "off"]
+    log(f"{row.key}: {' '.join(command[2:])} --out {workdir}")
+    records, seconds = common.run_training(command, workdir, {**os.environ, **dict(row.env)})
     final = records[-1]
-    log(
-        f"{row.key}: test accuracy {final['test_accuracy']:.4f}, {final['wall_s']:.1f} s "
-        f"({time.perf_counter() - t0:.0f} s with start-up)"
-    )
+    log(f"{row.key}: test accuracy {final['test_accuracy']:.4f}, {final['wall_s']:.1f} s ({seconds:.0f} s in all)")
     return {
         "key": row.key,
         "shown": row.shown,
         "test_set": row.test_set,
-        "command": " ".join(command[2:]),
+        "command": " ".join([*command[2:], "--out", str(workdir)]),
         "env": dict(row.env),
         "epochs": final["epoch"],
         "test_accuracy": final["test_accuracy"],

@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -118,18 +116,7 @@ def make_mnist5k(directory: Path, mnist_dir: Path) -> Path:
 
 def run_one(argv: list[str], workdir: Path, env: dict, log) -> dict:
     """Runs one training command into ``workdir`` and returns its figures (process wall time included)."""
-    for name in ("checkpoint.npz", "metrics.jsonl", "config.json"):
-        (workdir / name).unlink(missing_ok=True)
-    t0 = time.perf_counter()
-    done = subprocess.run(
-        [*argv, "--out", str(workdir)], cwd=common.REPO, env=env, capture_output=True, text=True, check=False
-    )
-    process_s = time.perf_counter() - t0
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()[-800:]}")
-    (workdir / "stdout.txt").write_text(done.stdout)
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    (workdir / "checkpoint.npz").unlink(missing_ok=True)  # the figures are kept, not the weights
+    records, process_s = common.run_training(argv, workdir, env)
     final = records[-1]
     startup_s = process_s - final["wall_s"]
     log(f"  {final['test_accuracy']:.4f} after {final['epoch']} epochs, {process_s:.1f} s ({startup_s:.1f} s start-up)")

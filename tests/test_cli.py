@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _records import HISTORY_KEYS
 
 import jax
 import jax.numpy as jnp
@@ -243,16 +244,7 @@ def test_small_training_run(small_run):
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "config.json", "metrics.jsonl"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["epoch"] == 1
-    assert list(records[0]) == [
-        "epoch",
-        "train_loss",
-        "train_accuracy",
-        "test_loss",
-        "test_accuracy",
-        "eval_s",
-        "images_per_s",
-        "wall_s",
-    ]
+    assert tuple(records[0]) == HISTORY_KEYS
     saved = json.loads((out / "config.json").read_text())
     # jaxcnn train records every setting, its presets included, and the data actually used.
     assert saved.pop("data")["source"].startswith("the bundled MNIST subset")

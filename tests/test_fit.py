@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 import pytest
+from _records import HISTORY_KEYS
 from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -26,16 +27,6 @@ from jaxcnn.train import ConfigError, TrainConfig, Trainer, balanced_subset, mak
 from jaxcnn.train.config import array_settings
 from jaxcnn.train.inputs import scaling_for
 
-HISTORY_KEYS = [
-    "epoch",
-    "train_loss",
-    "train_accuracy",
-    "test_loss",
-    "test_accuracy",
-    "eval_s",
-    "images_per_s",
-    "wall_s",
-]
 CE, MSE = gradients.softmax_cross_entropy, gradients.mse
 QUIET = dict(log=lambda s: None, progress=False)
 
@@ -158,7 +149,7 @@ def test_fit_learns_32x32_colour_images(by, dtype):
 def test_history_has_exactly_the_documented_keys(mnist_fit, tmp_path):
     history = mnist_fit["result"].history
     for record in history:
-        assert list(record) == HISTORY_KEYS
+        assert tuple(record) == HISTORY_KEYS
         assert isinstance(record["epoch"], int)
         assert all(isinstance(record[k], float) for k in HISTORY_KEYS[1:])
         assert 0 <= record["train_accuracy"] <= 1 and 0 <= record["test_accuracy"] <= 1
