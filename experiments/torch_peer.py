@@ -71,6 +71,7 @@ from jaxcnn.models import MODELS, get_model
 from jaxcnn.train import checkpoint as ckpt
 from jaxcnn.train.config import ConfigError, TrainConfig
 from jaxcnn.train.inputs import balanced_subset, describe_counts, gaussian_blur_matrix, scaling_for
+from jaxcnn.train.loop import epoch_line
 from jaxcnn.train.recipes import DEFAULT_RECIPE, RECIPES, resolve
 
 PROG = "python experiments/torch_peer.py"
@@ -314,16 +315,6 @@ def _twin(model: str):
         ) from None
 
 
-def _epoch_line(record: dict, epochs: int) -> str:
-    line = (
-        f"epoch {record['epoch']:>3}/{epochs}  train loss {record['train_loss']:.4f}  "
-        f"acc {record['train_accuracy']:.4f}"
-    )
-    if "test_loss" in record:
-        line += f"  |  test loss {record['test_loss']:.4f}  acc {record['test_accuracy']:.4f}"
-    return line + f"  |  {record['images_per_s']:,.0f} images/s  {record['wall_s']:.1f} s"
-
-
 @contextlib.contextmanager
 def cold_inductor_cache(enabled: bool):
     """With ``enabled`` and no ``$TORCHINDUCTOR_CACHE_DIR`` set, points TorchInductor's on-disk caches at a fresh
@@ -503,7 +494,7 @@ def _train(config, workdir, recipe, threads, compile, channels_last, log, induct
         record["wall_s"] = time.perf_counter() - wall_start
         record["eval_s"] = eval_s
         history.append(record)
-        log(_epoch_line(record, config.epochs))
+        log(epoch_line(record, config.epochs))
         with metrics_path.open("a") as f:
             f.write(ckpt.metrics_line(record))
     return history

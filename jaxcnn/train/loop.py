@@ -659,7 +659,7 @@ def train_arrays(
                     else {},
                 }
             history.append(record)
-            log(_epoch_line(record, config))
+            log(epoch_line(record, config.epochs))
             if workdir is not None and writer:
                 # The epoch's record first, then its checkpoint: a crash in between leaves an extra record that
                 # --resume drops (it keeps records up to the checkpoint's epoch), never a checkpoint without one.
@@ -670,9 +670,10 @@ def train_arrays(
     return FitResult(state.params, state.model_state, state.opt_state, history)
 
 
-def _epoch_line(record: dict, config: TrainConfig) -> str:
+def epoch_line(record: dict, epochs: int) -> str:
+    """The log line of one ``metrics.jsonl`` record of a run of ``epochs`` epochs (what ``jaxcnn train`` prints)."""
     line = (
-        f"epoch {record['epoch']:>3}/{config.epochs}  train loss {record['train_loss']:.4f}  "
+        f"epoch {record['epoch']:>3}/{epochs}  train loss {record['train_loss']:.4f}  "
         f"acc {record['train_accuracy']:.4f}"
     )
     if "test_loss" in record:
