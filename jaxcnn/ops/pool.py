@@ -128,18 +128,27 @@ def _tiles(geom: Geometry) -> bool:
     return geom.stride == geom.window and geom.padding == ((0, 0), (0, 0))
 
 
-def _max_pool2d_backward_taps(dy, x, y, geom: Geometry):
-    """Any geometry: each tap's winners placed back by :func:`place_tap` (a padded, strided write) and summed,
-    so that overlapping windows add up."""
-    xpad = pad_input(x, geom, -jnp.inf)
+def _routed(dy, y, window_values):
+    """``dy`` routed to each tap in row-major order: for the values of every tap ``(a, b)`` of the windows
+    (``(N, oh, ow, C)`` each, in that order), ``dy`` where that tap is the first to equal the window's maximum
+    ``y`` and 0 elsewhere (a running ``taken`` mask makes later equal taps lose)."""
     taken = jnp.zeros(y.shape, bool)
     zero = jnp.zeros((), dy.dtype)
-    dx = jnp.zeros(x.shape, dy.dtype)
-    for a, b in taps(geom):
-        wins = (read_tap(xpad, geom, a, b) == y) & ~taken  # (N, oh, ow, C)
+    routed = []
+    for values in window_values:
+        wins = (values == y) & ~taken
         taken = taken | wins
-        dx = dx + place_tap(jnp.where(wins, dy, zero), geom, a, b)
-    return dx
+        routed.append(jnp.where(wins, dy, zero))
+    return routed
+
+
+def _max_pool2d_backward_taps(dy, x, y, geom: Geometry):
+    """Any geometry: each tap's routed ``dy`` placed back by :func:`place_tap` (a padded, strided write) and
+    summed, so that overlapping windows add up."""
+    xpad = pad_input(x, geom, -jnp.inf)
+    offsets = list(taps(geom))
+    routed = _routed(dy, y, (read_tap(xpad, geom, a, b) for a, b in offsets))
+    return sum(place_tap(r, geom, a, b) for r, (a, b) in zip(routed, offsets, strict=True))
 
 
 def _max_pool2d_backward_tiles(dy, x, y, geom: Geometry):
@@ -150,16 +159,8 @@ def _max_pool2d_backward_tiles(dy, x, y, geom: Geometry):
     (kh, kw), (oh, ow) = geom.window, geom.out_hw
     n, h, w, c = x.shape
     windows = x[:, : oh * kh, : ow * kw].reshape(n, oh, kh, ow, kw, c)
-    taken = jnp.zeros(y.shape, bool)
-    zero = jnp.zeros((), dy.dtype)
-    rows = []
-    for a in range(kh):
-        cols = []
-        for b in range(kw):
-            wins = (windows[:, :, a, :, b, :] == y) & ~taken
-            taken = taken | wins
-            cols.append(jnp.where(wins, dy, zero))
-        rows.append(jnp.stack(cols, axis=3))  # (N, oh, ow, kw, C)
+    routed = _routed(dy, y, (windows[:, :, a, :, b, :] for a in range(kh) for b in range(kw)))
+    rows = [jnp.stack(routed[a * kw : (a + 1) * kw], axis=3) for a in range(kh)]  # (N, oh, ow, kw, C) each
     dx = jnp.stack(rows, axis=2).reshape(n, oh * kh, ow * kw, c)  # (N, oh, kh, ow, kw, C) -> rows, columns
     return jnp.pad(dx, ((0, 0), (0, h - oh * kh), (0, w - ow * kw), (0, 0)))
 

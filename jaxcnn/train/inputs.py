@@ -89,22 +89,20 @@ def rotate_and_zoom(
     :func:`background` value. Output pixel ``p`` reads the input at ``centre + R(-angle) (p - centre) / zoom``,
     plus ``displacement[b, p] (B, H, W, 2)`` (rows, columns) when given (:func:`elastic_displacement`).
     """
-    b, h, w, _ = x.shape
+    _, h, w, _ = x.shape
     fill = background(x)
     rows, cols = jnp.meshgrid(jnp.arange(h) - (h - 1) / 2, jnp.arange(w) - (w - 1) / 2, indexing="ij")
-    if displacement is None:
-        displacement = jnp.zeros((b, h, w, 2), x.dtype)
 
-    def warp(image, angle, zoom, moved):  # (H, W, C); rows grow downwards, so +angle turns it counter-clockwise
+    def warp(image, angle, zoom, moved=None):  # (H, W, C); rows grow downwards, so +angle turns it counter-clockwise
         cos, sin = jnp.cos(angle) / zoom, jnp.sin(angle) / zoom
-        source = [
-            cos * rows + sin * cols + (h - 1) / 2 + moved[..., 0],
-            -sin * rows + cos * cols + (w - 1) / 2 + moved[..., 1],
-        ]
+        source = [cos * rows + sin * cols + (h - 1) / 2, -sin * rows + cos * cols + (w - 1) / 2]
+        if moved is not None:
+            source = [source[0] + moved[..., 0], source[1] + moved[..., 1]]
         sample = lambda channel: jax.scipy.ndimage.map_coordinates(channel, source, order=1, cval=0.0)  # noqa: E731
         return jax.vmap(sample, in_axes=2, out_axes=2)(image)
 
-    return jax.vmap(warp)(x - fill, angle, zoom, displacement) + fill
+    moved = () if displacement is None else (displacement,)
+    return jax.vmap(warp)(x - fill, angle, zoom, *moved) + fill
 
 
 ELASTIC_SIGMA = 4.0  # the smoothing of elastic distortions, in pixels (Simard et al. 2003 found 4 best on MNIST)
