@@ -90,7 +90,7 @@ def test_elastic_distortion_matches_jaxcnn():
     rng = np.random.default_rng(2)
     x = rng.random((3, 28, 28, 1), dtype=np.float32)
     angle, zooms = np.full(3, 0.2, np.float32), np.full(3, 1.1, np.float32)
-    moved = np.asarray(inputs.elastic_displacement(jax.random.PRNGKey(0), (3, 28, 28), 34.0))
+    moved = np.array(inputs.elastic_displacement(jax.random.PRNGKey(0), (3, 28, 28), 34.0))  # writable, for torch
     expected = np.asarray(inputs.rotate_and_zoom(*map(jnp.asarray, (x, angle, zooms, moved))))
     got = torch_peer.rotate_and_zoom(
         torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), *map(torch.from_numpy, (angle, zooms, moved))
