@@ -1,6 +1,6 @@
 """Section ``per_example``: per-example gradient norms and a DP-SGD step, hand-written against ``vmap(jax.grad)``.
 
-For each zoo model, at its benchmark batch size:
+For each zoo model (``--quick``: the first, a smoke test of the section), at its benchmark batch size:
 
 * ``norms/<model>``: every example's gradient norm. ``manual`` is
   :func:`jaxcnn.gradients.per_example_grad_norms` (one forward pass, the layers' norm rules: dense
@@ -235,7 +235,7 @@ def bench_per_example(cfg: BenchConfig, opts: dict, log, notes: list) -> tuple[l
     if not with_opacus:
         notes.append("per_example: Opacus is not installed (or --peers leaves out torch); its contender is left out")
     records, ratios = [], {}
-    for model_name in cfg.models:
+    for model_name in cfg.models[:1] if cfg.quick else cfg.models:
         for what, make in (("norms", norm_contenders), ("dp_step", dp_step_contenders)):
             name = f"per_example/{what}/{model_name}"
             contenders = make(cfg, model_name, opts)
