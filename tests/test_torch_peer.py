@@ -4,6 +4,7 @@ of every step is optax's, the rotation, zoom and shift are jaxcnn's, and a run w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -14,8 +15,10 @@ from conftest import REPO
 
 import jax
 import jax.numpy as jnp
+import optax
 
 torch = pytest.importorskip("torch")
+F = torch.nn.functional
 
 sys.path.insert(0, str(REPO))  # ``experiments`` is a directory of scripts beside the package, not installed
 
@@ -24,13 +27,14 @@ from jaxcnn.train import inputs  # noqa: E402
 from jaxcnn.train.config import TrainConfig, make_optimizer  # noqa: E402
 
 
-def _optax_rates(config: TrainConfig, steps_per_epoch: int) -> np.ndarray:
-    """The learning rate of each step of jaxcnn's optimiser: with momentum 0 and a gradient of 1, an update is -lr."""
+def _optax_rates(config: TrainConfig, steps_per_epoch: int, dtype=jnp.float32) -> np.ndarray:
+    """The learning rate of each step of jaxcnn's optimiser, jitted as the train step runs it: with momentum 0
+    and a gradient of 1, an update is -lr."""
     tx = make_optimizer(config, steps_per_epoch)
-    param = jnp.zeros((), jnp.float32)
+    param, update_fn = jnp.zeros((), dtype), jax.jit(tx.update)
     state, rates = tx.init(param), []
     for _ in range(config.epochs * steps_per_epoch):
-        update, state = tx.update(jnp.ones((), jnp.float32), state, param)
+        update, state = update_fn(jnp.ones((), dtype), state, param)
         rates.append(-float(update))
     return np.array(rates)
 
@@ -110,6 +114,77 @@ def test_shift_matches_jaxcnn():
     offsets = torch.from_numpy(np.array(jax.random.randint(key, (4, 2), 0, 5))).long()  # random_shift's draw
     got = torch_peer.shift(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), offsets, 2)
     np.testing.assert_allclose(got.numpy().transpose(0, 2, 3, 1), expected, atol=1e-6)
+
+
+def _fast_cnn_params_from(net) -> tuple:
+    """jaxcnn ``fast_cnn`` parameters holding the PyTorch twin's weights: OIHW kernels as HWIO, and the dense
+    kernel's rows from PyTorch's (C, H, W) flattening order to jaxcnn's (H, W, C)."""
+    convs = [m for m in net if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in net if isinstance(m, torch.nn.BatchNorm2d)]
+    as_jax = lambda t: jnp.asarray(t.detach().numpy())  # noqa: E731
+    params: list = []
+    for conv, norm in zip(convs, norms, strict=True):  # each block: conv, ReLU, pool, BatchNorm
+        params += [{"w": as_jax(conv.weight.permute(2, 3, 1, 0)), "b": as_jax(conv.bias)}, {}, {}]
+        params.append({"scale": as_jax(norm.weight), "bias": as_jax(norm.bias)})
+    dense = net[-1]
+    w = dense.weight.reshape(10, 96, 3, 3).permute(2, 3, 1, 0).reshape(864, 10)
+    return (*params, {}, {"w": as_jax(w), "b": as_jax(dense.bias)})
+
+
+def test_same_weights_and_batches_follow_one_trajectory_in_float64():
+    """From the twin's weights, on the same batches, the peer's loss, BatchNorm and Nesterov update compute what
+    jaxcnn's do: in float64 every parameter and running statistic agrees after 20 steps. The peer is handed
+    optax's learning rates (test_schedule_matches_optax checks the peer's own, to float32 rounding)."""
+    from jaxcnn import gradients, models
+    from jaxcnn.bench import peers_torch
+    from jaxcnn.train.recipes import resolve
+
+    config = resolve("mnist", {"epochs": 2, "warmup": 0.25})
+    steps_per_epoch, batch = 10, 16
+    images = np.random.default_rng(0).random((steps_per_epoch * batch, 28, 28, 1))
+    labels = np.random.default_rng(1).integers(0, 10, steps_per_epoch * batch)
+    torch.manual_seed(0)
+    net, _ = peers_torch.build("fast_cnn", 1)
+    net = net.double()
+    with torch.no_grad():
+        net.eval()
+        net(torch.zeros(1, 1, 28, 28, dtype=torch.float64))  # sizes the lazy dense layer
+    net.train()
+    optimizer = torch_peer.make_optimizer(config, net.parameters())
+    model, loss = models.fast_cnn(), gradients.label_smoothed_cross_entropy(config.label_smoothing)
+    with jax.enable_x64(True):
+        rates = _optax_rates(dataclasses.replace(config, optimizer="sgd", momentum=0.0), steps_per_epoch, jnp.float64)
+        params = _fast_cnn_params_from(net)
+        _, state, _ = model.init(jax.random.PRNGKey(0), (1, 28, 28, 1))
+        state = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), state)
+        tx = make_optimizer(config, steps_per_epoch)
+        opt_state = tx.init(params)
+        grad_fn = gradients.value_and_grad(model, loss)
+
+        @jax.jit
+        def step(params, state, opt_state, x, t):
+            (value, (_, state)), grads = grad_fn(params, state, x, t, train=True)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), state, opt_state, value
+
+        for k in range(config.epochs * steps_per_epoch):
+            idx = slice((k % steps_per_epoch) * batch, (k % steps_per_epoch + 1) * batch)
+            x, t = images[idx], labels[idx]
+            params, state, opt_state, value = step(params, state, opt_state, jnp.asarray(x), jnp.asarray(t))
+            torch_peer.set_lr(optimizer, float(rates[k]))
+            optimizer.zero_grad()
+            out = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+            peer_loss = F.cross_entropy(out, torch.from_numpy(t), label_smoothing=config.label_smoothing)
+            peer_loss.backward()
+            optimizer.step()
+            np.testing.assert_allclose(float(value), peer_loss.item(), rtol=1e-9)
+        want = _fast_cnn_params_from(net)
+        for got, expected in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(want), strict=True):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-7, atol=1e-9)
+        norms = [m for m in net if isinstance(m, torch.nn.BatchNorm2d)]
+        for i, norm in enumerate(norms):
+            np.testing.assert_allclose(np.asarray(state[4 * i + 3]["mean"]), norm.running_mean.numpy(), atol=1e-9)
+            np.testing.assert_allclose(np.asarray(state[4 * i + 3]["var"]), norm.running_var.numpy(), rtol=1e-8)
 
 
 def test_tiny_run_writes_config_and_metrics(tmp_path, capsys):
