@@ -29,6 +29,7 @@ from experiments import (
     dp_sgd,
     gradient_report,
     readme_numbers,
+    recipe_cv,
     speed,
     time_to_accuracy,
     training_comparison,
@@ -500,6 +501,30 @@ def test_time_to_accuracy_smoke(tmp_path):
     assert config["recipe"] == "mnist" and config["model"] == "fast_cnn" and config["epochs"] == 1
     assert len(records) == 1 and 0.3 < records[0]["test_accuracy"] <= 1.0
     assert not (tmp_path / "smoke" / "jaxcnn_seed0" / "checkpoint.npz").exists()
+
+
+def test_recipe_cv_smoke(tmp_path):
+    """Both initialisations trained on one fold through jaxcnn.fit and scored on its held-out images."""
+    assert recipe_cv.main(["--smoke", "--folds", "2", "--out", str(tmp_path)]) == 0
+    runs = load_json(tmp_path / "recipe_cv.json")["runs"]
+    assert [(r["variant"], r["fold"]) for r in runs] == [("fan_in_uniform", 2), ("he_normal", 2)]
+    assert all(0.0 <= r["held_out_accuracy"] <= 1.0 and np.isfinite(r["train_loss"]) for r in runs)
+    assert "fan_in_uniform - he_normal, held-out accuracy, points per fold:" in (tmp_path / "recipe_cv.md").read_text()
+
+
+def test_recipe_cv_report_pairs_the_folds():
+    runs = [
+        {"variant": v, "fold": f, "held_out_accuracy": a, "train_loss": 0.5}
+        for v, f, a in (
+            ("fan_in_uniform", 0, 0.990),
+            ("he_normal", 0, 0.985),
+            ("fan_in_uniform", 1, 0.980),
+            ("he_normal", 1, 0.982),
+        )
+    ]
+    text = recipe_cv.report(runs, ["fan_in_uniform", "he_normal"])
+    assert "| mean | 0.9850 | 0.5000 | 0.9835 | 0.5000 |" in text
+    assert "points per fold: +0.5, -0.2 (mean +0.15)" in text
 
 
 def test_time_to_accuracy_table_and_targets():

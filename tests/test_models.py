@@ -41,6 +41,20 @@ PARAMETER_COUNTS = {
 TOL = 1e-10  # float64, relative per parameter array (measured: <= 4e-15)
 
 
+def test_fast_cnn_kernels_are_fan_in_uniform():
+    """Every kernel of fast_cnn lies in [-1/sqrt(fan_in), 1/sqrt(fan_in)] and fills it (variance 1 / (3 fan_in));
+    biases start at zero."""
+    params, _, _ = models.fast_cnn().init(jax.random.PRNGKey(0), INPUT_SHAPE)
+    kernels = [p for p in params if "w" in p]
+    assert len(kernels) == 4
+    for p in kernels:
+        w = np.asarray(p["w"])
+        bound = 1 / np.sqrt(np.prod(w.shape[:-1]))
+        assert np.abs(w).max() <= bound and np.abs(w).max() > 0.95 * bound
+        np.testing.assert_allclose(w.std(), bound / np.sqrt(3), rtol=0.1)
+        assert not np.any(np.asarray(p["b"]))
+
+
 def _f64(tree):
     return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)
 
