@@ -127,9 +127,15 @@ def main(argv=None) -> int:
     parser.add_argument("--folds", type=int, nargs="+", default=None, choices=range(5), help="default: all")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args(argv)
+    if args.folds and args.dataset != "mnist-offline":
+        parser.error(f"--folds: {args.dataset} has one split, its last {FASHION_HELD_OUT:,} training images")
+    try:
+        images, labels = load(args.dataset)
+    except data.DataError as e:
+        print(f"{NAME}: {e}", file=sys.stderr)
+        return 2
     out = common.out_dir(args.out)
     log = common.logger(NAME)
-    images, labels = load(args.dataset)
     folds = args.folds or (list(range(5)) if args.dataset == "mnist-offline" else [0])
     recipe, stem = RECIPES[args.dataset], NAME if args.dataset == "mnist-offline" else f"{NAME}_fashion"
     runs = []

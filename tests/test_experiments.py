@@ -512,6 +512,13 @@ def test_recipe_cv_smoke(tmp_path):
     assert "fan_in_uniform - he_normal, held-out accuracy, points per fold:" in (tmp_path / "recipe_cv.md").read_text()
 
 
+def test_recipe_cv_refuses_folds_of_the_single_fashion_split(capsys):
+    with pytest.raises(SystemExit) as e:
+        recipe_cv.main(["--dataset", "fashion-mnist", "--folds", "1"])
+    assert e.value.code == 2
+    assert "--folds: fashion-mnist has one split, its last 10,000 training images" in capsys.readouterr().err
+
+
 def test_recipe_cv_report_pairs_the_folds():
     runs = [
         {"variant": v, "fold": f, "held_out_accuracy": a, "train_loss": 0.5}
