@@ -6,7 +6,7 @@ stored order) are cut into 5 folds of 1,000; each run trains ``fast_cnn`` under 
 split, training under the ``fashion_quick`` recipe on the first 50,000 training images and scoring the last
 10,000. The variants compared are ``fast_cnn``'s kernel initialisations:
 
-* ``fan_in_uniform``: :data:`jaxcnn.models.FAN_IN_UNIFORM`, the default;
+* ``fan_in_uniform``: :func:`jaxcnn.models.fan_in_uniform`, the default;
 * ``he_normal``: He normal kernels, as the convolutions of ``fast_cnn`` were initialised before.
 
 Writes ``recipe_cv.json`` (``recipe_cv_fashion.json``): every run's held-out accuracy, final training loss and
@@ -41,7 +41,7 @@ NAME = "recipe_cv"
 FOLD = 1000  # held-out images per fold of the bundled MNIST subset
 FASHION_HELD_OUT = 10_000  # the last Fashion-MNIST training images, held out
 RECIPES = {"mnist-offline": "mnist", "fashion-mnist": "fashion_quick"}  # --dataset -> the recipe it checks
-VARIANTS = {"fan_in_uniform": models.FAN_IN_UNIFORM, "he_normal": initializers.he_normal()}
+VARIANTS = {"fan_in_uniform": models.fan_in_uniform, "he_normal": initializers.he_normal()}
 
 
 def load(dataset: str) -> tuple[np.ndarray, np.ndarray]:

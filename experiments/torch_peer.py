@@ -32,7 +32,7 @@ machine. ``config.json`` records the load average at the start.
 
 What differs from ``jaxcnn train`` by construction: the initial weights (PyTorch's default initialisation,
 seeded by ``torch.manual_seed(seed)``; jaxcnn draws its own from its own key: for ``fast_cnn`` kernels from the
-same distribution, :data:`jaxcnn.models.FAN_IN_UNIFORM`, and zero biases where PyTorch draws them uniformly
+same distribution, :func:`jaxcnn.models.fan_in_uniform`, and zero biases where PyTorch draws them uniformly
 too) and the random draws of the augmentation (the same distributions from PyTorch's generator). No
 checkpoints are written. From the same weights and on the same batches the two compute one trajectory: in
 float64 every parameter and running statistic of ``fast_cnn`` agrees after 20 steps of the ``mnist`` recipe's

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
@@ -107,15 +108,21 @@ def small_cnn(*, conv_method: str = DEFAULT_METHOD) -> Layer:
     )
 
 
-# U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's and equinox's default kernel initialisation (variance 1 / (3 fan_in)).
-FAN_IN_UNIFORM = initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+def fan_in_uniform(key, shape, dtype=jnp.float32) -> jax.Array:
+    """A kernel drawn uniformly from ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]`` (variance ``1 / (3 fan_in)``), ``fan_in``
+    being the product of every dimension but the last: PyTorch's and equinox's default kernel initialisation,
+    as a JAX initializer (``variance_scaling(1/3, "fan_in", "uniform")``)."""
+    return _FAN_IN_UNIFORM(key, shape, dtype)
 
 
-def fast_cnn(*, conv_method: str = DEFAULT_METHOD, kernel_init: Callable = FAN_IN_UNIFORM) -> Layer:
+_FAN_IN_UNIFORM = initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def fast_cnn(*, conv_method: str = DEFAULT_METHOD, kernel_init: Callable = fan_in_uniform) -> Layer:
     """Three blocks of conv, ReLU, max-pool 2, BatchNorm (24 channels 5x5, 48 3x3, 96 3x3; SAME), dense 10.
 
     ``kernel_init`` draws every kernel (convolutions and the dense layer); biases start at zero. The default,
-    :data:`FAN_IN_UNIFORM`, was chosen over He normal: with BatchNorm after every block the loss does
+    :func:`fan_in_uniform`, was chosen over He normal: with BatchNorm after every block the loss does
     not change when a convolution's kernel and bias are scaled by one positive factor (ReLU and max pooling
     commute with it, BatchNorm removes it), so a gradient step moves small kernels further, relative to their
     size, than large ones: the smaller initial kernels train as if at a larger learning rate. Chosen on held-out

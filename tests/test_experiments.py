@@ -58,6 +58,7 @@ SCRIPTS = {
         readme_numbers,
         dp_sgd,
         time_to_accuracy,
+        recipe_cv,
     )
 }
 EXPERIMENTS_README = (REPO / "experiments" / "README.md").read_text()
