@@ -124,9 +124,9 @@ def fast_cnn(*, conv_method: str = DEFAULT_METHOD, kernel_init: Callable = fan_i
     ``kernel_init`` draws every kernel (convolutions and the dense layer); biases start at zero. The default,
     :func:`fan_in_uniform`, was chosen over He normal: with BatchNorm after every block the loss does
     not change when a convolution's kernel and bias are scaled by one positive factor (ReLU and max pooling
-    commute with it, BatchNorm removes it), so a gradient step moves small kernels further, relative to their
-    size, than large ones: the smaller initial kernels train as if at a larger learning rate. Chosen on held-out
-    training images (``python experiments/recipe_cv.py``, ``experiments/results/recipe_cv/``).
+    commute with it, BatchNorm removes it up to its epsilon), so a gradient step moves small kernels further,
+    relative to their size, than large ones: the smaller initial kernels train as if at a larger learning rate.
+    Chosen on held-out training images (``python experiments/recipe_cv.py``, ``experiments/results/recipe_cv/``).
     """
 
     def block(features: int, size: int) -> list[Layer]:
