@@ -34,6 +34,7 @@ from jaxcnn.train import (
     TrainConfig,
     Trainer,
     TrainingStopped,
+    TrainState,
     loop,
     restore_checkpoint,
     train_and_evaluate,
@@ -532,6 +533,17 @@ def test_bfloat16_trains_and_keeps_float32_parameters(small, tmp_path):
     assert y.dtype == jnp.float32  # the loss is computed in float32
     # The same parameter structure (and initial values) as the float32 run: checkpoints are interchangeable.
     assert_same_arrays(ts, trainer_for(small).init_state())
+
+
+def test_initial_state_is_the_models_own_init(small):
+    """The trainer computes the initial state as one compiled program (unoptimised, to compile fast): the
+    values are those of the model's init and the optimiser's run op by op, bit for bit."""
+    uniform = models.fan_in_uniform
+    model = serial(Conv2D(4, 3, kernel_init=uniform), BatchNorm(), Relu(), Flatten(), Dense(10, kernel_init=uniform))
+    trainer = trainer_for(small, model=model, seed=3)
+    ts = trainer.init_state()
+    params, model_state, _ = trainer.model.init(jax.random.fold_in(jax.random.PRNGKey(3), 0), trainer.input_shape)
+    assert_same_arrays(ts, TrainState(params, model_state, trainer.tx.init(params)))
 
 
 # ---------------------------------------------------------------------------------------------------

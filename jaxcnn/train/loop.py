@@ -261,9 +261,18 @@ class Trainer:
         )
 
     def init_state(self) -> TrainState:
-        """The initial parameters, model state and optimiser state, replicated on the mesh."""
-        params, model_state, _ = self.model.init(jax.random.fold_in(self.root_key, 0), self.input_shape)
-        return self.placement.put(TrainState(params, model_state, self.tx.init(params)))
+        """The initial parameters, model state and optimiser state, replicated on the mesh.
+
+        Computed by one program, compiled without optimisation: run op by op, every initializer's random draw
+        would compile its own (4.0 s for fast_cnn on a 2-core CPU); compiled once with XLA's optimisations, the
+        program takes 2.2 s to compile and 3 ms to run; without them, 0.8 s and 8 ms. The values are the same."""
+
+        def initial(key):
+            params, model_state, _ = self.model.init(key, self.input_shape)
+            return TrainState(params, model_state, self.tx.init(params))
+
+        compiled = jax.jit(initial, compiler_options={"xla_backend_optimization_level": 0})
+        return self.placement.put(compiled(jax.random.fold_in(self.root_key, 0)))
 
     def epoch_batches(self, epoch: int) -> np.ndarray:
         """``(steps_per_epoch, batch_size)`` example indices of ``epoch`` (seeded, deterministic)."""
