@@ -38,7 +38,13 @@ import jax.numpy as jnp
 
 from jaxcnn import ops
 from jaxcnn.gradcheck import GradCheckResult, gradcheck
-from jaxcnn.layers import Layer, autodiff_forward, per_example_backward, per_example_sq_norms
+from jaxcnn.layers import (
+    Layer,
+    autodiff_forward,
+    per_example_backward,
+    per_example_sq_norms,
+    per_example_sq_norms_and_sum,
+)
 from jaxcnn.ops.losses import _check_labels, _check_pair
 
 ROUTES = ("manual", "autodiff", "autodiff_same_forward")  # the gradient routes of value_and_grad (module docstring)
@@ -376,9 +382,12 @@ def clipped_grad_sum(
 
         Σ_n c_n g_n = backward(dpred with row n scaled by c_n)
 
-    One forward pass, the norm pass of :func:`per_example_grad_norms` on its residuals, then one ordinary
-    backward pass on the rescaled cotangent (the reweighting trick). A DP-SGD step adds noise to the sum
-    and averages: ``(sum + σ · clip · normal(shape)) / N``, per parameter leaf.
+    One forward pass and the norm pass of :func:`per_example_grad_norms` on its residuals. Since no layer mixes
+    examples, rescaling row ``n`` of ``dpred`` rescales row ``n`` of every layer's cotangent by the same
+    ``c_n``: each layer's parameter gradient is taken from the cotangent the norm pass handed it, scaled per
+    row (:func:`jaxcnn.layers.per_example_sq_norms_and_sum`), with no second pass of input gradients through
+    the network. A DP-SGD step adds noise to the sum and averages: ``(sum + σ · clip · normal(shape)) / N``,
+    per parameter leaf.
 
     Args:
       clip: the largest norm an example's gradient keeps, ``> 0`` (a scalar).
@@ -411,11 +420,11 @@ def value_and_clipped_grad_sum(
     if isinstance(clip, (int, float)) and not clip > 0:
         raise ValueError(f"clipped_grad_sum: clip must be positive, got {clip}")
     pred, new_state, residuals, dpred = _forward_for_examples(model, loss, params, state, x, target, train, key)
-    sq, _ = per_example_sq_norms(model)(params, residuals, dpred)
+    sq, _, weighted_sum = per_example_sq_norms_and_sum(model)(params, residuals, dpred)
     norms = jnp.sqrt(jnp.maximum(sq, 0))  # (N,)
     over = norms > clip
     factor = jnp.where(over, clip / jnp.where(over, norms, 1), 1).astype(dpred.dtype)  # c_n, exactly 1 when unclipped
-    grad_sum, _ = model.backward(params, residuals, dpred * factor.reshape((-1,) + (1,) * (dpred.ndim - 1)))
+    grad_sum = weighted_sum(factor)
     return (loss.value(pred, target), (pred, new_state)), (grad_sum, norms)
 
 

@@ -18,7 +18,8 @@ Layouts: NHWC activations, HWIO kernels, ``(in, out)`` dense weights.
 
 Owning the backward pass lets a layer also leave its batch sum open: ``per_example_backward`` returns every
 example's parameter gradient and ``per_example_sq_norms`` their squared norms (:mod:`jaxcnn.per_example`,
-``docs/per_example.md``); :func:`per_example_backward` and :func:`per_example_sq_norms` read them.
+``docs/per_example.md``); :func:`per_example_backward` and :func:`per_example_sq_norms` read them, and
+:func:`per_example_sq_norms_and_sum` also the sum of the gradients reweighted per example (DP-SGD's clipping).
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ class Layer(NamedTuple):
     returns instead the ``(N,)`` squared L2 norms of those gradients over all the layer's params, where the
     algebra gives them without forming the gradients. ``None`` (layers without params, and layers with no
     rule of their own) means :func:`per_example_backward` and :func:`per_example_sq_norms` derive them from
-    ``backward``. A layer whose ``backward`` is replaced (``layer._replace(backward=...)``) keeps these
+    ``backward``. ``per_example_sq_norms_and_sum(params, residuals, dy) -> (sq, dx, weighted_sum)`` adds
+    ``weighted_sum(c) -> dparams``, ``Σ_n c[n]`` times example ``n``'s gradient, computed from the
+    cotangents this pass already holds (:func:`per_example_sq_norms_and_sum`); combinators set it, leaves
+    leave it ``None``. A layer whose ``backward`` is replaced (``layer._replace(backward=...)``) keeps these
     fields: replace them too, or set them to ``None``.
     """
 
@@ -68,6 +72,7 @@ class Layer(NamedTuple):
     autodiff_forward: Callable[..., tuple[jax.Array, Any, Any]] | None = None
     per_example_backward: Callable[..., tuple[Any, jax.Array]] | None = None
     per_example_sq_norms: Callable[..., tuple[jax.Array, jax.Array]] | None = None
+    per_example_sq_norms_and_sum: Callable[..., tuple[jax.Array, jax.Array, Callable]] | None = None
 
 
 def autodiff_forward(layer: Layer) -> Callable[..., tuple[jax.Array, Any, Any]]:
@@ -120,6 +125,37 @@ def per_example_sq_norms(layer: Layer) -> Callable[..., tuple[jax.Array, jax.Arr
         return pe.sq_norms(grads, dy.shape[0], dy.dtype), dx
 
     return derived
+
+
+def per_example_sq_norms_and_sum(layer: Layer) -> Callable[..., tuple[jax.Array, jax.Array, Callable]]:
+    """``f(params, residuals, dy) -> (sq, dx, weighted_sum)``: :func:`per_example_sq_norms` of ``layer`` and
+    ``weighted_sum(c) -> dparams``, the parameter gradients of ``dy`` with row ``n`` scaled by ``c[n]``
+    (``c`` of shape ``(N,)``): ``Σ_n c[n] g_n`` when row ``n`` of ``dy`` carries example ``n``'s cotangent.
+
+    This is what DP-SGD's clipped sum needs once the norms are known (:func:`jaxcnn.gradients.clipped_grad_sum`,
+    ``c[n] = min(1, C / ‖g_n‖)``). In a network whose layers mix no examples each layer's cotangent is linear
+    in its rows, so scaling the loss's cotangent by ``c`` scales every layer's by ``c``: each layer's
+    ``weighted_sum`` scales the ``dy`` that the norm pass handed it and takes the parameter part of its
+    ``backward``, and no second pass of input gradients through the network is needed (the "book-keeping"
+    form of Bu et al. 2023). Under ``jax.jit`` the input gradient that ``backward`` also returns is dead code.
+
+    ``layer.per_example_sq_norms_and_sum`` when set (:func:`serial` and :func:`Residual` set it, composing
+    their layers'); otherwise derived from :func:`per_example_sq_norms` and ``layer.backward`` as above.
+    """
+    if layer.per_example_sq_norms_and_sum is not None:
+        return layer.per_example_sq_norms_and_sum
+    sq_norms_of = per_example_sq_norms(layer)
+
+    def derived(params, residuals, dy):
+        sq, dx = sq_norms_of(params, residuals, dy)
+        return sq, dx, lambda c: layer.backward(params, residuals, _scale_rows(dy, c))[0]
+
+    return derived
+
+
+def _scale_rows(a: jax.Array, c: jax.Array) -> jax.Array:
+    """``a`` with row ``n`` (its leading axis) multiplied by ``c[n]``, in ``a``'s dtype."""
+    return a * c.astype(a.dtype).reshape((-1,) + (1,) * (a.ndim - 1))
 
 
 def _check_in_shape(name: str, in_shape, rank: int, layout: str) -> Shape:
@@ -604,12 +640,13 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
 
         return backward
 
-    def sq_norms(params, residuals, dy):
+    def sq_norms_and_sum(params, residuals, dy):
         total = jnp.zeros((dy.shape[0],), dy.dtype)  # (N,); the layers' params are disjoint, so squared norms add
+        sums: list[Callable] = [None] * len(layers)  # type: ignore[list-item]
         for i in reversed(range(len(layers))):
-            sq, dy = per_example_sq_norms(layers[i])(params[i], residuals[i], dy)
+            sq, dy, sums[i] = per_example_sq_norms_and_sum(layers[i])(params[i], residuals[i], dy)
             total = total + sq
-        return total, dy
+        return total, dy, lambda c: tuple(weighted_sum(c) for weighted_sum in sums)
 
     differs = any(layer.autodiff_forward is not None for layer in layers)
     return Layer(
@@ -620,8 +657,19 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
         tuple(layers),
         forward_with(autodiff_forward) if differs else None,
         backward_with(per_example_backward),
-        sq_norms,
+        _without_sum(sq_norms_and_sum),
+        sq_norms_and_sum,
     )
+
+
+def _without_sum(sq_norms_and_sum: Callable) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """``per_example_sq_norms`` from ``per_example_sq_norms_and_sum``: its weighted sum is never called."""
+
+    def sq_norms(params, residuals, dy):
+        sq, dx, _ = sq_norms_and_sum(params, residuals, dy)
+        return sq, dx
+
+    return sq_norms
 
 
 def Residual(block: Layer, shortcut: Layer | None = None, *, name: str = "Residual") -> Layer:
@@ -664,11 +712,11 @@ def Residual(block: Layer, shortcut: Layer | None = None, *, name: str = "Residu
 
         return backward
 
-    def sq_norms(params, residuals, dy):
+    def sq_norms_and_sum(params, residuals, dy):
         rb, rs = residuals
-        sq_b, dxb = per_example_sq_norms(block)(params["block"], rb, dy)
-        sq_s, dxs = per_example_sq_norms(skip)(params["shortcut"], rs, dy)
-        return sq_b + sq_s, dxb + dxs
+        sq_b, dxb, sum_b = per_example_sq_norms_and_sum(block)(params["block"], rb, dy)
+        sq_s, dxs, sum_s = per_example_sq_norms_and_sum(skip)(params["shortcut"], rs, dy)
+        return sq_b + sq_s, dxb + dxs, lambda c: {"block": sum_b(c), "shortcut": sum_s(c)}
 
     differs = block.autodiff_forward is not None or skip.autodiff_forward is not None
     return Layer(
@@ -679,5 +727,6 @@ def Residual(block: Layer, shortcut: Layer | None = None, *, name: str = "Residu
         (block, skip),
         forward_with(autodiff_forward) if differs else None,
         backward_with(per_example_backward),
-        sq_norms,
+        _without_sum(sq_norms_and_sum),
+        sq_norms_and_sum,
     )

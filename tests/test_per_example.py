@@ -34,6 +34,7 @@ from jaxcnn.layers import (
     Flatten,
     Layer,
     Relu,
+    Residual,
     Tanh,
     autodiff_forward,
     serial,
@@ -238,6 +239,36 @@ def test_layer_without_a_rule_falls_back_to_one_backward_per_example():
     (measured: <= 4e-16), inside a network whose other layers have rules."""
     bare = Dense(4, dtype=jnp.float64)._replace(per_example_backward=None, per_example_sq_norms=None)
     _assert_layer(serial(Conv2D(2, 3, dtype=jnp.float64), Tanh(), Flatten(), bare), (3, 5, 5, 1))
+
+
+def test_weighted_sum_reuses_the_norm_pass_cotangents():
+    """``per_example_sq_norms_and_sum``'s weighted sum for arbitrary per-example weights ``c`` against an
+    ordinary backward pass of ``dy`` with row ``n`` scaled by ``c[n]``, and its squared norms against
+    ``per_example_sq_norms``, through serial, a residual block (projection shortcut, BatchNorm in evaluation
+    mode) and a layer without a rule of its own (measured: <= 3e-16)."""
+    bare = Dense(3, dtype=jnp.float64)._replace(per_example_backward=None, per_example_sq_norms=None)
+    block = serial(Conv2D(4, 3, padding="SAME", dtype=jnp.float64), BatchNorm(dtype=jnp.float64), Tanh())
+    shortcut = Conv2D(4, 1, use_bias=False, dtype=jnp.float64)
+    model = serial(Conv2D(2, 3, dtype=jnp.float64), Residual(block, shortcut), Relu(), Flatten(), bare)
+    n = 4
+    params, state = numpy_init(model, (n, 6, 6, 1))
+    rng = np.random.default_rng(3)
+    x, c = jnp.asarray(rng.standard_normal((n, 6, 6, 1))), jnp.asarray(rng.uniform(0.1, 2.0, n))
+    y, _, residuals = model.forward(params, state, x)
+    dy = jnp.asarray(rng.standard_normal(y.shape))
+
+    @jax.jit
+    def run(params, residuals, dy, c):
+        sq, dx, weighted_sum = layers.per_example_sq_norms_and_sum(model)(params, residuals, dy)
+        want_grads, _ = model.backward(params, residuals, dy * c[:, None])
+        return (sq, dx, weighted_sum(c)), (layers.per_example_sq_norms(model)(params, residuals, dy)[0], want_grads)
+
+    (sq, dx, got), (want_sq, want) = run(params, residuals, dy, c)
+    assert tree_rel(got, want) <= TOL and rel(sq, want_sq) <= TOL
+    assert rel(dx, model.backward(params, residuals, dy)[1]) <= TOL
+    # Not vacuous: the weights change every array of the sum.
+    plain = jax.tree_util.tree_leaves(model.backward(params, residuals, dy)[0])
+    assert all(rel(a, b) > 1e-3 for a, b in zip(jax.tree_util.tree_leaves(got), plain, strict=True))
 
 
 def test_batchnorm_training_mode_refuses_per_example_gradients():

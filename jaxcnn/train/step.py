@@ -17,7 +17,13 @@ import jax.numpy as jnp
 import optax
 
 from jaxcnn.gradients import Loss, value_and_clipped_grad_sum, value_and_grad
-from jaxcnn.layers import Layer, autodiff_forward, per_example_backward, per_example_sq_norms
+from jaxcnn.layers import (
+    Layer,
+    autodiff_forward,
+    per_example_backward,
+    per_example_sq_norms,
+    per_example_sq_norms_and_sum,
+)
 
 PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # --precision -> the compute dtype
 
@@ -245,4 +251,5 @@ def compute_network(model: Layer, precision: str) -> Layer:
         None if model.autodiff_forward is None else with_cast(model.autodiff_forward),
         through_cast(per_example_backward(model)),
         through_cast(per_example_sq_norms(model)),
+        through_cast(per_example_sq_norms_and_sum(model)),
     )
