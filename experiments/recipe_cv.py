@@ -4,17 +4,20 @@ MNIST (the default): the 5,000 bundled training images (:func:`jaxcnn.data.offli
 stored order) are cut into 5 folds of 1,000; each run trains ``fast_cnn`` under the ``mnist`` recipe on the other
 4,000 through :func:`jaxcnn.fit` and scores the held-out fold. Fashion-MNIST (``--dataset fashion-mnist``): one
 split, training under the ``fashion_quick`` recipe on the first 50,000 training images and scoring the last
-10,000. The variants compared are ``fast_cnn``'s kernel initialisations:
+10,000. ``--compare`` names the variants compared, the first of each being the recipe as it is:
 
-* ``fan_in_uniform``: :func:`jaxcnn.models.fan_in_uniform`, the default;
-* ``he_normal``: He normal kernels, as the convolutions of ``fast_cnn`` were initialised before.
+* ``init`` (the default), ``fast_cnn``'s kernel initialisations: ``fan_in_uniform``
+  (:func:`jaxcnn.models.fan_in_uniform`, the default) and ``he_normal`` (He normal kernels, as the
+  convolutions of ``fast_cnn`` were initialised before);
+* ``epochs``, the length of the run: the recipe's own number of epochs against fewer (the linear schedule's
+  warm-up and decay stretched over the shorter run).
 
-Writes ``recipe_cv.json`` (``recipe_cv_fashion.json``): every run's held-out accuracy, final training loss and
-seconds; and ``recipe_cv.md`` (``recipe_cv_fashion.md``): per fold the variants side by side, their means and
-the paired differences::
+Writes ``recipe_cv.json`` (``recipe_cv_fashion.json``; ``recipe_cv_epochs.json`` for ``--compare epochs``):
+every run's held-out accuracy, final training loss and seconds; and the ``.md`` beside it: per fold the
+variants side by side, their means and the paired differences::
 
-    python experiments/recipe_cv.py [--dataset mnist-offline|fashion-mnist] [--seed S] [--folds 0 1 2 3 4]
-        [--out DIR] [--smoke]
+    python experiments/recipe_cv.py [--dataset mnist-offline|fashion-mnist] [--compare init|epochs] [--seed S]
+        [--folds 0 1 2 3 4] [--out DIR] [--smoke]
 
 ``--smoke`` trains on 256 images for one epoch and scores 128 (what the tests run).
 """
@@ -23,7 +26,10 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -41,7 +47,19 @@ NAME = "recipe_cv"
 FOLD = 1000  # held-out images per fold of the bundled MNIST subset
 FASHION_HELD_OUT = 10_000  # the last Fashion-MNIST training images, held out
 RECIPES = {"mnist-offline": "mnist", "fashion-mnist": "fashion_quick"}  # --dataset -> the recipe it checks
-VARIANTS = {"fan_in_uniform": models.fan_in_uniform, "he_normal": initializers.he_normal()}
+
+
+class Variant(NamedTuple):
+    """A variant of the recipe: ``fast_cnn``'s kernel initializer and settings that override the recipe's."""
+
+    kernel_init: Callable = models.fan_in_uniform
+    settings: Mapping[str, Any] = MappingProxyType({})
+
+
+COMPARISONS: dict[str, dict[str, Variant]] = {
+    "init": {"fan_in_uniform": Variant(), "he_normal": Variant(initializers.he_normal())},
+    "epochs": {f"{n} epochs": Variant(settings=MappingProxyType({"epochs": n})) for n in (30, 25, 20)},
+}
 
 
 def load(dataset: str) -> tuple[np.ndarray, np.ndarray]:
@@ -63,16 +81,18 @@ def held_out(dataset: str, fold: int, n: int) -> np.ndarray:
     return held
 
 
-def run(variant: str, recipe: str, fold: int, held: np.ndarray, seed: int, smoke: bool, images, labels) -> dict:
-    """One training run: ``fast_cnn`` with ``variant``'s kernels under ``recipe``, the ``held`` images held out."""
+def run(
+    name: str, variant: Variant, recipe: str, fold: int, held: np.ndarray, seed: int, smoke: bool, images, labels
+) -> dict:
+    """One training run: ``fast_cnn`` under ``recipe`` changed by ``variant``, the ``held`` images held out."""
     train, test = (images[~held], labels[~held]), (images[held], labels[held])
-    extra = {}
+    extra = dict(variant.settings)
     if smoke:
         train, test = (train[0][:256], train[1][:256]), (test[0][:128], test[1][:128])
         extra = {"epochs": 1, "batch_size": 64}
     start = time.perf_counter()
     result = jaxcnn.fit(
-        models.fast_cnn(kernel_init=VARIANTS[variant]),
+        models.fast_cnn(kernel_init=variant.kernel_init),
         gradients.softmax_cross_entropy,
         train,
         test,
@@ -84,7 +104,7 @@ def run(variant: str, recipe: str, fold: int, held: np.ndarray, seed: int, smoke
     )
     last = result.history[-1]
     return {
-        "variant": variant,
+        "variant": name,
         "fold": fold,
         "seed": seed,
         "held_out_accuracy": last["test_accuracy"],
@@ -111,6 +131,9 @@ def report(runs: list[dict], variants: list[str]) -> str:
     rows.append(mean)
     headers = ["fold"] + [f"{v} {what}" for v in variants for what in ("accuracy", "train loss")]
     lines = [common.markdown_table(headers, rows), ""]
+    seconds = {v: np.mean([by[v, f]["seconds"] for f in folds]) for v in variants}
+    lines.append("Mean seconds per run: " + ", ".join(f"{v} {t:.0f} s" for v, t in seconds.items()) + ".")
+    lines.append("")
     for v in others:
         diffs = [100 * (by[first, f]["held_out_accuracy"] - by[v, f]["held_out_accuracy"]) for f in folds]
         lines.append(
@@ -125,10 +148,12 @@ def main(argv=None) -> int:
     parser = common.base_parser(NAME, __doc__.splitlines()[0])
     parser.add_argument("--dataset", default="mnist-offline", choices=list(RECIPES))
     parser.add_argument("--folds", type=int, nargs="+", default=None, choices=range(5), help="default: all")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--compare", default="init", choices=list(COMPARISONS), help="the variants compared")
     args = parser.parse_args(argv)
     if args.folds and args.dataset != "mnist-offline":
         parser.error(f"--folds: {args.dataset} has one split, its last {FASHION_HELD_OUT:,} training images")
+    if args.compare == "epochs" and args.dataset != "mnist-offline":
+        parser.error("--compare epochs: compares the lengths of the mnist recipe, on the bundled MNIST subset")
     try:
         images, labels = load(args.dataset)
     except data.DataError as e:
@@ -137,17 +162,29 @@ def main(argv=None) -> int:
     out = common.out_dir(args.out)
     log = common.logger(NAME)
     folds = args.folds or (list(range(5)) if args.dataset == "mnist-offline" else [0])
-    recipe, stem = RECIPES[args.dataset], NAME if args.dataset == "mnist-offline" else f"{NAME}_fashion"
+    recipe, variants = RECIPES[args.dataset], COMPARISONS[args.compare]
+    stem = NAME + ("" if args.dataset == "mnist-offline" else "_fashion")
+    stem += "" if args.compare == "init" else f"_{args.compare}"
     runs = []
     for fold in folds:
-        for variant in args.variants:  # alternated fold by fold
-            held = held_out(args.dataset, fold, len(labels))
-            runs.append(run(variant, recipe, fold, held, args.seed, args.smoke, images, labels))
+        held = held_out(args.dataset, fold, len(labels))
+        for name, variant in variants.items():  # alternated fold by fold
+            runs.append(run(name, variant, recipe, fold, held, args.seed, args.smoke, images, labels))
             r = runs[-1]
-            log(f"fold {fold} {variant}: held-out {r['held_out_accuracy']:.4f}, train loss {r['train_loss']:.4f}")
-    table = report(runs, args.variants)
+            log(
+                f"fold {fold} {name}: held-out {r['held_out_accuracy']:.4f}, train loss {r['train_loss']:.4f}, "
+                f"{r['seconds']:.0f} s"
+            )
+    table = report(runs, list(variants))
     provenance = common.environment(common.command_line(NAME, argv))
-    results = {"environment": provenance, "dataset": args.dataset, "recipe": recipe, "smoke": args.smoke, "runs": runs}
+    results = {
+        "environment": provenance,
+        "dataset": args.dataset,
+        "recipe": recipe,
+        "compare": args.compare,
+        "smoke": args.smoke,
+        "runs": runs,
+    }
     common.write_json(out / f"{stem}.json", results)
     per_fold = f"{int(held_out(args.dataset, folds[0], len(labels)).sum()):,} held-out training images per fold"
     heading = f"# {__doc__.splitlines()[0]}\n\n{args.dataset}, recipe {recipe}, {per_fold}, seed {args.seed}.\n\n"

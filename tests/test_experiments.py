@@ -513,6 +513,15 @@ def test_recipe_cv_smoke(tmp_path):
     assert "fan_in_uniform - he_normal, held-out accuracy, points per fold:" in (tmp_path / "recipe_cv.md").read_text()
 
 
+def test_recipe_cv_compares_run_lengths(tmp_path):
+    """--compare epochs: the recipe's own length first, then shorter runs, each through jaxcnn.fit."""
+    assert recipe_cv.main(["--smoke", "--folds", "0", "--compare", "epochs", "--out", str(tmp_path)]) == 0
+    results = load_json(tmp_path / "recipe_cv_epochs.json")
+    assert results["compare"] == "epochs"
+    assert [r["variant"] for r in results["runs"]] == ["30 epochs", "25 epochs", "20 epochs"]
+    assert "30 epochs - 20 epochs, held-out accuracy" in (tmp_path / "recipe_cv_epochs.md").read_text()
+
+
 def test_recipe_cv_refuses_folds_of_the_single_fashion_split(capsys):
     with pytest.raises(SystemExit) as e:
         recipe_cv.main(["--dataset", "fashion-mnist", "--folds", "1"])
@@ -522,7 +531,7 @@ def test_recipe_cv_refuses_folds_of_the_single_fashion_split(capsys):
 
 def test_recipe_cv_report_pairs_the_folds():
     runs = [
-        {"variant": v, "fold": f, "held_out_accuracy": a, "train_loss": 0.5}
+        {"variant": v, "fold": f, "held_out_accuracy": a, "train_loss": 0.5, "seconds": 10.0 + f}
         for v, f, a in (
             ("fan_in_uniform", 0, 0.990),
             ("he_normal", 0, 0.985),
@@ -533,6 +542,7 @@ def test_recipe_cv_report_pairs_the_folds():
     text = recipe_cv.report(runs, ["fan_in_uniform", "he_normal"])
     assert "| mean | 0.9850 | 0.5000 | 0.9835 | 0.5000 |" in text
     assert "points per fold: +0.5, -0.2 (mean +0.15)" in text
+    assert "Mean seconds per run: fan_in_uniform 10 s, he_normal 10 s." in text
 
 
 def test_time_to_accuracy_table_and_targets():
