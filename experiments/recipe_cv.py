@@ -9,12 +9,14 @@ split, training under the ``fashion_quick`` recipe on the first 50,000 training 
 * ``init`` (the default), ``fast_cnn``'s kernel initialisations: ``fan_in_uniform``
   (:func:`jaxcnn.models.fan_in_uniform`, the default) and ``he_normal`` (He normal kernels, as the
   convolutions of ``fast_cnn`` were initialised before);
-* ``epochs``, the length of the run: the recipe's own number of epochs against fewer (the linear schedule's
-  warm-up and decay stretched over the shorter run).
+* ``epochs``, the length of the mnist run: 30 epochs (the recipe's length when this was run), 25 and 20 (the
+  linear schedule's warm-up and decay stretched over each run). The held-out accuracy did not change
+  (seeds 0 and 1, 10 runs each: 0.9872, 0.9875, 0.9877), so the recipe now runs 20.
 
-Writes ``recipe_cv.json`` (``recipe_cv_fashion.json``; ``recipe_cv_epochs.json`` for ``--compare epochs``):
-every run's held-out accuracy, final training loss and seconds; and the ``.md`` beside it: per fold the
-variants side by side, their means and the paired differences::
+Writes ``recipe_cv.json`` (``recipe_cv_fashion.json``; ``recipe_cv_epochs.json`` for ``--compare epochs``;
+``_seed1`` and so on added for a seed other than 0): every run's held-out accuracy, final training loss and
+seconds; and the ``.md`` beside it: per fold the variants side by side, their means and the paired
+differences::
 
     python experiments/recipe_cv.py [--dataset mnist-offline|fashion-mnist] [--compare init|epochs] [--seed S]
         [--folds 0 1 2 3 4] [--out DIR] [--smoke]
@@ -164,7 +166,7 @@ def main(argv=None) -> int:
     folds = args.folds or (list(range(5)) if args.dataset == "mnist-offline" else [0])
     recipe, variants = RECIPES[args.dataset], COMPARISONS[args.compare]
     stem = NAME + ("" if args.dataset == "mnist-offline" else "_fashion")
-    stem += "" if args.compare == "init" else f"_{args.compare}"
+    stem += ("" if args.compare == "init" else f"_{args.compare}") + ("" if args.seed == 0 else f"_seed{args.seed}")
     runs = []
     for fold in folds:
         held = held_out(args.dataset, fold, len(labels))
