@@ -22,7 +22,8 @@ Owning the backward pass gives more than the batch gradient (``docs/per_example.
 * :func:`per_example_grad_norms`: their L2 norms, for dense and most conv layers without forming them
   (``Layer.per_example_sq_norms``: ``‖x_n‖²‖dy_n‖²``, the conv ghost norm);
 * :func:`clipped_grad_sum`: ``Σ_n clip_n(g_n)``, each example's gradient scaled to norm at most ``clip``
-  (DP-SGD), from the norms and a second backward pass with each example's cotangent scaled;
+  (DP-SGD), from the norm pass: each layer's parameter gradient of the cotangent it handed that layer, each
+  example's row scaled (``Layer.per_example_sq_norms_and_sum``), with no second pass through the network;
 * :func:`hvp`: Hessian-vector products, forward-mode differentiation (``jax.jvp``) of the hand-written
   gradient.
 """

@@ -536,10 +536,12 @@ def test_bfloat16_trains_and_keeps_float32_parameters(small, tmp_path):
 
 
 def test_initial_state_is_the_models_own_init(small):
-    """The trainer computes the initial state as one compiled program (unoptimised, to compile fast): the
-    values are those of the model's init and the optimiser's run op by op, bit for bit."""
-    uniform = models.fan_in_uniform
-    model = serial(Conv2D(4, 3, kernel_init=uniform), BatchNorm(), Relu(), Flatten(), Dense(10, kernel_init=uniform))
+    """The trainer computes the initial state as one compiled program (at a low optimisation level, to compile
+    fast): the values are those of the model's init and the optimiser's run op by op, bit for bit, for uniform
+    and normal draws alike (Conv2D's default He normal, Dense's Glorot normal)."""
+    model = serial(
+        Conv2D(8, 3), Conv2D(4, 3, kernel_init=models.fan_in_uniform), BatchNorm(), Relu(), Flatten(), Dense(10)
+    )
     trainer = trainer_for(small, model=model, seed=3)
     ts = trainer.init_state()
     params, model_state, _ = trainer.model.init(jax.random.fold_in(jax.random.PRNGKey(3), 0), trainer.input_shape)
