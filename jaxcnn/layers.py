@@ -59,7 +59,8 @@ class Layer(NamedTuple):
     rule of their own) means :func:`per_example_backward` and :func:`per_example_sq_norms` derive them from
     ``backward``. ``per_example_sq_norms_and_sum(params, residuals, dy) -> (sq, dx, weighted_sum)`` adds
     ``weighted_sum(c) -> dparams``, ``Σ_n c[n]`` times example ``n``'s gradient, computed from the
-    cotangents this pass already holds (:func:`per_example_sq_norms_and_sum`); combinators set it, leaves
+    cotangents this pass already holds (:func:`per_example_sq_norms_and_sum`); combinators set it, and
+    :func:`Conv2D`, whose norm pass may form the per-example gradients that the sum can reuse; other leaves
     leave it ``None``. A layer whose ``backward`` is replaced (``layer._replace(backward=...)``) keeps these
     fields: replace them too, or set them to ``None``.
     """
@@ -140,7 +141,8 @@ def per_example_sq_norms_and_sum(layer: Layer) -> Callable[..., tuple[jax.Array,
     form of Bu et al. 2023). Under ``jax.jit`` the input gradient that ``backward`` also returns is dead code.
 
     ``layer.per_example_sq_norms_and_sum`` when set (:func:`serial` and :func:`Residual` set it, composing
-    their layers'); otherwise derived from :func:`per_example_sq_norms` and ``layer.backward`` as above.
+    their layers'; :func:`Conv2D`, contracting with ``c`` the per-example kernel gradients that its
+    ``"direct"`` norm formed); otherwise derived from :func:`per_example_sq_norms` and ``layer.backward`` as above.
     """
     if layer.per_example_sq_norms_and_sum is not None:
         return layer.per_example_sq_norms_and_sum
@@ -151,6 +153,11 @@ def per_example_sq_norms_and_sum(layer: Layer) -> Callable[..., tuple[jax.Array,
         return sq, dx, lambda c: layer.backward(params, residuals, _scale_rows(dy, c))[0]
 
     return derived
+
+
+def _weighted_sum(per_example_grads: Any, c: jax.Array) -> Any:
+    """``Σ_n c[n] g[n]`` for every leaf ``g`` (leading axis ``N``) of a pytree of per-example gradients."""
+    return jax.tree_util.tree_map(lambda g: jnp.tensordot(c.astype(g.dtype), g, axes=1), per_example_grads)
 
 
 def _scale_rows(a: jax.Array, c: jax.Array) -> jax.Array:
@@ -217,7 +224,8 @@ def Conv2D(
 
     Per example: ``dw[n]`` contracts only the output positions of example ``n``
     (:func:`jaxcnn.per_example.conv2d_per_example_grads`); the squared norms use the ghost norm or the
-    gradients themselves, whichever costs less (:func:`jaxcnn.per_example.conv2d_norm_method`).
+    gradients themselves, whichever costs less (:func:`jaxcnn.per_example.conv2d_norm_method`); DP-SGD's
+    weighted sum contracts those gradients when they were formed, and otherwise is ``backward`` of the rescaled ``dy``.
     """
     name = f"Conv2D({features}, kernel={kernel})"
     kh, kw = pair(kernel, fn="Conv2D", name="kernel")
@@ -257,13 +265,24 @@ def Conv2D(
         # conv2d_backward's dx alone: under jit its unused dw and db are dead code and never computed.
         return ops.conv2d_backward(dy, x, params["w"], method=method, **hyper)[0]
 
-    def per_example_backward(params, x, dy):
+    def per_example_param_grads(params, x, dy):
         dw, db = pe.conv2d_per_example_grads(dy, x, params["w"], **hyper)  # (N, kh, kw, Cg, O), (N, O)
-        return ({"w": dw, "b": db} if use_bias else {"w": dw}), input_grad(params, x, dy)
+        return {"w": dw, "b": db} if use_bias else {"w": dw}
 
-    def per_example_sq_norms(params, x, dy):
-        sq = pe.conv2d_per_example_sq_norms(dy, x, params["w"], use_bias=use_bias, **hyper)  # (N,)
-        return sq, input_grad(params, x, dy)
+    def per_example_backward(params, x, dy):
+        return per_example_param_grads(params, x, dy), input_grad(params, x, dy)
+
+    def per_example_sq_norms_and_sum(params, x, dy):
+        kh_, kw_, cg, cout = params["w"].shape
+        norm_method = pe.conv2d_norm_method(dy.shape[1] * dy.shape[2], kh_ * kw_ * cg, cout // groups)
+        dx = input_grad(params, x, dy)
+        if norm_method == "ghost":  # no per-example gradient is formed: the sum is backward's, rows scaled
+            sq = pe.conv2d_per_example_sq_norms(dy, x, params["w"], use_bias=use_bias, method="ghost", **hyper)
+            return sq, dx, lambda c: backward(params, x, _scale_rows(dy, c))[0]
+        # "direct": the per-example gradients are formed for their norms; the weighted sum contracts them
+        # with c (N·|w| multiply-adds) instead of taking a second kernel gradient.
+        grads = per_example_param_grads(params, x, dy)
+        return pe.sq_norms(grads, dy.shape[0], dy.dtype), dx, lambda c: _weighted_sum(grads, c)
 
     return Layer(
         init,
@@ -272,7 +291,8 @@ def Conv2D(
         name,
         autodiff_forward=None if method == "conv" else lax_forward,
         per_example_backward=per_example_backward,
-        per_example_sq_norms=per_example_sq_norms,
+        per_example_sq_norms=_without_sum(per_example_sq_norms_and_sum),
+        per_example_sq_norms_and_sum=per_example_sq_norms_and_sum,
     )
 
 

@@ -108,7 +108,8 @@ def _layer_outputs(layer: Layer, params, state, x, dy, extra):
 
 
 def _assert_layer(layer: Layer, in_shape, *, seed: int = 0, extra=lambda params, x, dy: None):
-    """The layer-level checks; returns ``(params, x, dy, per-example grads, extra's outputs)``."""
+    """The layer-level checks; returns ``(params, x, dy, per-example grads, extra's outputs, vmap(vjp)'s
+    per-example grads)``."""
     params, state = numpy_init(layer, in_shape, seed)
     rng = np.random.default_rng(seed + 1)
     x = jnp.asarray(rng.standard_normal(in_shape))
@@ -129,11 +130,11 @@ def _assert_layer(layer: Layer, in_shape, *, seed: int = 0, extra=lambda params,
     np.testing.assert_allclose(sq_dx, dx, rtol=1e-13, atol=1e-14)
     # Not vacuous: the examples' gradients differ.
     assert n == 1 or all(rel(g[0], g[1]) > 1e-3 for g in jax.tree_util.tree_leaves(pe_grads))
-    return params, x, dy, pe_grads, more
+    return params, x, dy, pe_grads, more, baseline
 
 
 # (id, Conv2D keyword arguments, input shape). Each case picks one formulation for the input gradient;
-# the per-example kernel gradient is the same contraction for all.
+# every case checks both formulations of the per-example kernel gradient ("im2col" and "taps").
 CONV_CASES = [
     ("k3-s2-same-auto", dict(features=4, kernel=3, stride=2, padding="SAME"), (2, 6, 6, 3)),
     (
@@ -165,19 +166,28 @@ def test_conv2d_per_example_grads_and_norms(kwargs, in_shape):
     layer = Conv2D(features, dtype=jnp.float64, **kwargs)
     hyper = {k: kwargs.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))}
 
-    def both_norm_methods(params, x, dy):
-        return {
+    def every_formulation(params, x, dy):
+        sq = {
             method: per_example.conv2d_per_example_sq_norms(
                 dy, x, params["w"], use_bias=use_bias, method=method, **hyper
             )
             for method in ("ghost", "direct")
         }
+        dw = {
+            method: per_example.conv2d_per_example_grads(dy, x, params["w"], method=method, **hyper)[0]
+            for method in ("im2col", "taps")
+        }
+        return sq, dw
 
-    params, x, dy, pe_grads, sq = _assert_layer(layer, in_shape, extra=both_norm_methods)
+    params, x, dy, pe_grads, (sq, dw), baseline = _assert_layer(layer, in_shape, extra=every_formulation)
     assert set(pe_grads) == ({"w", "b"} if use_bias else {"w"})
     # Both norm formulations, whichever "auto" (the layer's, checked above) picks.
     sq_ref = per_example_sq(pe_grads, in_shape[0])
     assert rel(sq["ghost"], sq_ref) <= TOL and rel(sq["direct"], sq_ref) <= TOL
+    # Both per-example kernel gradient formulations against vmap(vjp) and the batch kernel gradient.
+    batch_dw = layer.backward(params, x, dy)[0]["w"]
+    for method, dw_m in dw.items():
+        assert rel(dw_m, baseline["w"]) <= TOL and rel(dw_m.sum(0), batch_dw) <= TOL, method
 
     # NumPy loops, one example at a time.
     stride, dilation = as_pair(hyper["stride"]), as_pair(hyper["dilation"])
@@ -194,7 +204,7 @@ def test_conv2d_per_example_grads_and_norms(kwargs, in_shape):
             dilation=dilation,
             groups=hyper["groups"],
         )
-        assert rel(pe_grads["w"][n], dw_n) <= TOL
+        assert rel(pe_grads["w"][n], dw_n) <= TOL and all(rel(dw_m[n], dw_n) <= TOL for dw_m in dw.values())
         if use_bias:
             assert rel(pe_grads["b"][n], db_n) <= TOL
 
@@ -205,6 +215,12 @@ def test_conv2d_norm_method_rule():
     assert per_example.conv2d_norm_method(16, 144, 16) == "direct"  # 2560 > 2304
     assert per_example.conv2d_norm_method(49, 576, 64) == "ghost"  # 7x7 output, 3x3 conv, 64 channels
     assert per_example.conv2d_norm_method(784, 25, 6) == "direct"  # LeNet-5's first conv
+    with pytest.raises(
+        ValueError, match=r"conv2d_per_example_grads: method must be one of \('taps', 'im2col'\), got 'conv'"
+    ):
+        per_example.conv2d_per_example_grads(
+            jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 1, 1, 1)), method="conv"
+        )
     with pytest.raises(
         ValueError,
         match=r"conv2d_per_example_sq_norms: method must be one of \('ghost', 'direct', "
@@ -218,7 +234,7 @@ def test_conv2d_norm_method_rule():
 @pytest.mark.parametrize("use_bias", [True, False], ids=["bias", "nobias"])
 def test_dense_per_example_grads_and_norms(use_bias):
     """Dense: ``x_nᵀ dy_n`` and ``‖x_n‖² ‖dy_n‖²`` against vmap(vjp) and the NumPy loops (measured: <= 3e-16)."""
-    params, x, dy, pe_grads, _ = _assert_layer(Dense(5, use_bias=use_bias, dtype=jnp.float64), (3, 6))
+    params, x, dy, pe_grads, _, _ = _assert_layer(Dense(5, use_bias=use_bias, dtype=jnp.float64), (3, 6))
     for n in range(3):
         _, dw_n, db_n = reference.dense_backward(
             np.asarray(dy[n : n + 1]), np.asarray(x[n : n + 1]), np.asarray(params["w"])
@@ -244,12 +260,17 @@ def test_layer_without_a_rule_falls_back_to_one_backward_per_example():
 def test_weighted_sum_reuses_the_norm_pass_cotangents():
     """``per_example_sq_norms_and_sum``'s weighted sum for arbitrary per-example weights ``c`` against an
     ordinary backward pass of ``dy`` with row ``n`` scaled by ``c[n]``, and its squared norms against
-    ``per_example_sq_norms``, through serial, a residual block (projection shortcut, BatchNorm in evaluation
-    mode) and a layer without a rule of its own (measured: <= 3e-16)."""
+    those of ``per_example_backward``'s gradients, through serial, every Conv2D norm method, a residual block
+    (projection shortcut, BatchNorm in evaluation mode) and a layer without a rule of its own (measured: <= 5e-16)."""
     bare = Dense(3, dtype=jnp.float64)._replace(per_example_backward=None, per_example_sq_norms=None)
     block = serial(Conv2D(4, 3, padding="SAME", dtype=jnp.float64), BatchNorm(dtype=jnp.float64), Tanh())
     shortcut = Conv2D(4, 1, use_bias=False, dtype=jnp.float64)
-    model = serial(Conv2D(2, 3, dtype=jnp.float64), Residual(block, shortcut), Relu(), Flatten(), bare)
+    # Both of Conv2D's norm methods: the first conv's is "direct" (a 4x4 output), the strided one's "ghost"
+    # (a 3x3 output of 16 channels).
+    first, ghost = Conv2D(12, 3, dtype=jnp.float64), Conv2D(16, 3, stride=2, padding="SAME", dtype=jnp.float64)
+    assert per_example.conv2d_norm_method(9, 36, 16) == "ghost"
+    assert per_example.conv2d_norm_method(16, 9, 12) == "direct"
+    model = serial(first, Residual(block, shortcut), Relu(), ghost, Flatten(), bare)
     n = 4
     params, state = numpy_init(model, (n, 6, 6, 1))
     rng = np.random.default_rng(3)
@@ -261,10 +282,10 @@ def test_weighted_sum_reuses_the_norm_pass_cotangents():
     def run(params, residuals, dy, c):
         sq, dx, weighted_sum = layers.per_example_sq_norms_and_sum(model)(params, residuals, dy)
         want_grads, _ = model.backward(params, residuals, dy * c[:, None])
-        return (sq, dx, weighted_sum(c)), (layers.per_example_sq_norms(model)(params, residuals, dy)[0], want_grads)
+        return (sq, dx, weighted_sum(c)), (layers.per_example_backward(model)(params, residuals, dy)[0], want_grads)
 
-    (sq, dx, got), (want_sq, want) = run(params, residuals, dy, c)
-    assert tree_rel(got, want) <= TOL and rel(sq, want_sq) <= TOL
+    (sq, dx, got), (pe_grads, want) = run(params, residuals, dy, c)
+    assert tree_rel(got, want) <= TOL and rel(sq, per_example_sq(pe_grads, n)) <= TOL
     assert rel(dx, model.backward(params, residuals, dy)[1]) <= TOL
     # Not vacuous: the weights change every array of the sum.
     plain = jax.tree_util.tree_leaves(model.backward(params, residuals, dy)[0])
