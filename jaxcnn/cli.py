@@ -242,6 +242,10 @@ def main(argv=None) -> int:
     add_inference_parsers(sub)
     _gradcheck_parser(sub)
     add_bench_parser(sub)
+    if argv is None:  # the jaxcnn command owns its process; main([...]) called from Python leaves the caller's alone
+        from jaxcnn import host
+
+        host.configure_command()
     argv = sys.argv[1:] if argv is None else list(argv)
     if any("\0" in str(a) for a in argv):  # only possible from Python: a C argv cannot hold NUL
         print("jaxcnn: arguments cannot contain NUL characters", file=sys.stderr)

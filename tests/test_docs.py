@@ -60,6 +60,7 @@ PUBLIC_MODULES = (
     "jaxcnn.bench",
     "jaxcnn.inference",
     "jaxcnn.per_example",
+    "jaxcnn.host",
 )
 # Modules of the package that are not part of the documented API (their docstrings are still checked by
 # the doctest collector). The submodules of a public package are its implementation: the package's
