@@ -5,9 +5,11 @@ CNN train step: 45 MB for ``small_cnn``'s at batch 128, 69 MB for its per-exampl
 ``malloc`` and frees it when the call ends. glibc serves a block larger than its mmap threshold (which grows
 to at most 32 MB by itself), and a block larger than 64 MB asked for by a worker thread, with a fresh
 ``mmap`` and returns it with ``munmap`` on ``free``. The kernel then maps and zeroes every page of the buffer
-again on the next call: for ``small_cnn``'s per-example norms, 16,821 page faults and about 40 ms of system
-time per call on a 2-core AMD EPYC, about 40% of the call. Inside ``lax.scan`` the buffer is allocated once
-for all the steps, so the training loop hardly pays this; a jitted step called from Python pays it every call.
+again on the next call: for ``small_cnn``'s per-example norms, 16,821 page faults per call, and 112 ms per
+call against 72.5 ms with :func:`keep_freed_memory` on a 2-core AMD EPYC (``python
+experiments/host_allocator.py``, ``experiments/results/host_allocator/``). Inside ``lax.scan`` the buffer is
+allocated once for all the steps, so the training loop hardly pays this; a jitted step called from Python
+pays it every call.
 
 :func:`keep_freed_memory` tells glibc to serve every thread from the main arena and to keep what is freed
 (``mallopt``: one arena, mmap threshold and trim threshold of 1 GiB), so the next call reuses the pages.

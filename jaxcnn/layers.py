@@ -257,32 +257,28 @@ def Conv2D(
         del train, key
         return ops.conv2d(x, params["w"], params.get("b"), method="conv", **hyper), state, x
 
+    def param_grads(dw, db):
+        return {"w": dw, "b": db} if use_bias else {"w": dw}
+
     def backward(params, x, dy):
         dx, dw, db = ops.conv2d_backward(dy, x, params["w"], method=method, **hyper)
-        return ({"w": dw, "b": db} if use_bias else {"w": dw}), dx
+        return param_grads(dw, db), dx
 
     def input_grad(params, x, dy):
         # conv2d_backward's dx alone: under jit its unused dw and db are dead code and never computed.
         return ops.conv2d_backward(dy, x, params["w"], method=method, **hyper)[0]
 
-    def per_example_param_grads(params, x, dy):
-        dw, db = pe.conv2d_per_example_grads(dy, x, params["w"], **hyper)  # (N, kh, kw, Cg, O), (N, O)
-        return {"w": dw, "b": db} if use_bias else {"w": dw}
-
     def per_example_backward(params, x, dy):
-        return per_example_param_grads(params, x, dy), input_grad(params, x, dy)
+        dw, db = pe.conv2d_per_example_grads(dy, x, params["w"], **hyper)  # (N, kh, kw, Cg, O), (N, O)
+        return param_grads(dw, db), input_grad(params, x, dy)
 
     def per_example_sq_norms_and_sum(params, x, dy):
-        kh_, kw_, cg, cout = params["w"].shape
-        norm_method = pe.conv2d_norm_method(dy.shape[1] * dy.shape[2], kh_ * kw_ * cg, cout // groups)
-        dx = input_grad(params, x, dy)
-        if norm_method == "ghost":  # no per-example gradient is formed: the sum is backward's, rows scaled
-            sq = pe.conv2d_per_example_sq_norms(dy, x, params["w"], use_bias=use_bias, method="ghost", **hyper)
-            return sq, dx, lambda c: backward(params, x, _scale_rows(dy, c))[0]
-        # "direct": the per-example gradients are formed for their norms; the weighted sum contracts them
-        # with c (N·|w| multiply-adds) instead of taking a second kernel gradient.
-        grads = per_example_param_grads(params, x, dy)
-        return pe.sq_norms(grads, dy.shape[0], dy.dtype), dx, lambda c: _weighted_sum(grads, c)
+        sq, formed = pe.conv2d_per_example_sq_norms_and_grads(dy, x, params["w"], use_bias=use_bias, **hyper)
+        if formed is None:  # the ghost norm formed no per-example gradient: backward of the rescaled dy
+            return sq, input_grad(params, x, dy), lambda c: backward(params, x, _scale_rows(dy, c))[0]
+        # The direct norm formed them: contract them with c (N·|w| multiply-adds), no second kernel gradient.
+        grads = param_grads(*formed)
+        return sq, input_grad(params, x, dy), lambda c: _weighted_sum(grads, c)
 
     return Layer(
         init,

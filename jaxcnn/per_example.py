@@ -87,10 +87,9 @@ def conv2d_per_example_grads(
     * ``"im2col"``: the patch matrix ``P_n`` (:func:`jaxcnn.ops.im2col`, the im2col formulation of seed
       004, ``kh·kw`` times the input) times ``dY_n``, ``dw_n = P_nᵀ dY_n``.
 
-    ``"taps"`` won on XLA:CPU at every zoo conv shape at batch 128 (0.28x-0.83x the time of ``"im2col"``,
-    median of alternated rounds; ``docs/per_example.md``) and at batch 512 on all but small_cnn's first
-    convolution (1.09x); ``"im2col"`` won on a 4-to-8-channel 3x3 convolution (1.3x-1.5x less time). Both beat
-    one grouped convolution with the examples as ``N·G`` feature groups, which needs no patch matrix either.
+    ``"taps"`` took 0.30x-1.03x the time of ``"im2col"`` on the zoo's convolutions and less compiled memory on
+    every one (``jaxcnn bench --sections per_example``, ``docs/per_example.md``). Both beat one grouped
+    convolution with the examples as ``N·G`` feature groups, which needs no patch matrix either.
 
     Args:
       dy: cotangent of the output, ``(N, oh, ow, O)``.
@@ -168,6 +167,26 @@ def conv2d_per_example_sq_norms(
     Returns:
       ``(N,)`` squared norms.
     """
+    return conv2d_per_example_sq_norms_and_grads(
+        dy, x, w, stride=stride, padding=padding, dilation=dilation, groups=groups, use_bias=use_bias, method=method
+    )[0]
+
+
+def conv2d_per_example_sq_norms_and_grads(
+    dy: jax.Array,
+    x: jax.Array,
+    w: jax.Array,
+    *,
+    stride: IntOrPair = 1,
+    padding: PaddingLike = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    use_bias: bool = True,
+    method: str = "auto",
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """:func:`conv2d_per_example_sq_norms` and the per-example gradients ``(dw, db)`` of
+    :func:`conv2d_per_example_grads` when its method (``"direct"``, or what ``"auto"`` resolves to) formed
+    them, else ``None``: what DP-SGD's clipped sum can reuse (:class:`jaxcnn.layers.Conv2D`)."""
     fn = "conv2d_per_example_sq_norms"
     if method not in NORM_METHODS:
         raise ValueError(f"{fn}: method must be one of {NORM_METHODS}, got {method!r}")
@@ -181,11 +200,11 @@ def conv2d_per_example_sq_norms(
     sq = jnp.sum(db * db, axis=1) if use_bias else jnp.zeros((n,), dy.dtype)
     if method == "direct":
         dw, _ = conv2d_per_example_grads(dy, x, w, stride=stride, padding=padding, dilation=dilation, groups=groups)
-        return sq + jnp.sum(dw * dw, axis=(1, 2, 3, 4))
+        return sq + jnp.sum(dw * dw, axis=(1, 2, 3, 4)), (dw, db)
     dy_g = dy.reshape(n, t, groups, og)  # (N, T, G, Og)
     gram_x = sum(jnp.einsum("npgc,nqgc->ngpq", tap, tap) for tap in _tap_groups(x, geom, groups))  # (N, G, T, T)
     gram_dy = jnp.einsum("npgo,nqgo->ngpq", dy_g, dy_g)  # (N, G, T, T)
-    return sq + jnp.einsum("ngpq,ngpq->n", gram_x, gram_dy)
+    return sq + jnp.einsum("ngpq,ngpq->n", gram_x, gram_dy), None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import contextlib
 import csv
 import io
 import json
+import platform
 import re
 import sys
 
@@ -28,6 +29,7 @@ from experiments import (
     common,
     dp_sgd,
     gradient_report,
+    host_allocator,
     readme_numbers,
     recipe_cv,
     speed,
@@ -59,6 +61,7 @@ SCRIPTS = {
         dp_sgd,
         time_to_accuracy,
         recipe_cv,
+        host_allocator,
     )
 }
 EXPERIMENTS_README = (REPO / "experiments" / "README.md").read_text()
@@ -484,6 +487,19 @@ def test_dp_sgd_smoke(tmp_path):
     assert report["jaxcnn_train"].startswith("jaxcnn train --model lenet5 --dataset mnist-offline")
     assert (tmp_path / "dp_sgd.md").read_text() == dp_sgd.report(report)
     assert_files(tmp_path, ["dp_sgd.json", "dp_sgd.md"], figures=["dp_sgd.png"])
+
+
+def test_host_allocator_smoke(tmp_path):
+    """One process per setting; the setting is applied only in its own, and the report renders the JSON."""
+    assert host_allocator.main(["--smoke", "--out", str(tmp_path)]) == 0
+    report = load_json(tmp_path / "host_allocator.json")
+    assert report["results"]["default"]["applied"] is False
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert report["results"]["keep"]["applied"] is glibc
+    for setting in host_allocator.SETTINGS:
+        assert set(report["results"][setting]) == {"applied", "per-example norms", "train step"}
+    assert (tmp_path / "host_allocator.md").read_text() == host_allocator.report(report)
+    assert_files(tmp_path, ["host_allocator.json", "host_allocator.md"])
 
 
 def test_matplotlib_hint_names_the_extra():

@@ -13,6 +13,11 @@ For each zoo model (``--quick``: the first, a smoke test of the section), at its
   ``vmap(jax.grad)`` fed to ``optax.contrib.differentially_private_aggregate`` chained with the same
   optimiser, jitted per step.
 
+* ``conv_grads/<model>``: each convolution's per-example kernel gradients alone
+  (:func:`jaxcnn.per_example.conv2d_per_example_grads`) in both formulations, ``taps[<layer>]`` (the
+  default) and ``im2col[<layer>]``, at the layer's shapes, under the first option set: the measurement
+  behind the default, reported per layer as ``taps/im2col``.
+
 Both contenders of a benchmark are alternated round by round (:func:`jaxcnn.bench.harness.measure`); the
 ratio ``manual/vmap_grad`` is the median of per-round ratios, and memory is XLA's compiled memory analysis.
 Opacus, the PyTorch peer, is timed when installed (its ``GradSampleModule`` with the same network, batch
@@ -177,6 +182,37 @@ def dp_step_contenders(cfg: BenchConfig, model_name: str, opts: dict) -> list[Co
     return out
 
 
+def conv_grads_contenders(cfg: BenchConfig, model_name: str, opts: dict) -> list[Contender]:
+    """``taps[<layer>]`` and ``im2col[<layer>]``: :func:`jaxcnn.per_example.conv2d_per_example_grads` at the
+    shapes of each convolution of the model (random input and cotangent), compiled under the first option set.
+    The zoo's convolutions have stride 1, no dilation and one group; the padding is read off the shapes
+    (``out - in + k - 1`` rows, the extra one after)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxcnn import per_example
+    from jaxcnn.bench.flops import kernel_of, layers_with_shapes
+    from jaxcnn.models import get_model
+
+    spec, batch = get_model(model_name), cfg.batch_of(model_name)
+    oname, options = next(iter(opts.items()))
+    out = []
+    for i, layer, params, _, xs, ys in layers_with_shapes(spec.build(), (batch, *spec.input_shape[1:])):
+        w = kernel_of(params)
+        if w is None or w.ndim != 4:
+            continue
+        totals = [o - n + k - 1 for o, n, k in zip(ys[1:3], xs[1:3], w.shape[:2], strict=True)]
+        pads = [(total // 2, total - total // 2) for total in totals]
+        keys = jax.random.split(jax.random.PRNGKey(i), 3)
+        args = tuple(jax.random.normal(k, a, jnp.float32) for k, a in zip(keys, (ys, xs, w.shape), strict=True))
+        label = f"{i}:{layer.name}"
+        for method in per_example.GRADS_METHODS:
+            fn = functools.partial(per_example.conv2d_per_example_grads, padding=pads, method=method)
+            info = {"batch": batch, "layer": label, "x_shape": list(xs), "options": oname}
+            out.append(_jit_contender(f"{method}[{label}]", method, fn, args, options, info))
+    return out
+
+
 def opacus_contenders(cfg: BenchConfig, model_name: str) -> list[Contender]:
     """Opacus's DP-SGD step on the PyTorch twin of the model, same batch, clip, noise and optimiser, in each
     of its per-example modes (:data:`jaxcnn.bench.peers_torch.OPACUS_MODES`)."""
@@ -244,4 +280,21 @@ def bench_per_example(cfg: BenchConfig, opts: dict, log, notes: list) -> tuple[l
             recs = measure(name, contenders, cfg, log)
             records += recs
             ratios[name] = _ratios(recs)
+        if not cfg.quick:
+            name = f"per_example/conv_grads/{model_name}"
+            recs = measure(name, conv_grads_contenders(cfg, model_name, opts), cfg, log)
+            records += recs
+            ratios[name] = _formulation_ratios(recs)
     return records, ratios
+
+
+def _formulation_ratios(records: list[dict]) -> dict:
+    """``taps/im2col <layer>``: the median per-round ratio of the two formulations on each layer."""
+    by_name = {r["contender"]: r for r in records if r.get("samples_ms")}
+    out: dict[str, float | str] = {}
+    for r in records:
+        label = r.get("layer")
+        taps, im2col = by_name.get(f"taps[{label}]"), by_name.get(f"im2col[{label}]")
+        if r["contender"].startswith("taps[") and taps and im2col:
+            out[f"taps/im2col {label}"] = round_ratio(taps, im2col)
+    return out
