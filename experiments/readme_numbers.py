@@ -2,8 +2,9 @@
 
 Each accuracy row is one ``jaxcnn train`` command, run as a user runs it (a subprocess, ``--out`` under
 ``experiments/results/readme_numbers/<row>/``, leaving its ``config.json`` and ``metrics.jsonl``). The
-speed table comes from the benchmark report ``docs/bench/cpu.json`` (``jaxcnn bench --sections peak steps
-epoch --json docs/bench/cpu.json``; ``--bench`` reruns it here first). ``readme_numbers.json`` collects every figure,
+speed table comes from the benchmark report ``docs/bench/cpu.json`` (``jaxcnn bench --sections peak ops
+steps epoch --json docs/bench/cpu.json``; ``--bench`` reruns it here first; ``--rows`` with no row reruns no
+training run). ``readme_numbers.json`` collects every figure,
 and :func:`render` turns it into the README's generated blocks (between ``<!-- readme:NAME -->`` and
 ``<!-- /readme:NAME -->``); ``--write-readme`` puts them into README.md, and ``tests/test_readme.py``
 checks that README.md holds exactly what the committed results render.
@@ -30,7 +31,7 @@ NAME = "readme_numbers"
 README = common.REPO / "README.md"
 BENCH_JSON = common.REPO / "docs" / "bench" / "cpu.json"
 MNIST_DIR = "../shared/data/mnist"
-BENCH_ARGS = ("--sections", "peak", "steps", "epoch")  # the sections the README and docs/benchmarks.md report
+BENCH_ARGS = ("--sections", "peak", "ops", "steps", "epoch")  # what the README and docs/benchmarks.md report
 
 
 class Row(NamedTuple):
@@ -152,15 +153,16 @@ def main(argv=None) -> int:
     parser = common.base_parser(NAME, __doc__.splitlines()[0])
     parser.add_argument(
         "--rows",
-        nargs="+",
+        nargs="*",
         default=[r.key for r in ROWS],
         choices=[r.key for r in ROWS],
-        help="rerun only these rows (the others keep their committed results)",
+        help="rerun only these rows (the others keep their committed results); --rows alone reruns none, "
+        "e.g. to rewrite the speed block after a new docs/bench/cpu.json",
     )
     parser.add_argument(
         "--bench",
         action="store_true",
-        help="rerun jaxcnn bench (sections peak, steps, epoch) --json docs/bench/cpu.json first",
+        help=f"rerun jaxcnn bench {' '.join(BENCH_ARGS)} --json docs/bench/cpu.json first",
     )
     parser.add_argument("--write-readme", action="store_true", help="write the generated blocks into README.md")
     args = parser.parse_args(argv)
@@ -188,12 +190,13 @@ def main(argv=None) -> int:
         )
     for row in rows:
         results["rows"][row.key] = run_row(row, out, log)
-    results["environment"] = common.environment(common.command_line(NAME, argv))
-    common.write_json(path, results)
+    if rows:  # the environment of the rows' runs; with none rerun, the committed results stay as they are
+        results["environment"] = common.environment(common.command_line(NAME, argv))
+        common.write_json(path, results)
+        log(f"wrote {path}")
     if args.write_readme and not args.smoke:
         README.write_text(fill_readme(README.read_text(), render(results, load_bench(), load_time_to_accuracy())))
         log("README.md updated")
-    log(f"wrote {path}")
     return 0
 
 

@@ -174,6 +174,34 @@ def headline_ratios(
     return out
 
 
+TRAINING_STRUCTURES = ("scan", "loop")  # how the training loop runs the step; how a user's own loop calls it
+
+
+def training_ratios(
+    records: list[dict],
+    num: str = "manual",
+    baselines: Iterable[str] = BASELINES,
+    peers: Iterable[str] = ("torch", "torch.compile"),
+) -> dict:
+    """The ``num`` step in the configuration training runs (the training loop's compile options), in each
+    of :data:`TRAINING_STRUCTURES`, against the best contender of ``baselines`` (as one family,
+    ``best_autodiff``) and of each peer family, each at its best structure and options:
+    ``"manual[scan]/torch.compile"``, ``"manual[loop]/best_autodiff"``... Structures not timed with the
+    training options (``--quick`` compiles one option set) are left out."""
+    out: dict[str, float | str] = {}
+    dens = [("best_autodiff", best_of(records, baselines))] + [(p, best_of(records, p)) for p in peers]
+    for structure in TRAINING_STRUCTURES:
+        mine = [
+            r for r in records if r["family"] == num and r.get("structure") == structure and r.get("training_options")
+        ]
+        a = best_of(mine, num)
+        for name, b in dens:
+            if a and b:
+                out[f"{num}[{structure}]/{name}"] = round_ratio(a, b)
+                out[f"{num}[{structure}]/{name} contenders"] = f"{a['contender']} / {b['contender']}"
+    return out
+
+
 def memory_ratios(records: list[dict], num: str = "manual", baselines: Iterable[str] = BASELINES) -> dict:
     """Compiled memory of ``num``'s program against that of the best baseline contender
     (``"memory manual/best_autodiff"``) and of each baseline family's best, each time the ``num`` program
@@ -273,10 +301,13 @@ def loop_and_scan(
       compiled, called once on ``steps`` rows of batch indices into the device-resident ``images`` (here
       the batch itself), as the training loop runs it.
 
-    The state is donated in both, as in training. Each record's ``runs`` names the function compiled.
+    The state is donated in both, as in training. Each record's ``runs`` names the function compiled, and
+    ``training_options`` says whether its option set is the one the training loop compiles with.
     """
     import jax
     import jax.numpy as jnp
+
+    from jaxcnn.train.runtime import default_compiler_options
 
     key = jax.random.PRNGKey(0)
     indices = jnp.tile(jnp.arange(x.shape[0], dtype=jnp.int32), (steps, 1))
@@ -312,6 +343,7 @@ def loop_and_scan(
                         **info,
                         "structure": structure,
                         "options": oname,
+                        "training_options": o == default_compiler_options(),
                         "runs": function_name(fn),
                         "compile_s": compile_s,
                         **memory_bytes(compiled),

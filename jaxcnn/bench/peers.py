@@ -38,14 +38,22 @@ def torch_peer(cfg: BenchConfig, notes: list):
     def make(model_name, batch, steps):
         out = []
         for peer in wanted:
-            try:
-                fn, info = peers_torch.make_step(
-                    model_name, batch, steps, compiled=peer == "torch.compile", lr=LR, threads=cfg.torch_threads
-                )
-            except Exception as e:
-                notes.append(f"{peer} {model_name}: could not build the step ({type(e).__name__}: {str(e)[:160]})")
-                continue
-            out.append(Contender(peer, peer, fn, steps, {"batch": batch, "structure": "loop", **info}))
+            for layout in peers_torch.LAYOUTS:
+                name = peer if layout == "NCHW" else f"{peer}[{layout}]"
+                try:
+                    fn, info = peers_torch.make_step(
+                        model_name,
+                        batch,
+                        steps,
+                        compiled=peer == "torch.compile",
+                        layout=layout,
+                        lr=LR,
+                        threads=cfg.torch_threads,
+                    )
+                except Exception as e:
+                    notes.append(f"{name} {model_name}: could not build the step ({type(e).__name__}: {str(e)[:160]})")
+                    continue
+                out.append(Contender(name, peer, fn, steps, {"batch": batch, "structure": "loop", **info}))
         return out
 
     return make

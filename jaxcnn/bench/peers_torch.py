@@ -87,13 +87,31 @@ def _training_setup(model_name: str, batch: int, *, lr: float, threads: int):
     return net, loss_fn, x, target, torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
 
 
-def make_step(model_name: str, batch: int, steps: int, *, compiled: bool = False, lr: float = 0.05, threads: int = 2):
+LAYOUTS = ("NCHW", "channels_last")  # PyTorch's memory formats for images; which is faster depends on the CPU
+
+
+def make_step(
+    model_name: str,
+    batch: int,
+    steps: int,
+    *,
+    compiled: bool = False,
+    layout: str = "NCHW",
+    lr: float = 0.05,
+    threads: int = 2,
+):
     """``(fn, info)``: ``fn()`` runs ``steps`` train steps (zero_grad, forward, loss, backward, SGD step) on one
     fixed batch of the zoo spec's input shape and targets; ``compiled`` wraps the module in ``torch.compile``
-    and runs it once to compile."""
+    and runs it once to compile; ``layout`` is the memory format of the batch and the parameters (one of
+    :data:`LAYOUTS`)."""
     import torch
 
     net, loss_fn, x, target, opt = _training_setup(model_name, batch, lr=lr, threads=threads)
+    if layout == "channels_last":
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout != "NCHW":
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     model = torch.compile(net) if compiled else net
 
     def one():
@@ -110,7 +128,7 @@ def make_step(model_name: str, batch: int, steps: int, *, compiled: bool = False
         for _ in range(steps):
             one()
 
-    return fn, {"torch": torch.__version__, "threads": torch.get_num_threads(), "layout": "NCHW"}
+    return fn, {"torch": torch.__version__, "threads": torch.get_num_threads(), "layout": layout}
 
 
 # Opacus's ways of getting per-example gradients: hooks that form each example's gradient (its default), and

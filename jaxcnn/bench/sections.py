@@ -1,5 +1,5 @@
-"""The sections of ``jaxcnn bench`` that time training: ``peak``, ``steps``, ``epoch`` and ``scaling``
-(the ``ops`` section is :mod:`jaxcnn.bench.per_op`).
+"""The sections of ``jaxcnn bench`` that time training: ``steps``, ``epoch`` and ``scaling`` (``peak`` is
+:mod:`jaxcnn.bench.peak`, ``ops`` :mod:`jaxcnn.bench.per_op`).
 
 Every contender times the functions training runs, nothing rebuilt for the benchmark:
 
@@ -19,93 +19,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import statistics
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from jaxcnn import provenance
-from jaxcnn.bench import peers
+from jaxcnn.bench import peak, peers
 from jaxcnn.bench.config import LR, ROUTES, SCALING_DEVICES, BenchConfig, BenchError
 from jaxcnn.bench.flops import model_flops
 from jaxcnn.bench.harness import (
     Contender,
     best_of,
-    compile_with,
     headline_ratios,
     loop_and_scan,
     measure,
     memory_ratios,
     round_ratio,
+    training_ratios,
 )
 
 
 def _quiet(message: str) -> None:
     pass
-
-
-# ---------------------------------------------------------------------------------------------------
-# Section: peak
-
-
-def peak_size(cfg: BenchConfig) -> int:
-    return 512 if cfg.quick else 2048
-
-
-def matmul_contenders(cfg: BenchConfig, opts: dict) -> list[Contender]:
-    """float32 ``n x n @ n x n`` under each option set (family ``"peak"``)."""
-    import jax
-    import jax.numpy as jnp
-
-    n = peak_size(cfg)
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-    out = []
-    for oname, o in opts.items():
-        f = compile_with(lambda a, b: a @ b, (a, b), o)
-        out.append(
-            Contender(
-                f"matmul{n}[{oname}]",
-                "peak",
-                lambda f=f: f(a, b).block_until_ready(),  # type: ignore[misc]  # mypy cannot type a default-bound lambda
-                info={"options": oname, "n": n, "flops": 2 * n**3},
-            )
-        )
-    return out
-
-
-def bench_peak(cfg: BenchConfig, opts: dict, log) -> tuple[list[dict], float]:
-    """The matmul under each option set on its own; returns the records and the best median GFLOP/s."""
-    recs = measure(f"peak/matmul{peak_size(cfg)}", matmul_contenders(cfg, opts), cfg, log)
-    for r in recs:
-        if r["status"] == "ok":
-            r["gflops"] = r["flops"] / (r["median_ms"] * 1e-3) / 1e9
-            r["gflops_best_round"] = r["flops"] / (r["min_ms"] * 1e-3) / 1e9
-    peak = max((r["gflops"] for r in recs if "gflops" in r), default=float("nan"))
-    return recs, peak
-
-
-def add_peak_fractions(recs: list[dict], flops: float) -> float | None:
-    """Sets ``gflops`` and ``peak_fraction`` of every timed record of one step benchmark whose contenders
-    included the matmul (family ``"peak"``): the fraction is the median over rounds of the step's GFLOP/s
-    over the best matmul GFLOP/s of the same round, so that load on the machine cancels out. Returns the
-    median matmul GFLOP/s of those rounds."""
-    peaks = [r for r in recs if r["family"] == "peak" and r["status"] == "ok"]
-    rounds = len(peaks[0]["samples_ms"]) if peaks else 0
-    per_round = [max(p["flops"] / (p["samples_ms"][k] * 1e-3) for p in peaks) for k in range(rounds)]
-    for r in recs:
-        if r["family"] == "peak":
-            if r["status"] == "ok":
-                r["gflops"] = r["flops"] / (r["median_ms"] * 1e-3) / 1e9
-            continue
-        if r.get("median_ms"):
-            r["gflops"] = flops / (r["median_ms"] * 1e-3) / 1e9
-            r["images_per_s"] = r["batch"] / (r["median_ms"] * 1e-3)
-        if r["status"] == "ok" and per_round:
-            r["peak_fraction"] = float(
-                statistics.median(flops / (t * 1e-3) / pk for t, pk in zip(r["samples_ms"], per_round, strict=True))
-            )
-    return statistics.median(per_round) / 1e9 if per_round else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -195,14 +130,14 @@ def bench_steps(cfg: BenchConfig, opts: dict, log, notes: list) -> tuple[list[di
             contenders += flax_peer(model_name, batch, K, opts)
         if torch_peer is not None:
             contenders += torch_peer(model_name, batch, K)
-        # The matmul runs in the same rounds, so that the fraction of peak compares like with like.
-        contenders += matmul_contenders(cfg, opts)
+        # The peak programs run in the same rounds, so that the fraction of peak compares like with like.
+        contenders += peak.peak_contenders(cfg, opts)
         recs = measure(f"step/{model_name}", contenders, cfg, log)
-        peak_here = add_peak_fractions(recs, flops[model_name] * batch)
+        peaks_here = peak.add_peak_fractions(recs, flops[model_name] * batch)
         records.extend(recs)
         r = ratios[f"step/{model_name}"] = headline_ratios(recs)
-        if peak_here:
-            r["matmul GFLOP/s in these rounds"] = peak_here
+        r.update(training_ratios(recs))
+        r.update({f"{kind} GFLOP/s in these rounds": v for kind, v in peaks_here.items()})
         r.update(memory_ratios(recs))
     return records, ratios, flops
 
@@ -241,12 +176,16 @@ def epoch_trainer(
     from jaxcnn.train import TrainConfig, Trainer
 
     spec = get_model(model_name)
-    config = TrainConfig(
-        model=model_name, batch_size=cfg.batch_of(model_name), lr=LR, grad=grad, loop=loop, devices=devices
-    )
+    config = TrainConfig(model=model_name, **epoch_settings(cfg, model_name, grad=grad, loop=loop, devices=devices))
     return Trainer(
         spec.build(conv_method=config.conv_method), spec.loss, train, None, config, compiler_options=options, log=_quiet
     )
+
+
+def epoch_settings(cfg: BenchConfig, model_name: str, *, grad: str = "manual", loop: str = "auto", devices=1) -> dict:
+    """The :class:`~jaxcnn.train.TrainConfig` settings (besides ``model``) of the epoch benchmark; every
+    other setting keeps its field default."""
+    return {"batch_size": cfg.batch_of(model_name), "lr": LR, "grad": grad, "loop": loop, "devices": devices}
 
 
 def epoch_runner(trainer) -> Callable[[], None]:
@@ -319,6 +258,51 @@ def epoch_contenders(
     return out
 
 
+def fit_against_benchmark(cfg: BenchConfig, model_name: str, train, log) -> dict:
+    """Whether :func:`jaxcnn.fit` trains at the speed the benchmark reports: ``jaxcnn.fit`` with the epoch
+    benchmark's settings runs ``cfg.rounds + 1`` epochs, and after each (from its per-epoch log call) the
+    benchmark's own epoch (the training loop's compile options and default loop form) runs once, so that the
+    two alternate. Returns fit's images/s per epoch from its history (the first, which compiles, left out),
+    the benchmark's in the same rounds, and the median of the per-round ratios fit / benchmark."""
+    import statistics
+    import time
+
+    from jaxcnn.models import get_model
+    from jaxcnn.train import fit
+
+    spec = get_model(model_name)
+    trainer = epoch_trainer(cfg, model_name, train, None)
+    run_epoch, images = epoch_runner(trainer), trainer.steps_per_epoch * trainer.config.batch_size
+    run_epoch()  # compiles
+    bench_ips: list[float] = []
+
+    def after_each_epoch(line: str) -> None:
+        if line.startswith("epoch "):  # fit's per-epoch line; the others are set-up
+            t0 = time.perf_counter()
+            run_epoch()
+            bench_ips.append(images / (time.perf_counter() - t0))
+
+    settings = epoch_settings(cfg, model_name)
+    assert cfg.rounds is not None  # set by BenchConfig.resolved()
+    result = fit(
+        spec.build(conv_method=trainer.config.conv_method),
+        spec.loss,
+        train,
+        epochs=cfg.rounds + 1,
+        log=after_each_epoch,
+        progress=False,
+        **settings,
+    )
+    fit_ips = [h["images_per_s"] for h in result.history][1:]
+    ratio = statistics.median(f / b for f, b in zip(fit_ips, bench_ips[1:], strict=True))
+    log(f"  epoch/{model_name}: jaxcnn.fit {statistics.median(fit_ips):,.0f} images/s, fit / benchmark {ratio:.3f}")
+    return {
+        "fit images_per_s": statistics.median(fit_ips),
+        "benchmark images_per_s in the same rounds": statistics.median(bench_ips[1:]),
+        "fit/benchmark images_per_s": ratio,
+    }
+
+
 def default_form(grad: str) -> str:
     """The loop form ``jaxcnn train --grad grad`` uses by default (``--loop auto``)."""
     from jaxcnn.train import TrainConfig
@@ -358,6 +342,7 @@ def bench_epoch(cfg: BenchConfig, opts: dict, log) -> tuple[list[dict], dict]:
         if manual and autodiff:
             r["manual/autodiff"] = round_ratio(manual, autodiff)
             r["manual/autodiff contenders"] = f"{manual['contender']} / {autodiff['contender']}"
+        r.update(fit_against_benchmark(cfg, model_name, train, log))
         best = {g: best_of(recs, [f"{g}-{f}" for f in EPOCH_FORMS]) for g in grads}
         manual, autodiff = best.get("manual"), best.get("autodiff")
         if manual and autodiff:
