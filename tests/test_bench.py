@@ -519,6 +519,14 @@ def test_option_sets_are_checked_against_this_jaxlib(monkeypatch):
     sets = bench.option_sets(bench.BenchConfig(option_sets=("default", "bogus")), notes.append)
     assert list(sets) == ["default"]
     assert "bogus" in notes[0]
+    # The extra sets run only when named; each adds its library to the training loop's options.
+    assert set(bench.option_sets(bench.BenchConfig())) <= set(bench.CPU_OPTION_SETS)
+    named = bench.option_sets(bench.BenchConfig(option_sets=tuple(bench.CPU_EXTRA_OPTION_SETS)), notes.append)
+    for name, options in named.items():
+        assert options.items() >= bench.CPU_OPTION_SETS["no-ynn"].items() and len(options) == 2, name
+    unknown = r"unknown option set 'nope'; choose from default, no-ynn, .*no-ynn\+onednn"
+    with pytest.raises(bench.BenchError, match=unknown):
+        bench.option_sets(bench.BenchConfig(option_sets=("nope",)))
 
 
 # Every formulation the benchmark times gives the numbers of jax.vjp, at the zoo's conv shapes.

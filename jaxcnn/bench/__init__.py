@@ -47,6 +47,7 @@ from jaxcnn.bench.cli import add_parser, run
 from jaxcnn.bench.config import (
     BASELINES,
     BATCH,
+    CPU_EXTRA_OPTION_SETS,
     CPU_OPTION_SETS,
     FAMILIES,
     LR,
@@ -78,6 +79,7 @@ from jaxcnn.bench.suite import run_benchmarks
 __all__ = [
     "BASELINES",
     "BATCH",
+    "CPU_EXTRA_OPTION_SETS",
     "CPU_OPTION_SETS",
     "FAMILIES",
     "LR",

@@ -7,7 +7,16 @@ import sys
 from pathlib import Path
 
 from jaxcnn import provenance
-from jaxcnn.bench.config import BATCH, CPU_OPTION_SETS, MODELS, PEERS, SECTIONS, BenchConfig, BenchError
+from jaxcnn.bench.config import (
+    BATCH,
+    CPU_EXTRA_OPTION_SETS,
+    CPU_OPTION_SETS,
+    MODELS,
+    PEERS,
+    SECTIONS,
+    BenchConfig,
+    BenchError,
+)
 from jaxcnn.bench.report import format_markdown
 from jaxcnn.bench.suite import run_benchmarks
 
@@ -41,8 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--options",
         nargs="+",
         default=None,
-        choices=list(CPU_OPTION_SETS),
-        help="compile-option sets to try (default: every set this jaxlib supports)",
+        choices=[*CPU_OPTION_SETS, *CPU_EXTRA_OPTION_SETS],
+        help=f"compile-option sets to try (default: {', '.join(CPU_OPTION_SETS)}, those this jaxlib supports; "
+        f"{', '.join(CPU_EXTRA_OPTION_SETS)} only when named)",
     )
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per benchmark (default 9, --quick 2)")
     p.add_argument("--batch", type=int, default=None, help="one batch size for every model (default: per model)")

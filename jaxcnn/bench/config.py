@@ -27,6 +27,14 @@ CPU_OPTION_SETS = {
     "default": {},
     "no-ynn": {"xla_cpu_experimental_ynn_fusion_type": ""},
 }
+_NO_YNN = CPU_OPTION_SETS["no-ynn"]
+_DOT_AND_CONV = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+# Sets timed only when --options names them: XLA:CPU's other kernel libraries for its dots and
+# convolutions (oneDNN, XNNPACK), each on top of "no-ynn", the training loop's options.
+CPU_EXTRA_OPTION_SETS = {
+    "no-ynn+onednn": {**_NO_YNN, "xla_cpu_experimental_onednn_fusion_type": _DOT_AND_CONV},
+    "no-ynn+xnn": {**_NO_YNN, "xla_cpu_experimental_xnn_fusion_type": _DOT_AND_CONV},
+}
 
 
 class BenchError(ValueError):
@@ -42,7 +50,7 @@ class BenchConfig:
     models: tuple[str, ...] = MODELS
     sections: tuple[str, ...] = SECTIONS
     peers: tuple[str, ...] = PEERS
-    option_sets: tuple[str, ...] | None = None  # names from CPU_OPTION_SETS; None: all that exist (quick: default)
+    option_sets: tuple[str, ...] | None = None  # from CPU_(EXTRA_)OPTION_SETS; None: CPU_OPTION_SETS
     rounds: int | None = None  # timed rounds per benchmark (full 9, quick 2)
     sample_s: float | None = None  # target length of one timed sample (full 0.25 s, quick 0.01 s)
     batch: int | None = None  # overrides every model's batch (quick: 16)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxcnn.bench.config import BASELINES, CPU_OPTION_SETS, BenchConfig, BenchError
+from jaxcnn.bench.config import BASELINES, CPU_EXTRA_OPTION_SETS, CPU_OPTION_SETS, BenchConfig, BenchError
 
 
 @dataclasses.dataclass
@@ -237,15 +237,16 @@ def option_sets(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> d
 
     if cfg.device != "cpu":
         return {"default": {}}
+    known = {**CPU_OPTION_SETS, **CPU_EXTRA_OPTION_SETS}
     names = cfg.option_sets or tuple(CPU_OPTION_SETS)
-    unknown = [n for n in names if n not in CPU_OPTION_SETS]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise BenchError(f"--options: unknown option set {unknown[0]!r}; choose from {', '.join(CPU_OPTION_SETS)}")
+        raise BenchError(f"--options: unknown option set {unknown[0]!r}; choose from {', '.join(known)}")
     probe = jax.jit(lambda a: a @ a).lower(jnp.ones((8, 8), jnp.float32))
     out = {}
     for name in names:
         try:
-            probe.compile(compiler_options=dict(CPU_OPTION_SETS[name]))
+            probe.compile(compiler_options=dict(known[name]))
         except Exception as e:  # XLA rejects option names it does not know
             if log:
                 log(
@@ -253,7 +254,7 @@ def option_sets(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> d
                     f"({str(e).splitlines()[0][:120]}); skipped"
                 )
             continue
-        out[name] = CPU_OPTION_SETS[name]
+        out[name] = known[name]
     return out
 
 
