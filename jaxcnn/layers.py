@@ -274,11 +274,12 @@ def Conv2D(
 
     def per_example_sq_norms_and_sum(params, x, dy):
         sq, formed = pe.conv2d_per_example_sq_norms_and_grads(dy, x, params["w"], use_bias=use_bias, **hyper)
+        dx = input_grad(params, x, dy)
         if formed is None:  # the ghost norm formed no per-example gradient: backward of the rescaled dy
-            return sq, input_grad(params, x, dy), lambda c: backward(params, x, _scale_rows(dy, c))[0]
+            return sq, dx, lambda c: backward(params, x, _scale_rows(dy, c))[0]
         # The direct norm formed them: contract them with c (N·|w| multiply-adds), no second kernel gradient.
         grads = param_grads(*formed)
-        return sq, input_grad(params, x, dy), lambda c: _weighted_sum(grads, c)
+        return sq, dx, lambda c: _weighted_sum(grads, c)
 
     return Layer(
         init,

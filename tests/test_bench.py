@@ -347,6 +347,21 @@ def test_fit_trains_at_the_benchmarks_speed_measured_alternately():
     assert r["fit/benchmark images_per_s"] > 0 and "jaxcnn.fit" in lines[0]
 
 
+def test_readme_speed_rows_compare_with_the_strongest_peer():
+    from jaxcnn.bench.report import readme_speed_rows
+
+    recs = [
+        {**_rec("manual[scan,no-ynn]", "manual", [2.0, 2.0, 3.0], batch=8), "benchmark": "step/x"},
+        {**_rec("flax[loop,no-ynn]", "flax", [4.0, 4.0, 4.0], batch=8), "benchmark": "step/x"},
+        {**_rec("torch.compile", "torch.compile", [1.0, 1.0, 1.5], batch=8), "benchmark": "step/x"},
+    ]
+    report = {"config": {"models": ["x"]}, "results": recs, "ratios": {"step/x": {"manual/best_autodiff": 0.5}}}
+    headers, (row,) = readme_speed_rows(report)
+    assert headers[-2:] == ["hand-written / best autodiff", "hand-written / fastest other"]
+    # Against torch.compile, the fastest family, round by round: 2/1, 2/1, 3/1.5.
+    assert row == ["`x` (8)", "2.00", "4.00", "**1.00**", "0.50", "2.00"]
+
+
 def test_flop_counts_match_the_reference_counts():
     # Analytic counts per image, forward + backward (no dx for the first layer), at each spec's input shape.
     flops = {m: bench.model_flops(get_model(m).build(), get_model(m).input_shape) for m in bench.MODELS}

@@ -140,6 +140,15 @@ def round_ratio(a: dict, b: dict) -> float:
     return float(statistics.median(x / y for x, y in zip(a["samples_ms"], b["samples_ms"], strict=True)))
 
 
+def compare(out: dict, key: str, a: dict | None, b: dict | None, invert: bool = False) -> None:
+    """Sets ``out[key]`` to :func:`round_ratio` of records ``a`` and ``b`` (its inverse with ``invert``, for
+    throughputs) and ``out[key + " contenders"]`` to the two contenders' names, when both records exist."""
+    if a and b:
+        ratio = round_ratio(a, b)
+        out[key] = 1 / ratio if invert else ratio
+        out[f"{key} contenders"] = f"{a['contender']} / {b['contender']}"
+
+
 def family_ratios(
     records: list[dict], num: str = "manual", dens: Iterable[str] = (*BASELINES, "torch", "torch.compile")
 ) -> dict:
@@ -148,10 +157,7 @@ def family_ratios(
     out: dict[str, float | str] = {}
     a = best_of(records, num)
     for den in dens:
-        b = best_of(records, den)
-        if a and b:
-            out[f"{num}/{den}"] = round_ratio(a, b)
-            out[f"{num}/{den} contenders"] = f"{a['contender']} / {b['contender']}"
+        compare(out, f"{num}/{den}", a, best_of(records, den))
     return out
 
 
@@ -166,10 +172,7 @@ def headline_ratios(
     :func:`family_ratios`."""
     baselines = tuple(baselines)
     out: dict[str, float | str] = {}
-    a, b = best_of(records, num), best_of(records, baselines)
-    if a and b:
-        out[f"{num}/best_autodiff"] = round_ratio(a, b)
-        out[f"{num}/best_autodiff contenders"] = f"{a['contender']} / {b['contender']}"
+    compare(out, f"{num}/best_autodiff", best_of(records, num), best_of(records, baselines))
     out.update(family_ratios(records, num, (*baselines, *peers)))
     return out
 
@@ -194,11 +197,8 @@ def training_ratios(
         mine = [
             r for r in records if r["family"] == num and r.get("structure") == structure and r.get("training_options")
         ]
-        a = best_of(mine, num)
         for name, b in dens:
-            if a and b:
-                out[f"{num}[{structure}]/{name}"] = round_ratio(a, b)
-                out[f"{num}[{structure}]/{name} contenders"] = f"{a['contender']} / {b['contender']}"
+            compare(out, f"{num}[{structure}]/{name}", best_of(mine, num), b)
     return out
 
 

@@ -32,6 +32,8 @@ import time
 from jaxcnn.bench.config import LR, BenchConfig
 from jaxcnn.bench.harness import (
     Contender,
+    best_of,
+    compare,
     compile_with,
     function_name,
     loop_and_scan,
@@ -248,17 +250,13 @@ def opacus_contenders(cfg: BenchConfig, model_name: str) -> list[Contender]:
 
 
 def _ratios(records: list[dict]) -> dict:
-    from jaxcnn.bench.harness import best_of
-
     out: dict[str, float | str] = {}
     a = best_of(records, "manual")
     for den in ("vmap_grad", "opacus"):
         b = best_of(records, den)
-        if a and b:
-            out[f"manual/{den}"] = round_ratio(a, b)
-            out[f"manual/{den} contenders"] = f"{a['contender']} / {b['contender']}"
-            if a.get("memory_bytes") and b.get("memory_bytes"):
-                out[f"memory manual/{den}"] = a["memory_bytes"] / b["memory_bytes"]
+        compare(out, f"manual/{den}", a, b)
+        if a and b and a.get("memory_bytes") and b.get("memory_bytes"):
+            out[f"memory manual/{den}"] = a["memory_bytes"] / b["memory_bytes"]
     return out
 
 

@@ -30,6 +30,7 @@ from jaxcnn.bench.flops import model_flops
 from jaxcnn.bench.harness import (
     Contender,
     best_of,
+    compare,
     headline_ratios,
     loop_and_scan,
     measure,
@@ -333,21 +334,12 @@ def bench_epoch(cfg: BenchConfig, opts: dict, log) -> tuple[list[dict], dict]:
         )
         records.extend(recs)
         r = ratios[f"epoch/{model_name}"] = {}
-        scan, step = best_of(recs, "manual-scan"), best_of(recs, "manual-step")
-        if scan and step:
-            r["scan/step images_per_s"] = 1 / round_ratio(scan, step)
-            r["scan/step images_per_s contenders"] = f"{scan['contender']} / {step['contender']}"
+        compare(r, "scan/step images_per_s", best_of(recs, "manual-scan"), best_of(recs, "manual-step"), invert=True)
         default = {g: best_of(recs, f"{g}-{default_form(g)}") for g in grads}
-        manual, autodiff = default.get("manual"), default.get("autodiff")
-        if manual and autodiff:
-            r["manual/autodiff"] = round_ratio(manual, autodiff)
-            r["manual/autodiff contenders"] = f"{manual['contender']} / {autodiff['contender']}"
+        compare(r, "manual/autodiff", default["manual"], default.get("autodiff"))
         r.update(fit_against_benchmark(cfg, model_name, train, log))
         best = {g: best_of(recs, [f"{g}-{f}" for f in EPOCH_FORMS]) for g in grads}
-        manual, autodiff = best.get("manual"), best.get("autodiff")
-        if manual and autodiff:
-            r["manual/autodiff best forms"] = round_ratio(manual, autodiff)
-            r["manual/autodiff best forms contenders"] = f"{manual['contender']} / {autodiff['contender']}"
+        compare(r, "manual/autodiff best forms", best["manual"], best.get("autodiff"))
     return records, ratios
 
 
