@@ -217,8 +217,9 @@ def Conv2D(
     (``"conv"``, ``"im2col"``, ``"taps"`` or ``"auto"``); all compute the same numbers. The default,
     :data:`jaxcnn.ops.conv.DEFAULT_METHOD` (``"auto"``), chooses per gradient and kernel shape
     (:func:`jaxcnn.ops.conv.resolve_method`) by measurement (``jaxcnn bench``, ``docs/benchmarks.md``):
-    per-tap multiply-adds for a handful of channels (a layer reading a 1-channel image), otherwise
-    ``lax``'s convolution, with the kernel gradient in the layout that keeps its speed inside
+    per-tap multiply-adds for a handful of channels (a layer reading a 1-channel image), the input
+    gradient of a layer with few input channels or a stride as one product and a separable ``col2im``,
+    otherwise ``lax``'s convolution, with the kernel gradient in the layout that keeps its speed inside
     ``lax.scan`` (the training loop). The layer's :func:`autodiff_forward` is always ``lax``'s
     convolution, the form ``jax.grad`` differentiates best.
 

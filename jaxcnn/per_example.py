@@ -28,17 +28,20 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.typing import DTypeLike
 
 from jaxcnn.ops._checks import check_array, check_cotangent
 from jaxcnn.ops._windows import pad_input, read_tap, taps
-from jaxcnn.ops.conv import conv2d_geometry, im2col
+from jaxcnn.ops.conv import conv2d_geometry
 from jaxcnn.shapes import IntOrPair, PaddingLike
 
 # The ways conv2d_per_example_sq_norms computes a squared norm (conv2d_norm_method chooses for "auto").
 NORM_METHODS = ("ghost", "direct", "auto")
-# The formulations of conv2d_per_example_grads; "taps" is its default (see its docstring).
-GRADS_METHODS = ("taps", "im2col")
+# The formulations of conv2d_per_example_grads.
+GRADS_FORMULATIONS = ("taps", "im2col")
+# What its method argument takes: a formulation, or "auto" (the default), which picks one by conv2d_grads_method.
+GRADS_METHODS = (*GRADS_FORMULATIONS, "auto")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -55,12 +58,46 @@ def _conv_geometry(fn: str, dy, x, w_shape, *, stride, padding, dilation, groups
     return geom
 
 
+def _patch_matrices(x, geom, groups: int):
+    """The patch matrix of every example and group, channel-major: ``(N, G, kh·kw·Cg, T)``, ``T = oh * ow``.
+
+    Row ``(a, b, c)`` (the order of an HWIO kernel's ``(kh, kw, Cg)``) of group ``g`` holds
+    ``xp[n, i·sh + a·dh, j·sw + b·dw, g·Cg + c]`` at column ``i·ow + j``: the transpose of seed 004's
+    ``(T, kh·kw·Cg)`` patch matrix, laid out so that ``P_n dY_n`` is a plain batched matrix product. The
+    input is transposed to ``(N, C, Hp, Wp)`` once, then the kernel rows are cut from it and the kernel
+    columns from those, two stacking passes instead of one per tap.
+    """
+    (sh, sw), (dh, dw), (oh, ow), (kh, kw) = geom.stride, geom.dilation, geom.out_hw, geom.window
+    n, c = x.shape[0], x.shape[3]
+    xt = jnp.transpose(pad_input(x, geom), (0, 3, 1, 2))  # (N, C, Hp, Wp)
+    rows = jnp.stack(
+        [lax.slice_in_dim(xt, a * dh, a * dh + (oh - 1) * sh + 1, sh, axis=2) for a in range(kh)], axis=1
+    )  # (N, kh, C, oh, Wp)
+    cols = [lax.slice_in_dim(rows, b * dw, b * dw + (ow - 1) * sw + 1, sw, axis=4) for b in range(kw)]
+    patches = jnp.stack(cols, axis=2).reshape(n, kh * kw, groups, c // groups, oh * ow)  # (N, kh*kw, G, Cg, T)
+    return jnp.moveaxis(patches, 2, 1).reshape(n, groups, kh * kw * (c // groups), oh * ow)
+
+
 def _tap_groups(x, geom, groups: int):
     """Each kernel tap of the (padded) input, positions flattened and channels split by group:
     ``[(N, T, G, Cg)]`` in row-major tap order, ``T = oh * ow``."""
     xpad, (n, c) = pad_input(x, geom), (x.shape[0], x.shape[3])
     t = geom.out_hw[0] * geom.out_hw[1]
     return [read_tap(xpad, geom, a, b).reshape(n, t, groups, c // groups) for a, b in taps(geom)]
+
+
+def conv2d_grads_method(in_channels: int, out_channels: int) -> str:
+    """The formulation :func:`conv2d_per_example_grads` uses for ``method="auto"``: ``"taps"`` or ``"im2col"``.
+
+    ``"taps"`` for a layer that reads one input channel and writes fewer than 8, ``"im2col"`` otherwise.
+    Per example, ``"taps"`` multiplies a ``(1, T)`` tap by the ``(T, O)`` cotangent ``kh·kw`` times, which
+    wins only while ``O`` is tiny; everywhere else the one ``(kh·kw·Cg, T)`` product of ``"im2col"`` wins.
+    Time of ``"im2col"`` over ``"taps"`` at batch 128 on a 2-core AMD EPYC (AVX2), XLA:CPU with the training
+    loop's options (``python experiments/conv_formulations.py``): 3.23 with 3 outputs (seed_net), 1.33 with
+    6 (LeNet-5's first convolution), 0.90 with 8; 0.33-0.94 on the other 15 shapes, 1 to 48 input channels
+    per group, strided, 1x1 and depthwise included.
+    """
+    return "taps" if in_channels == 1 and out_channels < 8 else "im2col"
 
 
 def conv2d_per_example_grads(
@@ -72,7 +109,7 @@ def conv2d_per_example_grads(
     padding: PaddingLike = 0,
     dilation: IntOrPair = 1,
     groups: int = 1,
-    method: str = "taps",
+    method: str = "auto",
 ) -> tuple[jax.Array, jax.Array]:
     """Per-example kernel and bias gradients of :func:`jaxcnn.ops.conv2d`: the kernel gradient without its batch sum.
 
@@ -82,21 +119,19 @@ def conv2d_per_example_grads(
 
     Both formulations are products with the batch kept as a batch dimension, per group:
 
-    * ``"taps"`` (the default): one product per kernel tap ``(a, b)``, ``dw_n[a, b] = tap_ab(x)_nᵀ dY_n``,
-      the tap being a strided view of the padded input, so no patch matrix is written;
-    * ``"im2col"``: the patch matrix ``P_n`` (:func:`jaxcnn.ops.im2col`, the im2col formulation of seed
-      004, ``kh·kw`` times the input) times ``dY_n``, ``dw_n = P_nᵀ dY_n``.
-
-    ``"taps"`` took 0.30x-1.03x the time of ``"im2col"`` on the zoo's convolutions and less compiled memory on
-    every one (``jaxcnn bench --sections per_example``, ``docs/per_example.md``). Both beat one grouped
-    convolution with the examples as ``N·G`` feature groups, which needs no patch matrix either.
+    * ``"im2col"``: the channel-major patch matrix ``P_n`` of example ``n``, ``(kh·kw·Cg, T)`` (seed 004's
+      im2col, transposed), times its ``(T, Og)`` cotangent ``dY_n``: ``dw_n = P_n dY_n``, one batched
+      product of ``kh·kw·Cg`` rows;
+    * ``"taps"``: one product per kernel tap ``(a, b)``, ``dw_n[a, b] = tap_ab(x)_nᵀ dY_n``, the tap being a
+      strided view of the padded input, so no patch matrix is written, but each product has only ``Cg`` rows;
+    * ``"auto"`` (the default): :func:`conv2d_grads_method`.
 
     Args:
       dy: cotangent of the output, ``(N, oh, ow, O)``.
       x: the forward input, ``(N, H, W, C)``.
       w: the kernel ``(kh, kw, C / groups, O)`` (only its shape is read).
       stride, padding, dilation, groups: as passed to :func:`jaxcnn.ops.conv2d`.
-      method: ``"taps"`` or ``"im2col"``.
+      method: ``"auto"``, ``"im2col"`` or ``"taps"``.
 
     Returns:
       ``(dw, db)``: ``(N, kh, kw, C / groups, O)`` and ``(N, O)``.
@@ -107,14 +142,17 @@ def conv2d_per_example_grads(
     w_shape = tuple(jnp.shape(w))
     geom = _conv_geometry(fn, dy, x, w_shape, stride=stride, padding=padding, dilation=dilation, groups=groups)
     n, (kh, kw, cg, cout) = x.shape[0], w_shape
-    t = geom.out_hw[0] * geom.out_hw[1]
-    dy_g = dy.reshape(n, t, groups, cout // groups)  # (N, T, G, Og)
+    t, og = geom.out_hw[0] * geom.out_hw[1], cout // groups
+    if method == "auto":
+        method = conv2d_grads_method(cg * groups, cout)
+    dy_g = dy.reshape(n, t, groups, og)  # (N, T, G, Og)
     if method == "taps":
         per_tap = [jnp.einsum("ntgc,ntgo->ncgo", tap, dy_g) for tap in _tap_groups(x, geom, groups)]
         dw = jnp.stack(per_tap, axis=1)  # (N, kh*kw, Cg, G, Og)
     else:
-        patches = im2col(x, geom).reshape(n, t, kh * kw, groups, cg)  # (N, T, kh*kw, G, Cg)
-        dw = jnp.einsum("nptgc,npgo->ntcgo", patches, dy_g)  # P_nᵀ dY_n per group
+        dy_t = jnp.moveaxis(dy_g, 2, 1)  # (N, G, T, Og)
+        dw = lax.dot_general(_patch_matrices(x, geom, groups), dy_t, (((3,), (2,)), ((0, 1), (0, 1))))
+        dw = jnp.moveaxis(dw.reshape(n, groups, kh * kw, cg, og), 1, 3)  # (N, kh*kw, Cg, G, Og)
     return dw.reshape(n, kh, kw, cg, cout), jnp.sum(dy, axis=(1, 2))
 
 

@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))  # ``experiments`` is a directory of scripts besid
 from experiments import (
     check_tolerance,
     common,
+    conv_formulations,
     dp_sgd,
     gradient_report,
     host_allocator,
@@ -62,6 +63,7 @@ SCRIPTS = {
         time_to_accuracy,
         recipe_cv,
         host_allocator,
+        conv_formulations,
     )
 }
 EXPERIMENTS_README = (REPO / "experiments" / "README.md").read_text()
@@ -500,6 +502,41 @@ def test_host_allocator_smoke(tmp_path):
         assert set(report["results"][setting]) == {"applied", "per-example norms", "train step"}
     assert (tmp_path / "host_allocator.md").read_text() == host_allocator.report(report)
     assert_files(tmp_path, ["host_allocator.json", "host_allocator.md"])
+
+
+def test_conv_formulations_smoke(tmp_path):
+    """Every formulation agrees at every shape; the report renders the JSON."""
+    assert conv_formulations.main(["--smoke", "--out", str(tmp_path)]) == 0
+    report = load_json(tmp_path / "conv_formulations.json")
+    assert [r["label"] for r in report["per_example"]] == [s.label for s in conv_formulations.SMOKE_PER_EXAMPLE_SHAPES]
+    assert [r["label"] for r in report["input_grad"]] == [s.label for s in conv_formulations.SMOKE_INPUT_GRAD_SHAPES]
+    assert all(r["max_rel_diff"] < 1e-5 for r in report["per_example"] + report["input_grad"])
+    assert (tmp_path / "conv_formulations.md").read_text() == conv_formulations.report(report)
+    assert_files(tmp_path, ["conv_formulations.json", "conv_formulations.md"])
+
+
+def test_conv_auto_rules_hold_on_the_committed_run():
+    """The "auto" rules, as the code decides them today, are the picks the committed run timed; on every zoo
+    convolution (the rows named after a model) each pick was the fastest formulation or within ``WITHIN`` of
+    it, alone and inside ``lax.scan``; the report is the JSON's."""
+    from jaxcnn import per_example
+    from jaxcnn.ops import conv as conv_module
+
+    out = common.RESULTS / conv_formulations.NAME
+    report = load_json(out / "conv_formulations.json")
+    assert [r["label"] for r in report["per_example"]] == [s.label for s in conv_formulations.PER_EXAMPLE_SHAPES]
+    assert [r["label"] for r in report["input_grad"]] == [s.label for s in conv_formulations.INPUT_GRAD_SHAPES]
+    zoo = ("seed_net", "lenet5", "small_cnn", "fast_cnn", "resnet_small")
+    for r in report["per_example"]:
+        assert r["auto"] == per_example.conv2d_grads_method(r["channels"], r["outputs"]), r["label"]
+        assert r["ok"] or not r["label"].startswith(zoo), r["label"]
+    for r in report["input_grad"]:
+        w_shape = (r["kernel"], r["kernel"], r["channels"] // r["groups"], r["outputs"])
+        auto = conv_module.resolve_method("input_grad", w_shape, r["groups"], strided=r["stride"] != 1)
+        assert r["auto"] == auto, r["label"]
+        assert (r["alone"]["ok"] and r["scan"]["ok"]) or not r["label"].startswith(zoo), r["label"]
+    assert all(r["max_rel_diff"] < 1e-5 for r in report["per_example"] + report["input_grad"])
+    assert (out / "conv_formulations.md").read_text() == conv_formulations.report(report)
 
 
 def test_matplotlib_hint_names_the_extra():

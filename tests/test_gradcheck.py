@@ -254,13 +254,14 @@ def test_ops_sources_use_no_autodiff():
 
 
 # conv2d_backward runs every formulation on three kernels (x (1, 5, 4, C), w (2, 2, C, O), stride 1) chosen
-# so that "auto" (and "taps") take every code path of the input gradient: (C, O) = (2, 3): "taps" with
-# broadcast multiply-adds; (6, 8): "taps" with a matrix product (more than TAPS_ELEMENTWISE_MAX outputs,
-# at most TAPS_FEW_OUTPUTS_MAX inputs); (10, 6): "conv". Its kernel gradient is "conv" for every shape.
-CONV_CHANNELS = ((2, 3), (6, 8), (10, 6))
+# so that "auto" and "taps" take every code path of the input gradient: (C, O) = (1, 3): "auto" takes "taps",
+# which uses broadcast multiply-adds (at most TAPS_ELEMENTWISE_MAX outputs); (6, 8): "auto" takes "im2col"
+# (at most INPUT_GRAD_FEW_CHANNELS_MAX inputs), "taps" a matrix product; (10, 6): "auto" takes "conv". Its
+# kernel gradient is "conv" for every shape.
+CONV_CHANNELS = ((1, 3), (6, 8), (10, 6))
 
 
-def test_auto_resolves_to_taps_and_conv_for_the_shapes_run_below():
+def test_auto_resolves_to_every_input_grad_formulation_for_the_shapes_run_below():
     picked = [
         (
             conv_module.resolve_method("input_grad", (2, 2, c, o)),
@@ -268,7 +269,7 @@ def test_auto_resolves_to_taps_and_conv_for_the_shapes_run_below():
         )
         for c, o in CONV_CHANNELS
     ]
-    assert picked == [("taps", "conv"), ("taps", "conv"), ("conv", "conv")]
+    assert picked == [("taps", "conv"), ("im2col", "conv"), ("conv", "conv")]
     # "taps" contracts the input gradient over O output channels: multiply-adds for (2, 3), a product for (6, 8).
     assert CONV_CHANNELS[0][1] <= conv_module.TAPS_ELEMENTWISE_MAX < CONV_CHANNELS[1][1]
 

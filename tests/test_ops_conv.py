@@ -242,8 +242,8 @@ PINNED = {
     # "auto" always takes "taps" for the forward pass and the input gradient. These two have more input and
     # output channels per group than TAPS_ELEMENTWISE_MAX (5 in, 6 out; 10 in, 6 out), so "taps" contracts
     # with a matrix product; "auto" takes "conv" for the forward pass of both and for the input gradient of
-    # the second, "taps" for the input gradient of the grouped one (5 <= TAPS_FEW_OUTPUTS_MAX input channels
-    # per group); see test_auto_takes_every_formulation_on_the_pinned_cases.
+    # the second, "taps" for the input gradient of the grouped one (5 <= INPUT_GRAD_FEW_CHANNELS_MAX input
+    # channels per group, grouped); see test_auto_takes_every_formulation_on_the_pinned_cases.
     "many channels, grouped": dict(
         x_shape=(1, 6, 5, 10), w_shape=(2, 3, 5, 12), stride=(2, 1), padding=(1, 0), dilation=1, groups=2
     ),
@@ -330,8 +330,9 @@ def test_every_formulation_is_covered():
 
 def test_auto_takes_every_formulation_on_the_pinned_cases():
     # "auto" is verified through the pinned cases and the sweep; between them its dispatch takes both the
-    # "taps" and the "conv" code path for the forward pass and the input gradient (the kernel gradient is
-    # always "conv"), so every branch of conv2d/conv2d_backward under "auto" is exercised.
+    # "taps" and the "conv" code path for the forward pass and all three ("taps", "im2col", "conv") for the
+    # input gradient (the kernel gradient is always "conv"), so every branch of conv2d/conv2d_backward
+    # under "auto" is exercised.
     picked = {
         case: {
             grad: conv_module.resolve_method(grad, cfg["w_shape"], cfg["groups"])
@@ -339,7 +340,7 @@ def test_auto_takes_every_formulation_on_the_pinned_cases():
         }
         for case, cfg in PINNED.items()
     }
-    assert picked["plain 3x3"] == dict(forward="taps", input_grad="taps", kernel_grad="conv")
+    assert picked["plain 3x3"] == dict(forward="taps", input_grad="im2col", kernel_grad="conv")
     assert picked["many channels, grouped"] == dict(forward="conv", input_grad="taps", kernel_grad="conv")
     assert picked["many channels"] == dict(forward="conv", input_grad="conv", kernel_grad="conv")
     # And "taps" itself contracts both ways: broadcast multiply-adds (few channels) and a matrix product.

@@ -209,6 +209,16 @@ def test_conv2d_per_example_grads_and_norms(kwargs, in_shape):
             assert rel(pe_grads["b"][n], db_n) <= TOL
 
 
+def test_conv2d_grads_method_rule():
+    """``"taps"`` only for one input channel and fewer than 8 outputs (seed_net's and LeNet-5's first
+    convolutions); the channel-major patch matrix everywhere else, depthwise included."""
+    assert per_example.conv2d_grads_method(1, 3) == "taps"
+    assert per_example.conv2d_grads_method(1, 6) == "taps"
+    assert per_example.conv2d_grads_method(1, 8) == "im2col"
+    assert per_example.conv2d_grads_method(6, 16) == "im2col"
+    assert per_example.conv2d_grads_method(32, 32) == "im2col"
+
+
 def test_conv2d_norm_method_rule():
     """``T (K + O) < K O`` picks the ghost norm: small outputs, many channels."""
     assert per_example.conv2d_norm_method(4, 144, 16) == "ghost"  # the 16-channel stride-2 case above
@@ -216,7 +226,7 @@ def test_conv2d_norm_method_rule():
     assert per_example.conv2d_norm_method(49, 576, 64) == "ghost"  # 7x7 output, 3x3 conv, 64 channels
     assert per_example.conv2d_norm_method(784, 25, 6) == "direct"  # LeNet-5's first conv
     with pytest.raises(
-        ValueError, match=r"conv2d_per_example_grads: method must be one of \('taps', 'im2col'\), got 'conv'"
+        ValueError, match=r"conv2d_per_example_grads: method must be one of \('taps', 'im2col', 'auto'\), got 'conv'"
     ):
         per_example.conv2d_per_example_grads(
             jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 1, 1, 1)), method="conv"

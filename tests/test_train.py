@@ -558,11 +558,17 @@ def test_manual_and_autodiff_training_agree_over_100_steps(offline):
     pass (--check-every 1).
 
     The autodiff route differentiates the forward pass an autodiff user writes (lax convolutions), the
-    manual one runs the hand-written formulations: the two forwards round differently, so the per-step
-    losses agree to float32 rounding compounded over the trajectory, not bit for bit. rtol 1e-5 holds at
-    lr 0.01 (SGD, momentum 0.9, cosine); at lr 0.05 the early dynamics of this network are chaotic (a
-    one-ulp change of the initial parameters changes the step-95 loss by ~100%), so no rounding-level
-    comparison of two float32 trajectories can hold beyond a few dozen steps there.
+    manual one runs the hand-written formulations: the two round differently, so the per-step losses agree
+    to float32 rounding compounded over the trajectory, not bit for bit. At lr 0.01 (SGD, momentum 0.9,
+    cosine) every conv formulation's trajectory stays within 6.4e-7 (relative) of autodiff's for the first
+    50 steps. Later a single discrete switch can occur: at step 58 a ReLU or max-pool decision that
+    rounding flips moves the trajectory of "auto" 1.3e-5 away from autodiff's, and 1.03e-4 at most over the
+    100 steps, and exactly the same happens with method="conv" (XLA's own convolutions for every gradient),
+    while "taps" and "im2col" stay within 6.4e-7 (measured on a 2-core AMD EPYC). Which formulation meets
+    such a switch is a matter of rounding, so the whole trajectory is held to 1e-3 and the first 50 steps
+    to 1e-5; the gradients themselves are checked at every step. At lr 0.05 the early dynamics of this
+    network are chaotic (a one-ulp change of the initial parameters changes the step-95 loss by ~100%), so
+    no rounding-level comparison of two float32 trajectories can hold beyond a few dozen steps there.
     """
     cfg = dict(epochs=1, batch_size=32, lr=0.01, augment=0, chunk_steps=100)
     train = (offline.train_images[:3200], offline.train_labels[:3200])
@@ -592,7 +598,8 @@ def test_manual_and_autodiff_training_agree_over_100_steps(offline):
             errors = np.asarray(metrics["grad_errors"])
     assert losses["manual"].shape == (100,)
     assert np.all(np.isfinite(losses["manual"])) and losses["manual"][-10:].mean() < 0.5 * losses["manual"][:10].mean()
-    np.testing.assert_allclose(losses["manual"], losses["autodiff"], rtol=1e-5, atol=0)
+    np.testing.assert_allclose(losses["manual"][:50], losses["autodiff"][:50], rtol=1e-5, atol=0)
+    np.testing.assert_allclose(losses["manual"], losses["autodiff"], rtol=1e-3, atol=0)
     assert errors.shape == (100, 10) and np.all(errors >= 0)  # every step checked, every array
     assert errors.max() <= 3e-5  # far inside CHECK_TOLERANCE, which BatchNorm nets need
 

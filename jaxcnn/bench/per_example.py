@@ -14,9 +14,9 @@ For each zoo model (``--quick``: the first, a smoke test of the section), at its
   optimiser, jitted per step.
 
 * ``conv_grads/<model>``: each convolution's per-example kernel gradients alone
-  (:func:`jaxcnn.per_example.conv2d_per_example_grads`) in both formulations, ``taps[<layer>]`` (the
-  default) and ``im2col[<layer>]``, at the layer's shapes, under the first option set: the measurement
-  behind the default, reported per layer as ``taps/im2col``.
+  (:func:`jaxcnn.per_example.conv2d_per_example_grads`) in both formulations, ``taps[<layer>]`` and
+  ``im2col[<layer>]``, at the layer's shapes, under the first option set, reported per layer as
+  ``taps/im2col`` (``method="auto"`` picks one per layer: :func:`jaxcnn.per_example.conv2d_grads_method`).
 
 Both contenders of a benchmark are alternated round by round (:func:`jaxcnn.bench.harness.measure`); the
 ratio ``manual/vmap_grad`` is the median of per-round ratios, and memory is XLA's compiled memory analysis.
@@ -208,7 +208,7 @@ def conv_grads_contenders(cfg: BenchConfig, model_name: str, opts: dict) -> list
         keys = jax.random.split(jax.random.PRNGKey(i), 3)
         args = tuple(jax.random.normal(k, a, jnp.float32) for k, a in zip(keys, (ys, xs, w.shape), strict=True))
         label = f"{i}:{layer.name}"
-        for method in per_example.GRADS_METHODS:
+        for method in per_example.GRADS_FORMULATIONS:
             fn = functools.partial(per_example.conv2d_per_example_grads, padding=pads, method=method)
             info = {"batch": batch, "layer": label, "x_shape": list(xs), "options": oname}
             out.append(_jit_contender(f"{method}[{label}]", method, fn, args, options, info))

@@ -52,8 +52,9 @@ METHODS = ("conv", "im2col", "taps", "auto")
 DEFAULT_METHOD = "auto"
 # "taps" writes a product over at most this many channels as broadcast multiply-adds (no dot).
 TAPS_ELEMENTWISE_MAX = 4
-# "auto" also takes "taps" for an input gradient with at most this many channels (see resolve_method).
-TAPS_FEW_OUTPUTS_MAX = 8
+# "auto" computes an input gradient with at most this many channels per group without XLA's convolution:
+# "im2col" for an ungrouped layer with more than one, "taps" otherwise (see resolve_method).
+INPUT_GRAD_FEW_CHANNELS_MAX = 8
 
 
 def conv2d_geometry(
@@ -218,7 +219,9 @@ def conv2d_backward(
     geom = conv2d_geometry(fn, x.shape, w.shape, stride=stride, padding=padding, dilation=dilation, groups=groups)
     check_cotangent(fn, dy, (x.shape[0], *geom.out_hw, w.shape[3]))
     db = jnp.sum(dy, axis=(0, 1, 2))  # (O,)
-    dx_method = resolve_method("input_grad", w.shape, groups) if method == "auto" else method
+    dx_method = (
+        resolve_method("input_grad", w.shape, groups, strided=geom.stride != (1, 1)) if method == "auto" else method
+    )
     dw_method = resolve_method("kernel_grad", w.shape, groups) if method == "auto" else method
     # Under jit, a dx that nobody uses (the first layer's) is dead code and is never computed.
     if dx_method == "conv":
@@ -236,22 +239,29 @@ def conv2d_backward(
     return dx, dw, db
 
 
-def resolve_method(grad: str, w_shape: Sequence[int], groups: int = 1) -> str:
+def resolve_method(grad: str, w_shape: Sequence[int], groups: int = 1, *, strided: bool = False) -> str:
     """The formulation ``method="auto"`` uses for ``grad`` (``"forward"``, ``"input_grad"`` or
-    ``"kernel_grad"``) of a kernel of shape ``w_shape`` (HWIO) with ``groups`` groups.
+    ``"kernel_grad"``) of a kernel of shape ``w_shape`` (HWIO) with ``groups`` groups, ``strided`` when
+    its stride is not 1 in both dimensions.
 
-    The rule follows the measurements of ``jaxcnn bench`` on XLA:CPU (``docs/benchmarks.md``):
+    The rule follows the measurements of ``jaxcnn bench`` and ``experiments/conv_formulations.py`` on
+    XLA:CPU (``docs/benchmarks.md``):
 
-    * ``"taps"`` when each tap's product contracts a handful of channels (at most
-      :data:`TAPS_ELEMENTWISE_MAX`: the forward pass of a layer reading a 1-channel image, the input
-      gradient of a layer with a few outputs), or when the input gradient has few channels (at most
-      :data:`TAPS_FEW_OUTPUTS_MAX`, e.g. LeNet-5's second conv, 6 input channels): ``kh * kw`` small
-      products summed in one pass, several times faster there than XLA's convolution, whose matrix
-      kernels are built for many channels;
-    * otherwise ``"conv"``: ``lax``'s convolution, and for the kernel gradient the same convolution in
-      the NHWC x HWIO layout, which unlike ``jax.vjp``'s layout keeps its speed inside ``lax.scan``
-      (and matches ``jax.vjp`` outside it). ``"im2col"`` lost everywhere: building the patch matrix
-      costs more than the product.
+    * the forward pass: ``"taps"`` when each tap's product contracts a handful of channels (at most
+      :data:`TAPS_ELEMENTWISE_MAX`, a layer reading a 1-channel image): ``kh * kw`` broadcast multiply-adds
+      summed in one pass, several times faster there than XLA's convolution, whose matrix kernels are
+      built for many channels; otherwise ``"conv"``;
+    * the input gradient of an ungrouped layer with more than one input channel: ``"im2col"``, one
+      ``(N·oh·ow, O) x (O, kh·kw·C)`` product and a separable ``col2im``, when it has few input channels (at
+      most :data:`INPUT_GRAD_FEW_CHANNELS_MAX`, e.g. LeNet-5's second convolution, 6) or a stride (whose
+      ``"conv"`` convolves the zero-dilated cotangent); ``"conv"`` otherwise;
+    * the input gradient of a layer with one input channel, or grouped: ``"taps"`` when it has few input
+      channels per group (at most :data:`INPUT_GRAD_FEW_CHANNELS_MAX`) or a few outputs per group (at most
+      :data:`TAPS_ELEMENTWISE_MAX`); ``"conv"`` otherwise (a grouped ``"im2col"`` is a slower per-group
+      product);
+    * the kernel gradient: ``"conv"``, the convolution in the NHWC x HWIO layout, which unlike
+      ``jax.vjp``'s layout keeps its speed inside ``lax.scan`` (and matches ``jax.vjp`` outside it).
+      Building the patch matrix for the forward pass or the kernel gradient costs more than the product.
     """
     cg, og = w_shape[2], w_shape[3] // groups
     if grad == "forward":
@@ -259,7 +269,10 @@ def resolve_method(grad: str, w_shape: Sequence[int], groups: int = 1) -> str:
     if grad == "kernel_grad":
         return "conv"
     if grad == "input_grad":
-        return "taps" if og <= TAPS_ELEMENTWISE_MAX or cg <= TAPS_FEW_OUTPUTS_MAX else "conv"
+        few = cg <= INPUT_GRAD_FEW_CHANNELS_MAX
+        if groups == 1 and cg > 1:
+            return "im2col" if few or strided else "conv"
+        return "taps" if few or og <= TAPS_ELEMENTWISE_MAX else "conv"
     raise ValueError(f"resolve_method: grad must be forward, input_grad or kernel_grad, got {grad!r}")
 
 
@@ -334,9 +347,31 @@ def col2im(patches: jax.Array, geom: Geometry) -> jax.Array:
     """Adjoint of :func:`im2col`: ``(N, oh, ow, kh * kw, C) -> (N, H, W, C)``.
 
     Every patch entry is added back to the input position it was read from; overlapping windows
-    (stride < kernel span) add up and entries read from the padding are dropped.
+    (stride < kernel span) add up and entries read from the padding are dropped. Entry ``[n, i, j, (a, b), c]``
+    goes to row ``i·sh + a·dh - top`` and column ``j·sw + b·dw - left``, which separates: the ``kw`` taps of
+    each kernel row are first placed along the width (``(N, oh, W, kh, C)``), then the ``kh`` rows along the
+    height, ``kh + kw`` placements of a slice each instead of ``kh·kw`` of the whole output.
     """
-    return sum(place_tap(patches[:, :, :, t], geom, a, b) for t, (a, b) in enumerate(taps(geom)))
+    (sh, sw), (dh, dw), (oh, ow), (kh, kw) = geom.stride, geom.dilation, geom.out_hw, geom.window
+    (h, w), ((top, _), (left, _)) = geom.in_hw, geom.padding
+    p = patches.reshape(*patches.shape[:3], kh, kw, patches.shape[-1])  # (N, oh, ow, kh, kw, C)
+    zero, keep = jnp.zeros((), patches.dtype), (0, 0, 0)
+
+    def placement(start, size, count, step):
+        # lax.pad config putting ``count`` entries at ``start + k·step`` of a ``size``-long axis (cropping outside)
+        return (start, size - (start + (count - 1) * step + 1), step - 1)
+
+    along_w = functools.reduce(
+        operator.add,
+        [
+            lax.pad(p[:, :, :, :, b], zero, (keep, keep, placement(b * dw - left, w, ow, sw), keep, keep))
+            for b in range(kw)
+        ],
+    )  # (N, oh, W, kh, C)
+    return functools.reduce(
+        operator.add,
+        [lax.pad(along_w[:, :, :, a], zero, (keep, placement(a * dh - top, h, oh, sh), keep, keep)) for a in range(kh)],
+    )  # (N, H, W, C)
 
 
 def _grouped(patches, groups):
@@ -362,6 +397,10 @@ def _im2col_kernel_grad(dy, x, w, geom, groups):
 
 
 def _im2col_input_grad(dy, w, geom, groups):
+    kh, kw, cg, cout = w.shape
+    if groups == 1:  # one (N·oh·ow, O) x (O, kh·kw·C) product
+        dp = (dy.reshape(-1, cout) @ w.reshape(-1, cout).T).reshape(*dy.shape[:3], kh * kw, cg)
+        return col2im(dp, geom)
     dy_g = dy.reshape(*dy.shape[:3], groups, -1)  # (N, oh, ow, G, Og)
     dp = jnp.einsum("nijgo,tcgo->nijtgc", dy_g, _grouped_kernel(w, groups))  # dy @ Wᵀ
     return col2im(dp.reshape(*dp.shape[:4], -1), geom)
