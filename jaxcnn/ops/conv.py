@@ -242,7 +242,7 @@ def conv2d_backward(
 def resolve_method(grad: str, w_shape: Sequence[int], groups: int = 1, *, strided: bool = False) -> str:
     """The formulation ``method="auto"`` uses for ``grad`` (``"forward"``, ``"input_grad"`` or
     ``"kernel_grad"``) of a kernel of shape ``w_shape`` (HWIO) with ``groups`` groups, ``strided`` when
-    its stride is not 1 in both dimensions.
+    its stride is more than 1 in either dimension.
 
     The rule follows the measurements of ``jaxcnn bench`` and ``experiments/conv_formulations.py`` on
     XLA:CPU (``docs/benchmarks.md``):
